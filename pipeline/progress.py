@@ -1,0 +1,126 @@
+"""Terminal progress bars driven by the engines' ``on_record`` callback.
+
+The engines only call ``on_record(record)`` after each iteration/epoch/round; this module turns
+those records into a rich progress bar on **stderr** with the current loss and an ETA, so
+``--json`` output on stdout stays one clean line. ``--quiet`` and ``--json`` silence it.
+
+>>> with ProgressBar(total=3, unit="round", enabled=False) as bar:
+...     bar({"round": 1, "train_loss": 0.5})
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+Record = Mapping[str, Any]
+OnRecord = Callable[[Record], None]
+
+# The first of these keys a record carries is its position on the x axis.
+STEP_KEYS = ("round", "iteration", "epoch", "step")
+LOSS_KEYS = ("train_loss", "loss", "objective", "test_loss")
+ACCURACY_KEYS = ("test_accuracy", "train_accuracy", "accuracy")
+
+
+def step_of(record: Record) -> tuple[str, int] | None:
+    """``(key, value)`` of the record's step counter (round, iteration, epoch…), or ``None``."""
+    for key in STEP_KEYS:
+        if isinstance(record.get(key), int | float):
+            return key, int(record[key])
+    return None
+
+
+def first_number(record: Record, keys: tuple[str, ...]) -> tuple[str, float] | None:
+    """``(key, value)`` of the first finite number among ``keys`` in ``record``."""
+    for key in keys:
+        value = record.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return key, float(value)
+    return None
+
+
+def describe(record: Record) -> str:
+    """A short ``loss 0.1234 · acc 0.912`` text for the bar; empty when the record has neither."""
+    parts = []
+    if (loss := first_number(record, LOSS_KEYS)) is not None:
+        parts.append(f"{loss[0].replace('_', ' ')} {loss[1]:.4g}")
+    if (acc := first_number(record, ACCURACY_KEYS)) is not None:
+        parts.append(f"{acc[0].replace('_', ' ')} {acc[1]:.3f}")
+    return " · ".join(parts)
+
+
+class ProgressBar:
+    """A context manager and ``on_record`` callback showing one bar of ``total`` steps.
+
+    Parameters
+    ----------
+    total : int or None
+        Number of iterations/epochs/rounds expected (``None``: unknown, no ETA).
+    unit : str
+        What one step is called in the bar's label ("iteration", "round", …).
+    enabled : bool
+        ``False`` makes every method a no-op (``--quiet`` / ``--json``).
+    console : rich.console.Console, optional
+        Where to draw; stderr by default so stdout stays machine-readable.
+    """
+
+    def __init__(self, total: int | None, unit: str = "iteration", *, enabled: bool = True,
+                 console: Console | None = None) -> None:
+        self.total, self.unit, self.enabled = total, unit, enabled
+        self.records = 0
+        self._progress: Progress | None = None
+        self._task: Any = None
+        self._console = console if console is not None else Console(stderr=True)
+
+    def __enter__(self) -> ProgressBar:
+        if self.enabled:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TextColumn("ETA"),
+                TimeRemainingColumn(), console=self._console, transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(f"{self.unit}s", total=self.total, metrics="")
+        return self
+
+    def __call__(self, record: Record) -> None:
+        self.records += 1
+        if self._progress is None:
+            return
+        # Steps may start at 0 or 1 (or at a checkpoint), so count records, not step values.
+        completed = self.records if self.total is None else min(self.records, self.total)
+        self._progress.update(self._task, completed=completed, metrics=describe(record))
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def is_quiet(args: object) -> bool:
+    """True when the command line asked for no progress output (``--quiet`` or ``--json``)."""
+    return bool(getattr(args, "quiet", False) or getattr(args, "json", False))
+
+
+def chain(*callbacks: OnRecord | None) -> OnRecord:
+    """One ``on_record`` that calls each non-``None`` callback in order."""
+    active = [cb for cb in callbacks if cb is not None]
+
+    def on_record(record: Record) -> None:
+        for cb in active:
+            cb(record)
+
+    return on_record
