@@ -1,0 +1,121 @@
+"""Getting a Dask ``distributed`` client: a fresh LocalCluster or an existing scheduler.
+
+Everything that talks to a cluster takes a ``dask_client``; this module is where one comes from
+and where cluster-wide facts (dashboard link, memory) are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import resource
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+from distributed import Client, LocalCluster
+
+from pipeline.errors import TrainingError, ValidationError
+
+log = logging.getLogger("fedpipe")
+
+# One BLAS thread per worker thread: two worker processes each running a multithreaded BLAS
+# oversubscribe the cores and run slower than one process (see benchmarks/bench_train.py).
+_SINGLE_THREADED_BLAS = {
+    "OMP_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+}
+
+
+@contextlib.contextmanager
+def connect(
+    workers: int | None = None,
+    threads: int | None = None,
+    scheduler: str | None = None,
+    security: Any = None,
+    **cluster_kwargs: Any,
+) -> Iterator[Client]:
+    """Yield a ``distributed.Client``: to ``scheduler`` if given, else to a new LocalCluster.
+
+    Parameters
+    ----------
+    workers, threads : int, optional
+        Worker processes and threads per worker of the LocalCluster (Dask's defaults when
+        ``None``). Ignored, with a warning, when ``scheduler`` is given.
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://host:8786``); the cluster is not closed on exit.
+    security : distributed.Security, optional
+        TLS settings for either kind of cluster.
+    **cluster_kwargs
+        Passed to :class:`distributed.LocalCluster` (e.g. ``processes=False``,
+        ``dashboard_address=":0"``, ``memory_limit="2GiB"``).
+
+    Yields
+    ------
+    distributed.Client
+    """
+    for name, value in (("--workers", workers), ("--threads", threads)):
+        if value is not None and value < 1:
+            raise ValidationError(f"{name} must be at least 1, got {value}")
+    if scheduler is not None:
+        if workers is not None or threads is not None:
+            log.warning("--workers/--threads are ignored with --scheduler %s", scheduler)
+        try:
+            dask_client = Client(scheduler, security=security, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise TrainingError(f"cannot reach scheduler {scheduler}: {exc}") from exc
+        with dask_client:
+            log.info("dashboard: %s", dashboard_link(dask_client))
+            yield dask_client
+        return
+    cluster_kwargs.setdefault("dashboard_address", ":0")  # never fight over port 8787
+    cluster_kwargs.setdefault("env", dict(_SINGLE_THREADED_BLAS))
+    if cluster_kwargs.get("processes") is False:
+        cluster_kwargs.pop("env")  # threads share the driver's environment; Worker has no env
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=threads, security=security, **cluster_kwargs
+        ) as cluster,
+        Client(cluster, security=security) as dask_client,
+    ):
+        log.info("dashboard: %s", dashboard_link(dask_client))
+        yield dask_client
+
+
+def dashboard_link(dask_client: Client) -> str | None:
+    """The dashboard URL of the client's scheduler, or ``None`` when it runs without one."""
+    try:
+        return dask_client.dashboard_link
+    except (KeyError, AttributeError):
+        return None
+
+
+def cluster_memory(dask_client: Client) -> int:
+    """Bytes the workers may hold together (their memory limits; RAM when unlimited)."""
+    workers = dask_client.scheduler_info(n_workers=-1)["workers"].values()
+    limits = [w.get("memory_limit") or 0 for w in workers]
+    if limits and all(limits):
+        return int(sum(limits))
+    import psutil  # a dependency of distributed
+
+    return int(psutil.virtual_memory().total)
+
+
+def _max_rss_bytes() -> int:
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(usage if sys.platform == "darwin" else usage * 1024)  # Linux reports KiB
+
+
+def peak_worker_memory(dask_client: Client) -> int:
+    """Largest peak resident memory (bytes) of any worker process since it started.
+
+    With ``processes=False`` the workers live in the driver's process, so this is its peak.
+    """
+    peaks = dask_client.run(_max_rss_bytes)
+    return max(peaks.values(), default=0)
+
+
+def n_workers(dask_client: Client) -> int:
+    """How many workers the scheduler knows of now."""
+    return len(dask_client.scheduler_info(n_workers=-1)["workers"])

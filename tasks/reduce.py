@@ -1,0 +1,114 @@
+"""Pure per-chunk functions the data-parallel engine runs on workers, and the sums it adds up.
+
+Each chunk task returns a tuple of *sums* (``loss_sum``, ``grad_sum``, ``n``, ...), so that any
+grouping of chunks adds up to the same totals; :func:`add_sums` adds them in argument order,
+which makes a fixed reduction tree bit-for-bit reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+# Names of the entries of :func:`eval_sums`' vector (kept in one place for finish_metrics).
+EVAL_FIELDS = ("loss_sum", "n", "correct", "sse", "y_sum", "y_sq_sum")
+
+
+def add_sums(*parts: Any) -> Any:
+    """Element-wise sum of same-shaped tuples (or arrays, or numbers), left to right.
+
+    Parameters
+    ----------
+    *parts
+        Chunk results, e.g. ``(loss_sum, grad_sum, n)`` tuples.
+
+    Returns
+    -------
+    The sum, of the same structure as each part.
+    """
+    if not parts:
+        raise ValueError("add_sums needs at least one part")
+    total = parts[0]
+    for part in parts[1:]:
+        if isinstance(total, tuple):
+            total = tuple(a + b for a, b in zip(total, part, strict=True))
+        else:
+            total = total + part
+    return total
+
+
+def chunk_loss_and_grad(model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray]):
+    """``model.loss_and_grad`` on one chunk ``data = (X, y)``: ``(loss_sum, grad_sum, n)``."""
+    X, y = data
+    return model.loss_and_grad(params, X, y)
+
+
+def batch_loss_and_grad(
+    model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray], rows: np.ndarray
+):
+    """``model.loss_and_grad`` on the ``rows`` of one chunk (a piece of a mini-batch)."""
+    X, y = data
+    return model.loss_and_grad(params, X[rows], y[rows])
+
+
+def eval_sums(model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Sums that metrics are made of, for one chunk: see :data:`EVAL_FIELDS`.
+
+    ``correct`` counts right class predictions (classification); ``sse``, ``y_sum`` and
+    ``y_sq_sum`` give RMSE and R² (regression). Unused entries are zero.
+    """
+    X, y = data
+    out = np.zeros(len(EVAL_FIELDS))
+    if len(y) == 0:
+        return out
+    loss_sum, _, n = model.loss_and_grad(params, X, y)
+    out[0], out[1] = loss_sum, n
+    pred = model.predict(params, X)
+    if model.task == "regression":
+        y = np.asarray(y, dtype=np.float64).reshape(pred.shape)
+        out[3] = np.sum((pred - y) ** 2)
+        out[4], out[5] = np.sum(y), np.sum(y * y)
+    else:
+        out[2] = np.count_nonzero(pred.reshape(-1) == np.asarray(y).reshape(-1))
+    return out
+
+
+def row_count(data: tuple[np.ndarray, np.ndarray]) -> int:
+    """Number of rows of a loaded chunk."""
+    return len(data[1])
+
+
+def objective(loss_sum: float, grad_sum: np.ndarray, n: int, model: Any, params: np.ndarray):
+    """Mean loss plus penalty and its gradient, from the summed chunk results.
+
+    Returns
+    -------
+    (float, np.ndarray)
+        ``loss_sum / n + penalty(params)`` and its gradient.
+    """
+    pen, pen_grad = model.penalty(params)
+    n = max(int(n), 1)
+    return float(loss_sum) / n + float(pen), np.asarray(grad_sum) / n + pen_grad
+
+
+def finish_metrics(sums: Sequence[float], task: str, prefix: str = "test") -> dict[str, float]:
+    """Turn an :func:`eval_sums` total into ``{prefix}_loss`` and accuracy or RMSE and R²."""
+    s = dict(zip(EVAL_FIELDS, (float(v) for v in sums), strict=True))
+    n = s["n"]
+    if n == 0:
+        return {}
+    metrics = {f"{prefix}_loss": s["loss_sum"] / n}
+    if task == "regression":
+        centred = s["y_sq_sum"] - s["y_sum"] ** 2 / n
+        metrics[f"{prefix}_rmse"] = float(np.sqrt(s["sse"] / n))
+        metrics[f"{prefix}_r2"] = 1.0 - s["sse"] / centred if centred > 0 else float("nan")
+    else:
+        metrics[f"{prefix}_accuracy"] = s["correct"] / n
+    return metrics
+
+
+def apply_updates(params: np.ndarray, updates: np.ndarray) -> np.ndarray:
+    """``params + updates`` (optax's ``apply_updates`` for one flat vector)."""
+    return params + updates
