@@ -19,7 +19,7 @@ def dask_client():
 def _leaves(dask_client, n):
     rng = np.random.default_rng(0)
     parts = [(float(rng.standard_normal()) * 1e8, rng.standard_normal(5), 3) for _ in range(n)]
-    return parts, dask_client.scatter(parts)
+    return parts, dask_client.scatter(parts, hash=False)
 
 
 @pytest.mark.parametrize("n,fan_in", [(1, 8), (7, 2), (20, 8), (65, 4)])
