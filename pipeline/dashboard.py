@@ -1,0 +1,202 @@
+"""The live "fedpipe" page on the scheduler's own Dask dashboard, and the publisher feeding it.
+
+How it fits together, so it works with a LocalCluster and a remote scheduler alike:
+
+* :func:`install_page` registers :class:`FedpipePage`, a :class:`~distributed.diagnostics.plugin.SchedulerPlugin`,
+  from the driver. When it starts *inside the scheduler process* it adds two HTTP routes to
+  the scheduler's dashboard server (``scheduler.http_application``): ``/fedpipe/`` (the page)
+  and ``/fedpipe/data.json`` (the records).
+* :class:`Publisher` is an ``on_record`` callback: it sends each metrics record to the scheduler
+  as a ``dask_client.log_event("fedpipe", ...)`` event. The scheduler keeps events in memory, so
+  the page shows the whole run even when opened late, and nothing runs on the driver's side.
+* The page polls ``data.json`` once a second and draws the curves and the per-client view.
+
+>>> from distributed import Client, LocalCluster              # doctest: +SKIP
+>>> with LocalCluster(n_workers=1, dashboard_address=":0") as cluster, Client(cluster) as dask_client:
+...     url = install_page(dask_client)
+...     publish = Publisher(dask_client, mode="train", total=2, unit="iteration")
+...     publish({"iteration": 1, "train_loss": 0.7})
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from importlib import resources
+from typing import Any
+
+from distributed import Client
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.http.utils import RequestHandler
+
+from pipeline.progress import OnRecord, ProgressBar, chain, client_rows, is_quiet
+
+log = logging.getLogger("fedpipe")
+
+TOPIC = "fedpipe"
+PAGE_PATH = "fedpipe/"
+
+
+class PageHandler(RequestHandler):
+    """Serves the page itself (static HTML; everything live comes from ``data.json``)."""
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/html; charset=utf-8")
+        self.write(resources.files("pipeline").joinpath("dashboard.html").read_text())
+
+
+class DataHandler(RequestHandler):
+    """``data.json?run=ID``: every run's id and metadata, and the chosen run's records."""
+
+    def get(self) -> None:
+        runs = collect_runs(self.server.get_events(TOPIC))
+        wanted = self.get_argument("run", "") or (next(reversed(runs)) if runs else "")
+        run = runs.get(wanted, {"meta": {}, "records": [], "status": "unknown"})
+        self.set_header("Cache-Control", "no-store")
+        self.write({
+            "runs": [{"id": k, "meta": v["meta"], "status": v["status"]} for k, v in runs.items()],
+            "run": wanted,
+            **run,
+        })
+
+
+def collect_runs(events: Any) -> dict[str, dict[str, Any]]:
+    """Group ``(time, message)`` events into runs, oldest first, each with meta/records/status."""
+    runs: dict[str, dict[str, Any]] = {}
+    for _, msg in events:
+        if not isinstance(msg, Mapping) or "run" not in msg:
+            continue
+        run = runs.setdefault(msg["run"], {"meta": {}, "records": [], "status": "running"})
+        kind = msg.get("type")
+        if kind == "start":
+            run["meta"] = msg.get("meta", {})
+        elif kind == "record":
+            record = dict(msg.get("record", {}))
+            # Normalised per-client rows spare the page from knowing every engine's spelling.
+            record["client_rows"] = client_rows(record)
+            run["records"].append(record)
+        elif kind == "end":
+            run["status"] = msg.get("status", "finished")
+    return runs
+
+
+class FedpipePage(SchedulerPlugin):
+    """Adds the fedpipe page to the dashboard of the scheduler it is registered on."""
+
+    name = "fedpipe-page"
+    idempotent = True  # a second run on the same cluster keeps the routes already there
+
+    async def start(self, scheduler: Any) -> None:
+        app = getattr(scheduler, "http_application", None)
+        if app is None or getattr(scheduler, "_fedpipe_page", False):
+            return
+        app.add_handlers(r".*$", [
+            (r"/fedpipe/?", PageHandler, {"dask_server": scheduler}),
+            (r"/fedpipe/data\.json", DataHandler, {"dask_server": scheduler}),
+        ])
+        scheduler._fedpipe_page = True
+
+
+def page_url(dask_client: Client) -> str | None:
+    """The address of the fedpipe page, derived from the cluster's dashboard link."""
+    link = dask_client.dashboard_link
+    if not link:
+        return None
+    base = link[: -len("status")] if link.endswith("status") else link.rstrip("/") + "/"
+    return base + PAGE_PATH
+
+
+def install_page(dask_client: Client) -> str | None:
+    """Register the page on ``dask_client``'s scheduler; returns its URL (``None``: no dashboard)."""
+    dask_client.register_plugin(FedpipePage())
+    return page_url(dask_client)
+
+
+class Publisher:
+    """``on_record`` callback sending each record to the scheduler for the page.
+
+    Parameters
+    ----------
+    dask_client : distributed.Client
+        Client of the cluster the run trains on.
+    mode : str
+        ``"train"`` or ``"federate"``; shown on the page.
+    total : int, optional
+        Expected number of iterations/rounds, for "7 / 20" on the page.
+    unit : str
+        What one record is ("iteration", "epoch", "round").
+    run_id : str, optional
+        Identifies the run among others on the same scheduler; random by default.
+    meta : mapping, optional
+        Anything else to show in the page's header (run directory, model, strategy…).
+    """
+
+    def __init__(self, dask_client: Client, mode: str, total: int | None = None,
+                 unit: str = "iteration", run_id: str | None = None,
+                 meta: Mapping[str, Any] | None = None) -> None:
+        self.dask_client = dask_client
+        self.run_id = run_id or f"{mode}-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        info = {"mode": mode, "total": total, "unit": unit, "started": time.time(), **(meta or {})}
+        self._send({"type": "start", "meta": info})
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        self._send({"type": "record", "record": record})
+
+    def close(self, status: str = "finished") -> None:
+        """Mark the run finished (or ``"failed"``) on the page."""
+        self._send({"type": "end", "status": status})
+
+    def _send(self, msg: dict[str, Any]) -> None:
+        try:
+            self.dask_client.log_event(TOPIC, plain({"run": self.run_id, **msg}))
+        except Exception as exc:  # noqa: BLE001 - a lost dashboard update must not stop training
+            log.debug("fedpipe page: could not publish a record: %s", exc)
+
+
+def plain(value: Any) -> Any:
+    """JSON-safe copy: NumPy → Python, non-finite floats → ``None`` (JSON has no NaN), str keys."""
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if hasattr(value, "tolist"):
+        return plain(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    return json.loads(json.dumps(value, default=str))
+
+
+@contextmanager
+def monitoring(args: Any, dask_client: Client | None, *, mode: str, total: int | None,
+               unit: str, meta: Mapping[str, Any] | None = None) -> Iterator[OnRecord]:
+    """The ``on_record`` a CLI command hands to its engine: progress bar + live page.
+
+    Prints the page's link (to stderr, through logging) unless ``--quiet``/``--json``. Use::
+
+        with monitoring(args, dask_client, mode="train", total=args.iterations, unit="iteration") as on_record:
+            fit(..., on_record=on_record)
+    """
+    publisher = None
+    if dask_client is not None:
+        try:
+            url = install_page(dask_client)
+            publisher = Publisher(dask_client, mode, total, unit, meta=meta)
+            if url:
+                log.info("fedpipe dashboard: %s", url)
+        except Exception as exc:  # noqa: BLE001 - the run matters more than its live view
+            log.warning("fedpipe dashboard page unavailable: %s", exc)
+    status = "failed"
+    with ProgressBar(total, unit, enabled=not is_quiet(args)) as bar:
+        try:
+            yield chain(bar, publisher)
+            status = "finished"
+        finally:
+            if publisher is not None:
+                publisher.close(status)
