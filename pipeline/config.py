@@ -10,7 +10,7 @@ A command module opts in with two one-liners::
     def run(args):
         args = config.resolve(args)          # file values filled in, flags kept
         ...
-        config.save(args, run_dir / "config.toml")
+        config.save(args, run_dir)          # RUN_DIR/config.toml repeats the run
 
 TOML keys are the options' ``dest`` names (``--learning-rate`` → ``learning_rate``). To tell
 an explicitly given flag from its default, :func:`add_config_option` turns every default into
@@ -21,12 +21,12 @@ the real defaults; :func:`resolve` fills the gaps from the file, then from those
 from __future__ import annotations
 
 import argparse
-import math
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline import rundir
 from pipeline.errors import ConfigError
 
 # Options that shape the terminal output or the config itself, never the run: not saved.
@@ -161,33 +161,9 @@ def to_dict(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def save(args: argparse.Namespace, path: str | Path) -> Path:
-    """Write the resolved options of ``args`` to ``path`` as TOML; returns the path."""
-    path = Path(path)
-    path.write_text(dumps(to_dict(args)))
-    return path
+def save(args: argparse.Namespace, run_dir: str | Path) -> Path:
+    """Write the resolved options of ``args`` to ``RUN_DIR/config.toml``; returns its path.
 
-
-def dumps(values: Mapping[str, Any]) -> str:
-    """Flat TOML for scalars and lists of scalars (all a config holds); no writer in stdlib."""
-    lines = [f"{key} = {_toml_value(key, value)}" for key, value in sorted(values.items())]
-    return "\n".join(lines) + "\n"
-
-
-def _toml_value(key: str, value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, str | Path):
-        text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{text}"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(key, v) for v in value) + "]"
-    if hasattr(value, "item"):  # NumPy scalar
-        return _toml_value(key, value.item())
-    raise ConfigError(f"option '{key}' has a value TOML cannot hold: {value!r}")
+    ``fedpipe train --config RUN_DIR/config.toml`` then repeats the run.
+    """
+    return rundir.write_config(run_dir, to_dict(args))

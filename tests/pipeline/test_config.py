@@ -1,0 +1,89 @@
+"""--config TOML: file values fill in, explicit flags win, bad keys/types name the key."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from pipeline import config, rundir
+from pipeline.cli import _Parser
+from pipeline.errors import ConfigError
+
+
+def _hidden(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="fedpipe train")
+    parser.add_argument("store")
+    parser.add_argument("--learning-rate", type=float, default=0.1)
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--hidden", type=_hidden, default=(8,))
+    parser.add_argument("--clients", type=int, nargs="+", default=[0])
+    parser.add_argument("--no-shuffle", dest="shuffle", action="store_false")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=print)
+    config.add_config_option(parser)
+    return parser
+
+
+def resolve(argv: list[str]) -> argparse.Namespace:
+    return config.resolve(make_parser().parse_args(argv))
+
+
+def test_defaults_without_config() -> None:
+    args = resolve(["data.zarr"])
+    assert (args.store, args.learning_rate, args.iterations, args.shuffle) == ("data.zarr", 0.1, 10, True)
+
+
+def test_file_fills_and_flags_override(tmp_path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('store = "s.zarr"\nlearning_rate = 1\niterations = 50\noptimizer = "adam"\n'
+                    'hidden = [16, 4]\nclients = [1, 2]\nshuffle = false\n')
+    args = resolve(["--config", str(path), "--iterations", "10"])
+    # 10 equals the default: only "given on the command line" can explain that it wins.
+    assert args.iterations == 10
+    assert args.learning_rate == 1.0 and isinstance(args.learning_rate, float)
+    assert (args.store, args.optimizer, args.hidden, args.clients, args.shuffle) == (
+        "s.zarr", "adam", (16, 4), [1, 2], False)
+    assert resolve(["other.zarr", "--config", str(path)]).store == "other.zarr"
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("learning_rat = 0.1", "learning_rat"),
+    ('iterations = "ten"', "iterations"),
+    ("iterations = 2.5", "iterations"),
+    ("learning_rate = true", "learning_rate"),
+    ('optimizer = "lbfgs"', "optimizer"),
+    ("shuffle = 1", "shuffle"),
+    ("clients = 3", "clients"),
+    ("[model]\nhidden = 3", "model"),
+])
+def test_bad_keys_and_types_name_the_key(tmp_path, text: str, key: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text + "\n")
+    with pytest.raises(ConfigError, match=f"'{key}'") as info:
+        resolve(["s.zarr", "--config", str(path)])
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_missing_positional(tmp_path) -> None:
+    with pytest.raises(ConfigError, match="nope.toml"):
+        resolve(["s.zarr", "--config", str(tmp_path / "nope.toml")])
+    with pytest.raises(ConfigError, match="STORE"):
+        resolve([])
+    (tmp_path / "broken.toml").write_text("x = = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        resolve(["s.zarr", "--config", str(tmp_path / "broken.toml")])
+
+
+def test_saved_config_repeats_the_run(tmp_path) -> None:
+    first = resolve(["s.zarr", "--learning-rate", "0.5", "--hidden", "4,2", "--no-shuffle"])
+    path = config.save(first, tmp_path)
+    assert path == tmp_path / rundir.CONFIG
+    again = resolve(["--config", str(path)])
+    assert config.to_dict(again) == config.to_dict(first)
+    assert "json" not in path.read_text() and "func" not in path.read_text()
