@@ -1,0 +1,32 @@
+"""Shared fixtures: small real zarr stores on disk under pytest's ``tmp_path``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+
+from pipeline.ingest import ingest
+
+
+@pytest.fixture
+def small_store(tmp_path) -> Callable[..., str]:
+    """Factory: ``small_store(source=..., chunk_rows=..., **ingest_options) -> store path``.
+
+    The default is a 3-class synthetic problem of 600 rows x 5 features in 6 chunks of 100
+    rows. Each call writes a fresh store under ``tmp_path``; extra keywords go to
+    :func:`pipeline.ingest.ingest` (``standardize=True``, ``dtype="float32"``, ...).
+    """
+    counter = itertools.count()
+
+    def make(
+        source: str = "synthetic:classification?n_samples=600&n_features=5&n_classes=3&seed=0",
+        chunk_rows: int = 100,
+        **options,
+    ) -> str:
+        path = str(tmp_path / f"store-{next(counter)}.zarr")
+        ingest(source, path, chunk_rows=chunk_rows, progress=False, **options)
+        return path
+
+    return make
