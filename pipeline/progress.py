@@ -124,3 +124,64 @@ def chain(*callbacks: OnRecord | None) -> OnRecord:
             cb(record)
 
     return on_record
+
+
+# Per-client fields go by several names across engines and versions; read the first present.
+_CLIENT_FIELDS = {
+    "loss": ("loss", "local_loss", "train_loss"),
+    "accuracy": ("accuracy", "local_accuracy", "test_accuracy", "train_accuracy"),
+    "seconds": ("seconds", "time", "duration", "elapsed"),
+    "update_bytes": ("update_bytes", "update_size", "bytes", "nbytes"),
+    "n_rows": ("n_rows", "n", "rows", "num_examples"),
+}
+
+
+def client_rows(record: Record) -> list[dict[str, Any]]:
+    """The per-client view of a federated round record, one uniform dict per client.
+
+    Accepts ``record["clients"]`` as a ``{id: {...}}`` mapping or a list of dicts with a
+    ``client``/``id`` key, and drop-outs as ``record["dropped"]`` (``{id: reason}``, a list
+    of ids, or a list of ``{"client", "reason"}``) or as a per-client ``status``/``dropped``.
+    Each row has ``id, status ("ok" | "dropped"), reason, loss, accuracy, seconds,
+    update_bytes, n_rows`` (``None`` where unknown). Data-parallel records give ``[]``.
+    """
+    raw = record.get("clients")
+    items: list[tuple[str, Mapping[str, Any]]] = []
+    if isinstance(raw, Mapping):
+        items = [(str(k), v if isinstance(v, Mapping) else {}) for k, v in raw.items()]
+    elif isinstance(raw, list):
+        for i, entry in enumerate(raw):
+            if isinstance(entry, Mapping):
+                items.append((str(entry.get("client", entry.get("id", i))), entry))
+            else:
+                items.append((str(entry), {}))
+    dropped = _dropped(record.get("dropped"))
+    rows = {}
+    for cid, entry in items:
+        row: dict[str, Any] = {"id": cid}
+        for field, keys in _CLIENT_FIELDS.items():
+            found = first_number(entry, keys)
+            row[field] = None if found is None else found[1]
+        is_dropped = bool(entry.get("dropped")) or entry.get("status") in ("dropped", "failed")
+        reason = entry.get("reason") or entry.get("error") or (dropped.get(cid) if cid in dropped else None)
+        row["status"] = "dropped" if is_dropped or cid in dropped else "ok"
+        row["reason"] = None if reason is None else str(reason)
+        rows[cid] = row
+    for cid, reason in dropped.items():
+        rows.setdefault(cid, {"id": cid, "status": "dropped", "reason": reason,
+                              **dict.fromkeys(_CLIENT_FIELDS)})
+    return list(rows.values())
+
+
+def _dropped(raw: Any) -> dict[str, str | None]:
+    if isinstance(raw, Mapping):
+        return {str(k): (None if v is None else str(v)) for k, v in raw.items()}
+    if isinstance(raw, list):
+        out: dict[str, str | None] = {}
+        for entry in raw:
+            if isinstance(entry, Mapping):
+                out[str(entry.get("client", entry.get("id")))] = entry.get("reason")
+            else:
+                out[str(entry)] = None
+        return out
+    return {}
