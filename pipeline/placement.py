@@ -1,0 +1,213 @@
+"""Where federated clients live: client -> worker mapping, resources, and rows cached on workers.
+
+A client is pinned by the worker resource ``client-<id>=1``, put on every ``submit`` (never by
+worker address, which changes when a nanny restarts a worker, and never with ``dask.annotate``,
+which graph optimisation drops). A client's rows are read *inside* its pinned tasks and kept in a
+per-worker cache (a :class:`ClientCache` worker plugin) that the scheduler does not know about:
+``retire_workers``, ``rebalance`` and ``replicate`` only move Dask results, so the rows never
+leave their worker; only model-sized packets do. A restarted worker starts with an empty cache
+and re-reads its clients' rows on first use.
+
+In simulation many clients share a worker (:func:`assign_clients`, balanced by rows) and
+:func:`simulation_cluster` starts workers carrying those resources; in deployment the workers
+are started elsewhere with ``--resources client-<id>=1`` and :func:`discover` finds them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from distributed import Client, Nanny, Scheduler, SpecCluster, Worker, get_worker
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from pipeline import store
+from pipeline.errors import TrainingError
+
+log = logging.getLogger("fedpipe")
+
+RESOURCE_PREFIX = "client-"
+CACHE_PLUGIN = "fedpipe-client-cache"
+# One BLAS thread per worker process: more oversubscribes the cores (see pipeline/cluster.py).
+_BLAS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def resource_name(client: str) -> str:
+    """The worker resource that pins ``client``: ``client-<id>``."""
+    return f"{RESOURCE_PREFIX}{client}"
+
+
+def resources_of(clients: Sequence[str]) -> dict[str, float]:
+    """Resource restriction of a task that needs every client of ``clients`` on its worker."""
+    return {resource_name(c): 1 for c in clients}
+
+
+def assign_clients(rows: Mapping[str, int], n_workers: int) -> list[list[str]]:
+    """Deterministic client -> worker mapping balanced by rows (longest-processing-time first).
+
+    Clients are taken by decreasing row count (ties by id) and each goes to the worker with the
+    fewest rows so far (ties to the lowest index). Same input, same mapping, on any machine.
+
+    Returns
+    -------
+    list of list of str
+        ``groups[j]``: sorted client ids of worker ``j`` (empty lists dropped).
+    """
+    if n_workers < 1:
+        raise TrainingError(f"--workers must be at least 1, got {n_workers}")
+    load = [0] * n_workers
+    groups: list[list[str]] = [[] for _ in range(n_workers)]
+    for client in sorted(rows, key=lambda c: (-int(rows[c]), _order(c))):
+        j = min(range(n_workers), key=lambda i: (load[i], i))
+        load[j] += int(rows[client])
+        groups[j].append(client)
+    return [sorted(g, key=_order) for g in groups if g]
+
+
+def _order(client: str) -> tuple[int, str]:
+    # Numeric ids sort as numbers ("2" before "10"), others after them by name.
+    return (int(client), "") if str(client).isdigit() else (1 << 62, str(client))
+
+
+def sort_clients(clients: Sequence[str]) -> list[str]:
+    """Client ids in the canonical order used for sums and logs (numeric ids as numbers)."""
+    return sorted(clients, key=_order)
+
+
+@contextlib.contextmanager
+def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = True,
+                       threads: int = 1, dashboard_address: str | None = ":0",
+                       worker_kwargs: Mapping[str, Any] | None = None) -> Iterator[Client]:
+    """A local cluster with one worker per group, carrying the group's client resources.
+
+    Parameters
+    ----------
+    groups : sequence of sequence of str
+        Clients of each worker (e.g. from :func:`assign_clients`).
+    processes : bool
+        Nanny-managed worker processes (a killed worker restarts with the same resources);
+        ``False`` runs workers in this process (fast tests, inspectable ``Worker`` objects).
+    threads : int
+        Threads per worker.
+    dashboard_address : str or None
+        Scheduler dashboard (``":0"`` picks a free port).
+    worker_kwargs : mapping, optional
+        Extra keyword arguments for each worker (e.g. ``memory_limit``).
+
+    Yields
+    ------
+    distributed.Client
+    """
+    cls = Nanny if processes else Worker
+    extra = dict(worker_kwargs or {})
+    if processes:
+        extra.setdefault("env", dict(_BLAS_ENV))
+    workers = {
+        f"fed-{j}": {"cls": cls, "options": {"nthreads": threads, "resources": resources_of(g),
+                                             **extra}}
+        for j, g in enumerate(groups)
+    }
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address}}
+    with (SpecCluster(workers=workers, scheduler=scheduler, name="fedpipe-federate") as cluster,
+          Client(cluster) as dask_client):
+        yield dask_client
+
+
+def discover(dask_client: Client, clients: Sequence[str]) -> list[list[str]]:
+    """Group the partition's clients by the workers that carry their resources.
+
+    Clients whose resources sit on the same set of workers form one group (one batched task per
+    round can train them all). Raises :class:`TrainingError` naming the clients no worker carries.
+    """
+    workers = dask_client.scheduler_info(n_workers=-1)["workers"]
+    holders: dict[str, frozenset[str]] = {}
+    for client in clients:
+        name = resource_name(client)
+        holders[client] = frozenset(a for a, w in workers.items() if w.get("resources", {}).get(name))
+    missing = sort_clients([c for c, h in holders.items() if not h])
+    if missing:
+        shown = ", ".join(resource_name(c) for c in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise TrainingError(f"no worker carries resource {shown}{more} ({len(workers)} workers "
+                            f"for {len(clients)} clients): start workers with --resources "
+                            f"client-<id>=1")
+    by_holders: dict[frozenset[str], list[str]] = {}
+    for client in sort_clients(list(clients)):
+        by_holders.setdefault(holders[client], []).append(client)
+    return sorted(by_holders.values(), key=lambda g: _order(g[0]))
+
+
+def set_no_workers_timeout(dask_client: Client, seconds: float | None) -> None:
+    """Make tasks whose client worker is gone fail after ``seconds`` instead of waiting forever.
+
+    Set on the running scheduler (``distributed.scheduler.no-workers-timeout``), so it also
+    applies to an external scheduler started without it.
+    """
+    dask_client.run_on_scheduler(_set_timeout, seconds)
+
+
+def _set_timeout(seconds: float | None, dask_scheduler: Scheduler | None = None) -> None:
+    dask_scheduler.no_workers_timeout = seconds
+
+
+# --------------------------------------------------------------------------------------------
+# worker side: runs inside pinned tasks
+
+
+class ClientCache(WorkerPlugin):
+    """Per-worker store of client rows and client state, invisible to the scheduler.
+
+    Attributes
+    ----------
+    rows : dict
+        ``(url, partition, client, test_fraction, seed) -> (X_train, y_train, X_test, y_test)``.
+    state : dict
+        ``(run_token, client) -> dict of arrays`` (e.g. SCAFFOLD's control variate).
+    reads : int
+        Clients read from the store by this worker process (a restarted worker starts at 0).
+    """
+
+    name = CACHE_PLUGIN
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple, tuple[np.ndarray, ...]] = {}
+        self.state: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+        self.reads = 0
+
+
+def worker_cache(worker: Worker | None = None) -> ClientCache:
+    """The :class:`ClientCache` of the current worker, created on first use."""
+    worker = worker or get_worker()
+    cache = worker.plugins.get(CACHE_PLUGIN)
+    if cache is None:
+        cache = worker.plugins[CACHE_PLUGIN] = ClientCache()
+    return cache
+
+
+def client_rows(url: str, partition: str, client: str, *, test_fraction: float,
+                seed: int) -> tuple[tuple[np.ndarray, ...], bool]:
+    """A client's train and test rows on this worker, read from the store on first use.
+
+    Returns
+    -------
+    ((X_train, y_train, X_test, y_test), was_read)
+    """
+    cache = worker_cache()
+    key = (url, partition, str(client), float(test_fraction), int(seed))
+    if key in cache.rows:
+        return cache.rows[key], False
+    info = store.read_info(url)
+    refs = store.chunk_refs(info, partition=partition, client=client)
+    parts = {}
+    for split in ("train", "test"):
+        chunks = [store.read_chunk(url, ref, split=split, test_fraction=test_fraction,
+                                   seed=seed, info=info) for ref in refs]
+        parts[split] = (np.concatenate([c[0] for c in chunks]) if chunks else
+                        np.zeros((0, info.n_features)),
+                        np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0))
+    cache.rows[key] = (*parts["train"], *parts["test"])
+    cache.reads += 1
+    return cache.rows[key], True

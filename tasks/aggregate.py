@@ -1,0 +1,328 @@
+"""Aggregation of client updates as a flat chain of stages around one sum.
+
+A *packet* is a dict of float64 arrays that add up key by key (``delta``, ``n``, counters a stage
+wants summed). A :class:`Stage` has a client part, ``before_sum``, run on the client's worker, and
+a server part, ``after_sum``, run on the server after the tree-reduction sum. Each stage carries
+its own server-side state (broadcast to its client part every round) and reports its own
+measurements. ``before_sum`` parts run in chain order, ``after_sum`` parts in reverse order, so
+each stage finishes its own work around the sum (TFF's nested factories, written flat)::
+
+    chain = (validate(), weighted_mean())       # later: clip, compress, mask, noise
+    client: validate -> weighted_mean.before    |  sum over clients  |  server: weighted_mean.after
+
+The round loop only calls :func:`client_side`, :func:`add_packets` and :func:`server_side`, so new
+stages (clipping, compression, secure masking, noise) need no change to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from tasks import optimizers
+from tasks.optimizers import Optimizer, State
+
+Packet = dict[str, np.ndarray]
+StageState = dict[str, np.ndarray]
+
+
+class RejectedUpdate(ValueError):
+    """A client stage refused an update; the message says why (logged, the round goes on)."""
+
+
+class Stage(NamedTuple):
+    """One aggregation stage.
+
+    Attributes
+    ----------
+    name : str
+        Unique within a chain; prefixes the stage's measurements and packet counters.
+    init : Callable[[int], dict]
+        ``init(n_params) -> state``: the stage's server-side state.
+    before_sum : Callable[[Packet, dict], Packet]
+        Client part: ``before_sum(packet, state) -> packet``; may raise :class:`RejectedUpdate`.
+    after_sum : Callable[[Packet, dict], tuple[Packet, dict, dict]]
+        Server part: ``after_sum(total, state) -> (packet, new_state, measurements)``.
+    """
+
+    name: str
+    init: Callable[[int], StageState]
+    before_sum: Callable[[Packet, StageState], Packet]
+    after_sum: Callable[[Packet, StageState], tuple[Packet, StageState, dict[str, float]]]
+
+
+def init_states(stages: Sequence[Stage], n_params: int) -> dict[str, StageState]:
+    """Initial server-side state of every stage, keyed by stage name."""
+    return {stage.name: stage.init(n_params) for stage in stages}
+
+
+def client_side(stages: Sequence[Stage], states: dict[str, StageState],
+                packet: Packet) -> tuple[Packet | None, str | None]:
+    """Run every stage's client part in chain order on one client's packet.
+
+    Returns
+    -------
+    (packet, None) or (None, reason)
+        A rejected update is dropped from the sum, with the reason for the round's log.
+    """
+    try:
+        for stage in stages:
+            packet = stage.before_sum(packet, states[stage.name])
+    except RejectedUpdate as exc:
+        return None, f"{stage.name}: {exc}"
+    return packet, None
+
+
+def add_packets(*packets: Packet) -> Packet:
+    """Key-wise sum of packets, left to right (the reduction tree's add: same order, same bits)."""
+    if not packets:
+        raise ValueError("add_packets needs at least one packet")
+    total = packets[0]
+    for packet in packets[1:]:
+        if total.keys() != packet.keys():
+            raise ValueError(f"packets with different keys: {sorted(total)} vs {sorted(packet)}")
+        total = {key: total[key] + packet[key] for key in total}
+    return total
+
+
+def server_side(stages: Sequence[Stage], states: dict[str, StageState],
+                total: Packet) -> tuple[Packet, dict[str, StageState], dict[str, float]]:
+    """Run every stage's server part in reverse chain order on the summed packet.
+
+    Returns
+    -------
+    packet, new_states, measurements
+        Measurements are keyed ``"<stage>/<name>"``.
+    """
+    new_states = dict(states)
+    measurements: dict[str, float] = {}
+    for stage in reversed(stages):
+        total, new_states[stage.name], found = stage.after_sum(total, states[stage.name])
+        measurements.update({f"{stage.name}/{k}": float(v) for k, v in found.items()})
+    return total, new_states, measurements
+
+
+# --------------------------------------------------------------------------------------------
+# stages
+
+
+def validate(name: str = "validate") -> Stage:
+    """Reject updates of the wrong shape or with NaN/inf before they reach the sum.
+
+    Counts accepted updates in the packet (``<name>/accepted``) so the server can report them.
+    """
+
+    def init(n_params: int) -> StageState:
+        return {"n_params": np.asarray(n_params)}
+
+    def before_sum(packet: Packet, state: StageState) -> Packet:
+        delta = np.asarray(packet.get("delta"))
+        if delta.shape != (int(state["n_params"]),):
+            raise RejectedUpdate(f"update has shape {delta.shape}, "
+                                 f"expected ({int(state['n_params'])},)")
+        for key, value in packet.items():
+            if not np.all(np.isfinite(value)):
+                raise RejectedUpdate(f"update has non-finite values in '{key}'")
+        return {**packet, f"{name}/accepted": np.asarray(1.0)}
+
+    def after_sum(total: Packet, state: StageState):
+        total = dict(total)
+        accepted = total.pop(f"{name}/accepted")
+        return total, state, {"accepted": float(accepted)}
+
+    return Stage(name, init, before_sum, after_sum)
+
+
+def weighted_mean(name: str = "weighted_mean") -> Stage:
+    """Weight each client's delta by its row count ``n_i``; divide the sum by ``sum n_i``.
+
+    A SCAFFOLD ``control`` entry is summed unweighted (the server divides it by the number of
+    clients, see :func:`scaffold_control`).
+
+    References
+    ----------
+    McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+    AISTATS 2017 (weights n_k / n).
+    """
+
+    def init(n_params: int) -> StageState:
+        return {}
+
+    def before_sum(packet: Packet, state: StageState) -> Packet:
+        return {**packet, "delta": packet["delta"] * packet["n"]}
+
+    def after_sum(total: Packet, state: StageState):
+        weight = float(total["n"])
+        if weight <= 0:
+            raise ValueError("weighted mean over clients with no rows")
+        return {**total, "delta": total["delta"] / weight}, state, {"weight": weight}
+
+    return Stage(name, init, before_sum, after_sum)
+
+
+def default_chain() -> tuple[Stage, ...]:
+    """The chain every strategy uses unless told otherwise: validate, then weighted mean."""
+    return (validate(), weighted_mean())
+
+
+# --------------------------------------------------------------------------------------------
+# server step
+
+
+def server_step(optimizer: Optimizer, params: np.ndarray, opt_state: State,
+                mean_delta: np.ndarray) -> tuple[np.ndarray, State]:
+    """Apply the server optimizer to minus the averaged client delta.
+
+    FedAvg is ``sgd(1.0)`` (params + mean delta); FedAvgM, FedAdam, FedYogi and FedAdagrad are
+    ``momentum``, ``adam``, ``yogi`` and ``adagrad`` on the same pseudo-gradient.
+
+    References
+    ----------
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021 (Algorithm 2).
+    """
+    updates, new_state = optimizer.update(-mean_delta, opt_state, params)
+    return params + updates, new_state
+
+
+def scaffold_control(control: np.ndarray, control_sum: np.ndarray, n_clients: int) -> np.ndarray:
+    """SCAFFOLD server control variate: ``c + (1/N) * sum of sampled clients' changes``.
+
+    References
+    ----------
+    Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning",
+    ICML 2020 (Algorithm 1, line 17).
+    """
+    return control + control_sum / float(n_clients)
+
+
+# --------------------------------------------------------------------------------------------
+# strategies: which server optimizer, which client options (plain values, no methods)
+
+
+class Strategy(NamedTuple):
+    """A federated algorithm as data: the server optimizer and the client-side options.
+
+    Attributes
+    ----------
+    name : str
+    server_optimizer : Optimizer
+        Applied to minus the averaged delta by :func:`server_step`.
+    mu : float
+        FedProx proximal weight on the clients (0 = plain local SGD).
+    scaffold : bool
+        Clients keep SCAFFOLD control variates on their workers.
+    """
+
+    name: str
+    server_optimizer: Optimizer
+    mu: float = 0.0
+    scaffold: bool = False
+
+
+def fedavg(server_lr: float = 1.0) -> Strategy:
+    """FedAvg: ``sgd(server_lr)`` on minus the weighted mean delta (1.0 = plain averaging).
+
+    References
+    ----------
+    McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+    AISTATS 2017.
+    """
+    return Strategy("fedavg", optimizers.sgd(server_lr))
+
+
+def fedprox(mu: float = 0.01, server_lr: float = 1.0) -> Strategy:
+    """FedProx: FedAvg's server, clients add the proximal term ``mu/2 ||w - w_global||^2``.
+
+    References
+    ----------
+    Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020.
+    """
+    if mu < 0:
+        raise ValueError(f"mu must be >= 0, got {mu}")
+    return Strategy("fedprox", optimizers.sgd(server_lr), mu=float(mu))
+
+
+def fedavgm(server_lr: float = 1.0, beta: float = 0.9) -> Strategy:
+    """FedAvgM: server momentum on the averaged delta.
+
+    References
+    ----------
+    Hsu, Qi & Brown, "Measuring the Effects of Non-Identical Data Distribution", 2019;
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
+    """
+    return Strategy("fedavgm", optimizers.momentum(server_lr, beta))
+
+
+def fedadam(server_lr: float = 0.01, eps: float = 1e-3) -> Strategy:
+    """FedAdam: Adam on the server (``eps`` = the paper's adaptivity tau).
+
+    References
+    ----------
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
+    """
+    return Strategy("fedadam", optimizers.adam(server_lr, eps=eps))
+
+
+def fedyogi(server_lr: float = 0.01, eps: float = 1e-3) -> Strategy:
+    """FedYogi: Yogi on the server.
+
+    References
+    ----------
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
+    """
+    return Strategy("fedyogi", optimizers.yogi(server_lr, eps=eps))
+
+
+def fedadagrad(server_lr: float = 0.01, eps: float = 1e-3) -> Strategy:
+    """FedAdagrad: AdaGrad on the server.
+
+    References
+    ----------
+    Reddi et al., "Adaptive Federated Optimization", ICLR 2021.
+    """
+    return Strategy("fedadagrad", optimizers.adagrad(server_lr, eps=eps))
+
+
+def scaffold(server_lr: float = 1.0) -> Strategy:
+    """SCAFFOLD: control variates correct client drift; server step ``x += lr_g * mean delta``.
+
+    References
+    ----------
+    Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning",
+    ICML 2020.
+    """
+    return Strategy("scaffold", optimizers.sgd(server_lr), scaffold=True)
+
+
+# --------------------------------------------------------------------------------------------
+# round reports: what a worker sends back (one packet plus small per-client records)
+
+
+def client_report(client: str, packet: Packet | None, metrics: dict[str, float],
+                  rejected: str | None = None) -> dict:
+    """One client's contribution to a round: its packet (None if rejected) and its metrics."""
+    record = dict(metrics)
+    if rejected:
+        record["rejected"] = rejected
+    return {"packet": packet, "clients": {str(client): record}}
+
+
+def add_reports(*reports: dict) -> dict:
+    """Merge round reports left to right: packets summed (rejected ones skipped), records joined.
+
+    The reduction tree's add for federated rounds; the same order gives the same bits.
+    """
+    packets = [r["packet"] for r in reports if r["packet"] is not None]
+    clients: dict[str, dict] = {}
+    for report in reports:
+        clients.update(report["clients"])
+    return {"packet": add_packets(*packets) if packets else None, "clients": clients}
+
+
+def weighted_average(records: dict[str, dict], key: str, weight: str = "n") -> float | None:
+    """``sum(w_i * x_i) / sum(w_i)`` of a per-client metric (None when no client has it)."""
+    pairs = [(r[key], r[weight]) for r in records.values() if key in r and r.get(weight)]
+    total = sum(w for _, w in pairs)
+    return sum(x * w for x, w in pairs) / total if total else None
