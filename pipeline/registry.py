@@ -263,3 +263,24 @@ def make_optimizer(name: str, lr: float, schedule: str | Schedule | None = None,
 
 # --------------------------------------------------------------------------------------------
 # federated strategies (STRATEGIES) are registered below by the federated engine.
+
+from tasks import aggregate as _aggregate  # noqa: E402  (kept next to the map it serves)
+
+
+def _server(factory: Callable[..., Any]) -> Callable[..., Any]:
+    # None keeps the strategy's own default server step size (1.0 for averaging, 1e-2 adaptive).
+    return lambda server_lr=None, mu=0.0: factory(**({} if server_lr is None else
+                                                     {"server_lr": server_lr}))
+
+
+STRATEGIES: dict[str, Callable[..., Any]] = {
+    "fedavg": _server(_aggregate.fedavg),
+    "fedprox": lambda server_lr=None, mu=0.01: _aggregate.fedprox(
+        mu, **({} if server_lr is None else {"server_lr": server_lr})),
+    "fedavgm": _server(_aggregate.fedavgm),
+    "fedadam": _server(_aggregate.fedadam),
+    "fedyogi": _server(_aggregate.fedyogi),
+    "fedadagrad": _server(_aggregate.fedadagrad),
+    "scaffold": _server(_aggregate.scaffold),
+}
+"""Federated strategies: name -> ``factory(server_lr=None, mu=...) -> tasks.aggregate.Strategy``."""
