@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import zarr
+from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
 from pipeline import sources as sources_mod
@@ -100,7 +101,7 @@ def ingest(
         stats = stats_mod.compute_stats(tmp, median=impute == "median")
         group.attrs["fedpipe"] = {**meta, "stats": stats_mod.stats_to_json(stats)}
     info = read_info(store)
-    log.info("ingested %s: %d rows x %d features in %d chunks -> %s",
+    log.debug("ingested %s: %d rows x %d features in %d chunks -> %s",
              source, info.n_rows, info.n_features, info.n_chunks, store)
     return info
 
@@ -151,7 +152,8 @@ def _check_batch(src, X: np.ndarray, y: np.ndarray, first_row: int, impute: str)
 
 def _progress(enabled: bool, total: int) -> Progress:
     columns = [TextColumn("ingest"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn()]
-    return Progress(*columns, disable=not enabled, transient=True)
+    # stderr, so that --json keeps stdout to one line.
+    return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
 
 
 def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: bool) -> dict:

@@ -172,6 +172,8 @@ def _pick_target(spec: str, columns: list[str], target: str | None) -> str:
 
 def _frame_to_arrays(spec: str, frame, target: str, features: list[str]):
     """Numeric check of one batch (a later batch can still bring a string)."""
+    if len(frame) == 0:
+        return np.empty((0, len(features))), np.empty(0)
     for name in [*features, target]:
         kind = frame[name].dtype.kind
         if kind not in "biuf":
