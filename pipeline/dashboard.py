@@ -27,10 +27,10 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from importlib import resources
+from pathlib import Path
 from typing import Any
 
-from distributed import Client
+from distributed import Client, default_client
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.http.utils import RequestHandler
 
@@ -40,6 +40,7 @@ log = logging.getLogger("fedpipe")
 
 TOPIC = "fedpipe"
 PAGE_PATH = "fedpipe/"
+PAGE_HTML = Path(__file__).with_name("dashboard.html")  # shipped as package data
 
 
 class PageHandler(RequestHandler):
@@ -47,7 +48,7 @@ class PageHandler(RequestHandler):
 
     def get(self) -> None:
         self.set_header("Content-Type", "text/html; charset=utf-8")
-        self.write(resources.files("pipeline").joinpath("dashboard.html").read_text())
+        self.write(PAGE_HTML.read_text(encoding="utf-8"))
 
 
 class DataHandler(RequestHandler):
@@ -173,25 +174,66 @@ def plain(value: Any) -> Any:
     return json.loads(json.dumps(value, default=str))
 
 
+class LazyPublisher:
+    """A :class:`Publisher` made at the first record, for engines that start their own cluster.
+
+    ``fedpipe federate`` without ``--scheduler`` builds its cluster inside the engine, after the
+    CLI hands over ``on_record``; by the first record that cluster's client is the default one.
+    """
+
+    def __init__(self, mode: str, total: int | None, unit: str, meta: Mapping[str, Any] | None) -> None:
+        self._args = (mode, total, unit)
+        self._meta = meta
+        self.publisher: Publisher | None = None
+        self._tried = False
+
+    def __call__(self, record: Mapping[str, Any]) -> None:
+        if not self._tried:
+            self._tried = True
+            try:
+                self.publisher = start_publishing(default_client(), *self._args, meta=self._meta)
+            except ValueError:  # no client: the engine ran without a cluster we can reach
+                log.debug("fedpipe page: no Dask client to publish to")
+        if self.publisher is not None:
+            self.publisher(record)
+
+    def close(self, status: str = "finished") -> None:
+        """Mark the run finished on the page, if it ever started publishing."""
+        if self.publisher is not None:
+            self.publisher.close(status)
+
+
+def start_publishing(dask_client: Client, mode: str, total: int | None, unit: str,
+                     meta: Mapping[str, Any] | None = None) -> Publisher | None:
+    """Install the page, announce its link (stderr, via logging) and return the publisher."""
+    try:
+        url = install_page(dask_client)
+        publisher = Publisher(dask_client, mode, total, unit, meta=meta)
+    except Exception as exc:  # noqa: BLE001 - the run matters more than its live view
+        log.warning("fedpipe dashboard page unavailable: %s", exc)
+        return None
+    if url:
+        log.info("fedpipe dashboard: %s", url)
+    return publisher
+
+
 @contextmanager
 def monitoring(args: Any, dask_client: Client | None, *, mode: str, total: int | None,
                unit: str, meta: Mapping[str, Any] | None = None) -> Iterator[OnRecord]:
     """The ``on_record`` a CLI command hands to its engine: progress bar + live page.
 
-    Prints the page's link (to stderr, through logging) unless ``--quiet``/``--json``. Use::
+    Prints the page's link (to stderr, through logging) unless ``--quiet``/``--json``. With
+    ``dask_client=None`` the page is installed on the engine's own cluster at the first record.
+    Use::
 
         with monitoring(args, dask_client, mode="train", total=args.iterations, unit="iteration") as on_record:
             fit(..., on_record=on_record)
     """
-    publisher = None
-    if dask_client is not None:
-        try:
-            url = install_page(dask_client)
-            publisher = Publisher(dask_client, mode, total, unit, meta=meta)
-            if url:
-                log.info("fedpipe dashboard: %s", url)
-        except Exception as exc:  # noqa: BLE001 - the run matters more than its live view
-            log.warning("fedpipe dashboard page unavailable: %s", exc)
+    publisher: Publisher | LazyPublisher | None
+    if dask_client is None:
+        publisher = LazyPublisher(mode, total, unit, meta)
+    else:
+        publisher = start_publishing(dask_client, mode, total, unit, meta)
     status = "failed"
     with ProgressBar(total, unit, enabled=not is_quiet(args)) as bar:
         try:

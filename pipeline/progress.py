@@ -156,6 +156,8 @@ def client_rows(record: Record) -> list[dict[str, Any]]:
             else:
                 items.append((str(entry), {}))
     dropped = _dropped(record.get("dropped"))
+    # A rejected update (e.g. failed a norm check) is a drop-out with a reason, too.
+    dropped.update({c: f"rejected: {why}" for c, why in _dropped(record.get("rejected")).items()})
     rows = {}
     for cid, entry in items:
         row: dict[str, Any] = {"id": cid}
