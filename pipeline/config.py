@@ -52,10 +52,13 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
         # Remember the real default on the action itself; SUPPRESS keeps unset flags out of args.
         action.fedpipe_default = action.default  # type: ignore[attr-defined]
         action.default = argparse.SUPPRESS
+        # Required arguments may come from the file instead: resolve() checks them.
         if not action.option_strings and action.nargs in (None, 1):
             action.nargs = "?"
-            action.required = False
             action.fedpipe_required = True  # type: ignore[attr-defined]
+        elif action.required:
+            action.fedpipe_required = True  # type: ignore[attr-defined]
+        action.required = False
     parser.set_defaults(**{_SPEC: spec})
 
 
@@ -78,7 +81,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         if dest in file_values:
             resolved[dest] = file_values[dest]
         elif getattr(action, "fedpipe_required", False):
-            raise ConfigError(f"{dest.upper()} is required: give it on the command line or as '{dest}' in the config file")
+            flag = action.option_strings[-1] if action.option_strings else dest.upper()
+            raise ConfigError(f"{flag} is required: give it on the command line or as '{dest}' in the config file")
         else:
             resolved[dest] = action.fedpipe_default  # type: ignore[attr-defined]
     return argparse.Namespace(**resolved)

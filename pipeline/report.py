@@ -281,7 +281,7 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
     step = step_of(last)
     row: dict[str, Any] = {
         "run": Path(run_dir).name,
-        "mode": merged.get("mode", run.config.get("strategy", "")),
+        "mode": merged.get("strategy") or merged.get("mode") or merged.get("command", ""),
         "steps": step[1] if step else len(run.metrics),
     }
     for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "seconds"):
@@ -290,9 +290,15 @@ def run_row(run_dir: str | Path) -> dict[str, Any]:
     return row
 
 
-def label_histograms(config: Mapping[str, Any]) -> tuple[dict[str, Any], list | None] | None:
-    """The run's partition ``clients`` metadata and class names, read from its store's attrs."""
-    store_url, partition = config.get("store"), config.get("partition")
+def label_histograms(config: Mapping[str, Any], summary: Mapping[str, Any] | None = None
+                     ) -> tuple[dict[str, Any], list | None] | None:
+    """The run's partition ``clients`` metadata and class names, read from its store's attrs.
+
+    The partition's name is in ``config`` when given by name, else in the ``summary`` (a
+    partition made for the run by ``--clients``).
+    """
+    store_url = config.get("store")
+    partition = config.get("partition") or (summary or {}).get("partition")
     if not store_url or not partition:
         return None
     try:
@@ -333,7 +339,7 @@ def report_plots(run: rundir.Run, model: Any = None) -> list[Plot]:
     federated = any(client_rows(r) for r in run.metrics)
     if federated:
         plots += [plot_client_distribution(run.metrics), plot_round_times(run.metrics)]
-    if (hists := label_histograms(run.config)) is not None:
+    if (hists := label_histograms(run.config, run.summary)) is not None:
         plots.append(plot_label_histogram(*hists))
     if run.params and run.config.get("store") and (cm := test_confusion(run.config, run.params, model)):
         plots.append(plot_confusion(*cm))

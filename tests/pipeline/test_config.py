@@ -87,3 +87,14 @@ def test_saved_config_repeats_the_run(tmp_path) -> None:
     again = resolve(["--config", str(path)])
     assert config.to_dict(again) == config.to_dict(first)
     assert "json" not in path.read_text() and "func" not in path.read_text()
+
+
+def test_required_option_may_come_from_the_file(tmp_path) -> None:
+    parser = _Parser(prog="fedpipe federate")
+    parser.add_argument("store")
+    parser.add_argument("--rounds", type=int, required=True)
+    config.add_config_option(parser)
+    with pytest.raises(ConfigError, match="--rounds is required"):
+        config.resolve(parser.parse_args(["s.zarr"]))
+    (tmp_path / "r.toml").write_text("rounds = 3\n")
+    assert config.resolve(parser.parse_args(["s.zarr", "--config", str(tmp_path / "r.toml")])).rounds == 3
