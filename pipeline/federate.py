@@ -360,6 +360,16 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
                       int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
                       stages, uuid.uuid4().hex[:12])
     run_dir = rundir.prepare(out, resume=resume) if out is not None else None
+    if run_dir is not None:
+        rundir.write_config(run_dir, {
+            "command": "federate", "store": str(store_url), "model": model.name,
+            "partition": partition, "strategy": strategy.name, "mu": strategy.mu,
+            "rounds": rounds, "local_epochs": local_epochs, "batch_size": batch_size,
+            "lr": lr if not callable(lr) else "schedule", "fraction": fraction,
+            "clients_per_round": clients_per_round, "min_clients": min_clients,
+            "deadline": deadline, "seed": seed, "test_fraction": test_fraction,
+            "eval_every": eval_every, "workers": workers, "scheduler": scheduler,
+            "stages": [s.name for s in stages]})
     with _cluster(dask_client, scheduler, workers, client_rows) as (dc, groups):
         placement.set_no_workers_timeout(dc, deadline or DEFAULT_NO_WORKER_TIMEOUT)
         state = _initial_state(model, strategy, stages, seed)

@@ -105,6 +105,8 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
     extra = dict(worker_kwargs or {})
     if processes:
         extra.setdefault("env", dict(_BLAS_ENV))
+        # Worker processes log every connection at INFO; keep the CLI's stderr readable.
+        extra.setdefault("silence_logs", logging.ERROR)
     workers = {
         f"fed-{j}": {"cls": cls, "options": {"nthreads": threads, "resources": resources_of(g),
                                              **extra}}

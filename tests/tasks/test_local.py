@@ -1,0 +1,88 @@
+"""Local training and evaluation of one client: pure NumPy, property checks."""
+
+import numpy as np
+import pytest
+
+from tasks import models
+from tasks.local import client_rng, evaluate_sums, local_train, metrics_from_sums, round_lr
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 4))
+    y = (X @ np.array([1.0, -2.0, 0.5, 0.0]) > 0).astype(int)
+    return X, y
+
+
+def _train(model, params, X, y, **kw):
+    options = {"epochs": 1, "batch_size": 16, "lr": 0.1, "rng": client_rng(0, 0, "c")} | kw
+    return local_train(model, params, X, y, **options)
+
+
+def test_full_batch_step_is_one_gradient_descent_step(data):
+    X, y = data
+    model = models.logistic(4, l2=0.1)
+    p = model.init(0) + 0.1
+    out = _train(model, p, X, y, batch_size=len(y))
+    _, g, n = model.loss_and_grad(p, X, y)
+    expected = -0.1 * (g / n + model.penalty(p)[1])
+    np.testing.assert_allclose(out.packet["delta"], expected, rtol=1e-12, atol=1e-15)
+    assert out.packet["n"] == 120 and out.metrics["steps"] == 1 and out.control is None
+
+
+def test_steps_per_epoch_and_loss_decreases(data):
+    X, y = data
+    model = models.logistic(4)
+    first = _train(model, model.init(0), X, y, epochs=1)
+    more = _train(model, model.init(0), X, y, epochs=5)
+    assert first.metrics["steps"] == 8 and more.metrics["steps"] == 40
+    start = model.loss_and_grad(model.init(0), X, y)[0]
+    end = model.loss_and_grad(model.init(0) + more.packet["delta"], X, y)[0]
+    assert end < start
+
+
+def test_same_stream_same_result_other_client_other_order(data):
+    X, y = data
+    model = models.logistic(4)
+    a = _train(model, model.init(0), X, y)
+    b = _train(model, model.init(0), X, y)
+    c = _train(model, model.init(0), X, y, rng=client_rng(0, 0, "other"))
+    np.testing.assert_array_equal(a.packet["delta"], b.packet["delta"])
+    assert not np.array_equal(a.packet["delta"], c.packet["delta"])
+
+
+def test_fedprox_pulls_towards_the_global_params(data):
+    X, y = data
+    model = models.logistic(4)
+    free = _train(model, model.init(0), X, y, epochs=3)
+    prox = _train(model, model.init(0), X, y, epochs=3, mu=5.0)
+    assert np.linalg.norm(prox.packet["delta"]) < np.linalg.norm(free.packet["delta"])
+
+
+def test_scaffold_control_variate_option_two(data):
+    X, y = data
+    model = models.logistic(4)
+    p = model.init(0)
+    c, ci = np.full(p.size, 0.01), np.full(p.size, -0.02)
+    out = _train(model, p, X, y, control=(c, ci), batch_size=len(y))
+    # One full-batch step: y = x - lr (g + c - ci), so c_i+ = ci - c + (x - y) / lr = g.
+    _, g, n = model.loss_and_grad(p, X, y)
+    np.testing.assert_allclose(out.control, g / n, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(out.packet["control"], out.control - ci)
+
+
+def test_evaluate_sums_and_metrics(data):
+    X, y = data
+    model = models.logistic(4)
+    p = model.init(0) + 0.3
+    sums = evaluate_sums(model, p, X, y)
+    metrics = metrics_from_sums(sums, model.task)
+    assert metrics["n"] == 120
+    assert metrics["accuracy"] == pytest.approx(np.mean(model.predict(p, X) == y))
+    assert metrics_from_sums(evaluate_sums(model, p, X[:0], y[:0]), "binary") == {"n": 0.0}
+
+
+def test_round_lr_takes_a_constant_or_a_schedule():
+    assert round_lr(0.5, 9) == 0.5
+    assert round_lr(lambda r: 1.0 / (r + 1), 3) == 0.25
