@@ -105,6 +105,8 @@ def _check_args(info: StoreInfo, clients, scheme, alpha, column, min_size, name)
         raise ValidationError(f"--clients {clients} is larger than the {info.n_rows} rows of the store")
     if min_size < 0:
         raise ValidationError(f"--min-size must be >= 0, got {min_size}")
+    if clients * min_size > info.n_rows:
+        raise ValidationError(f"--clients {clients} x --min-size {min_size} is more than the {info.n_rows} rows")
     if not name or "/" in name or name.startswith("."):
         raise ValidationError(f"--name {name!r} is not a valid partition name")
     if scheme == "column":

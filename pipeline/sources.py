@@ -109,7 +109,8 @@ def _sklearn(name: str):
 
     loader, task = SKLEARN[name]
     bunch = getattr(sklearn.datasets, loader)()
-    names = list(getattr(bunch, "feature_names", None) or [f"x{j}" for j in range(bunch.data.shape[1])])
+    names = getattr(bunch, "feature_names", None)
+    names = [str(n) for n in names] if names is not None else [f"x{j}" for j in range(bunch.data.shape[1])]
     return bunch.data, bunch.target, names, task
 
 
