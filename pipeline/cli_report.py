@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -15,6 +16,7 @@ from pipeline import report
 from pipeline.errors import ValidationError
 
 log = logging.getLogger("fedpipe")
+HEADERS = {"test_accuracy": "test acc", "s_per_step": "s/step", "seconds": "total s"}
 
 
 def register(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -59,10 +61,15 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
 
 def print_table(rows: Sequence[Mapping[str, Any]], title: str = "runs", console: Console | None = None) -> None:
     """The rows as a rich table on stdout (one screen: one line per run)."""
-    table = Table(title=title)
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     cols = list(dict.fromkeys(k for row in rows for k in row))
     for col in cols:
-        table.add_column(col.replace("_", " "), justify="left" if col in ("run", "mode") else "right")
+        table.add_column(HEADERS.get(col, col.replace("_", " ")), no_wrap=col == "run",
+                         justify="left" if col in ("run", "mode") else "right")
     for row in rows:
         table.add_row(*(report.fmt(row.get(c)) for c in cols))
-    (console or Console()).print(table)
+    if console is None:
+        # Not a terminal (a pipe, CI logs): rich would squeeze the table into 80 columns.
+        console = Console()
+        console = console if console.is_terminal else Console(width=120)
+    console.print(table)

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from matplotlib.figure import Figure
 
-from pipeline import rundir
+from pipeline import registry, rundir
 from pipeline.progress import client_rows, step_of
 from pipeline.store import chunk_refs, read_chunk, read_info
 from tasks.models import pack
@@ -240,7 +240,7 @@ def fmt(value: Any) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.4g}"
+        return f"{value:.3g}"
     return str(value)
 
 
@@ -274,19 +274,23 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int) -> 
 
 
 def run_row(run_dir: str | Path) -> dict[str, Any]:
-    """One line of a comparison table: a run's final metrics, summary numbers first."""
+    """One line of a comparison table: a run's final metrics and its timing."""
     run = rundir.load_run(run_dir)
     last = run.metrics[-1] if run.metrics else {}
-    merged = {**last, **{k: v for k, v in run.summary.items() if not isinstance(v, dict | list)}}
+    final = {**last, **run.summary.get("final", {})}
     step = step_of(last)
+    federated = step is not None and step[0] == "round"
+    seconds = [r["seconds"] for r in run.metrics if isinstance(r.get("seconds"), int | float)]
     row: dict[str, Any] = {
         "run": Path(run_dir).name,
-        "mode": merged.get("strategy") or merged.get("mode") or merged.get("command", ""),
-        "steps": step[1] if step else len(run.metrics),
+        "mode": run.summary.get("strategy") or ("federated" if federated else "data-parallel"),
+        "steps": len(run.metrics),
     }
-    for key in ("train_loss", "test_loss", "train_accuracy", "test_accuracy", "seconds"):
-        value = merged.get(key)
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        value = final.get(key)
         row[key] = value if isinstance(value, int | float) else None
+    row["s_per_step"] = median(seconds)
+    row["seconds"] = sum(seconds) if seconds else None
     return row
 
 
@@ -376,11 +380,12 @@ def write_report(run_dir: str | Path, model: Any = None) -> Path:
 
 def model_from_config(config: Mapping[str, Any]) -> Any:
     """The run's model rebuilt from its saved options, or ``None`` when that is not possible."""
+    if not config.get("model") or not config.get("store"):
+        return None
     try:
-        from pipeline import registry
-
-        build = getattr(registry, "model_from_config", None)
-        return build(dict(config)) if build is not None else None
+        info = read_info(str(config["store"]))
+        return registry.make_model(str(config["model"]), info, hidden=config.get("hidden"),
+                                   l2=config.get("l2", 0.0), l1=config.get("l1", 0.0))
     except Exception:  # noqa: BLE001 - without a model the report just skips the confusion matrix
         return None
 
