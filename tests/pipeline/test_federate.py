@@ -1,0 +1,187 @@
+"""Federated rounds on a real (in-process) cluster whose workers carry client resources."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+from test_federate_support import partitioned_store
+
+from pipeline import placement, store
+from pipeline.errors import TrainingError, ValidationError
+from pipeline.federate import federate
+from tasks import aggregate, models
+
+SOURCE = "synthetic:classification?n_samples=800&n_features=5&n_classes=3&seed=1"
+N_CLIENTS = 8
+
+
+@pytest.fixture(scope="module")
+def fed_store(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("fed") / "store.zarr")
+    return partitioned_store(path, source=SOURCE, clients=N_CLIENTS, chunk_rows=50, name="fed")
+
+
+@pytest.fixture(scope="module")
+def dask_client(fed_store):
+    info = store.read_info(fed_store)
+    rows = {c: m["n_rows"] for c, m in info.partitions["fed"]["clients"].items()}
+    with placement.simulation_cluster(placement.assign_clients(rows, 2), processes=False,
+                                      dashboard_address=None) as dc:
+        yield dc
+
+
+def _model():
+    return models.softmax(5, 3, l2=0.01)
+
+
+def _client_train_rows(url: str) -> tuple[np.ndarray, np.ndarray]:
+    info = store.read_info(url)
+    parts = [store.read_chunk(url, ref, split="train", test_fraction=0.2, seed=0, info=info)
+             for c in sorted(info.partitions["fed"]["clients"], key=int)
+             for ref in store.chunk_refs(info, partition="fed", client=c)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def test_fedavg_with_one_full_batch_step_is_gradient_descent(fed_store, dask_client):
+    model, lr, rounds = _model(), 0.5, 4
+    run = federate(fed_store, model, rounds=rounds, local_epochs=1, batch_size=10_000, lr=lr,
+                   dask_client=dask_client, eval_every=rounds)
+    X, y = _client_train_rows(fed_store)
+    p = model.init(0)
+    for _ in range(rounds):  # the serial NumPy reference: data-parallel gradient descent
+        _, g, n = model.loss_and_grad(p, X, y)
+        p = p - lr * (g / n + model.penalty(p)[1])
+    np.testing.assert_allclose(run.params, p, rtol=1e-10, atol=1e-12)
+    assert [r["aggregated"] for r in run.history] == [N_CLIENTS] * rounds
+
+
+@pytest.mark.parametrize("strategy", [aggregate.fedprox(0.1), aggregate.scaffold()],
+                         ids=["fedprox", "scaffold"])
+def test_one_task_per_worker_equals_one_task_per_client(fed_store, dask_client, strategy):
+    kwargs = dict(rounds=3, strategy=strategy, local_epochs=2, batch_size=16, lr=0.1,
+                  fraction=0.5, dask_client=dask_client, seed=3)
+    batched = federate(fed_store, _model(), batch_clients=True, **kwargs)
+    single = federate(fed_store, _model(), batch_clients=False, **kwargs)
+    np.testing.assert_array_equal(batched.params, single.params)
+    assert [r["test_loss"] for r in batched.history] == [r["test_loss"] for r in single.history]
+    assert [r["sampled"] for r in batched.history] == [4, 4, 4]
+
+
+@pytest.mark.parametrize("strategy", [aggregate.fedadam(0.05), aggregate.scaffold()],
+                         ids=["fedadam", "scaffold"])
+def test_resume_ends_bit_identical(fed_store, dask_client, tmp_path, strategy):
+    kwargs = dict(strategy=strategy, local_epochs=1, batch_size=16, lr=0.1, fraction=0.5,
+                  dask_client=dask_client, seed=5)
+    whole = federate(fed_store, _model(), rounds=4, out=str(tmp_path / "whole"), **kwargs)
+    federate(fed_store, _model(), rounds=2, checkpoint_every=1, out=str(tmp_path / "cut"), **kwargs)
+    resumed = federate(fed_store, _model(), rounds=4, resume=True, out=str(tmp_path / "cut"),
+                       **kwargs)
+    np.testing.assert_array_equal(resumed.params, whole.params)
+    lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
+    assert json.loads(lines[-1])["test_loss"] == whole.history[-1]["test_loss"]
+
+
+def _marker(url: str, client: str) -> np.ndarray:
+    info = store.read_info(url)
+    ref = store.chunk_refs(info, partition="fed", client=client)[0]
+    return store.read_chunk(url, ref, split="train", test_fraction=0.2, seed=0, info=info)[0][0]
+
+
+def _on_client(model, marker, effect):
+    """A model whose gradient misbehaves (``effect``) on batches holding one client's row."""
+    inner = model.loss_and_grad
+
+    def loss_and_grad(p, X, y):
+        loss, g, n = inner(p, X, y)
+        if np.any(np.all(X == marker, axis=1)):
+            g = effect(g)
+        return loss, g, n
+
+    return model._replace(loss_and_grad=loss_and_grad)
+
+
+def test_non_finite_update_is_rejected_and_the_round_goes_on(fed_store, dask_client):
+    model = _on_client(_model(), _marker(fed_store, "3"), lambda g: g * np.nan)
+    run = federate(fed_store, model, rounds=2, dask_client=dask_client, lr=0.1)
+    for record in run.history:
+        assert "non-finite" in record["rejected"]["3"]
+        assert record["aggregated"] == N_CLIENTS - 1
+    assert np.all(np.isfinite(run.params))
+
+
+def test_too_few_valid_updates_stops_with_a_clear_message(fed_store, dask_client):
+    model = _model()._replace(loss_and_grad=lambda p, X, y: (0.0, p * np.nan, len(y)))
+    with pytest.raises(TrainingError, match="fewer than --min-clients 2"):
+        federate(fed_store, model, rounds=2, min_clients=2, dask_client=dask_client)
+
+
+def test_late_client_is_dropped_at_the_deadline(fed_store, dask_client):
+    def slow(g):
+        time.sleep(2.5)
+        return g
+
+    model = _on_client(_model(), _marker(fed_store, "5"), slow)
+    start = time.perf_counter()
+    run = federate(fed_store, model, rounds=1, dask_client=dask_client, deadline=1.0,
+                   batch_size=1000, eval_every=1)
+    record = run.history[0]
+    assert record["dropped"]["5"] == "late"
+    assert 1 <= record["aggregated"] < N_CLIENTS
+    assert "train_loss" not in record["clients"].get("5", {})  # its late result was discarded
+    assert time.perf_counter() - start < 20
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"fraction": 0.0}, "--fraction must be in"),
+    ({"fraction": 1.01}, "--fraction must be in"),
+    ({"clients_per_round": 2, "min_clients": 3}, "--min-clients 3 must be between"),
+    ({"partition": "nope"}, "has no partition 'nope'"),
+    ({"rounds": 0}, "--rounds must be at least 1"),
+])
+def test_bad_arguments_are_one_line_errors(fed_store, dask_client, kwargs, match):
+    options = {"rounds": 1, "dask_client": dask_client} | kwargs
+    with pytest.raises(ValidationError, match=match) as info:
+        federate(fed_store, _model(), **options)
+    assert "\n" not in str(info.value)
+
+
+def test_partition_that_does_not_match_the_store(fed_store, dask_client, tmp_path):
+    import shutil
+
+    import zarr
+
+    copy = str(tmp_path / "copy.zarr")
+    shutil.copytree(fed_store, copy)
+    group = zarr.open_group(copy, mode="r+", zarr_format=3)
+    meta = dict(group.attrs["fedpipe"])
+    meta["partitions"]["fed"]["clients"]["0"]["n_rows"] += 7
+    group.attrs["fedpipe"] = meta
+    with pytest.raises(ValidationError, match="made for another version of the store"):
+        federate(copy, _model(), rounds=1, dask_client=dask_client)
+
+
+def test_cli_federate_writes_the_run_directory(tmp_path, capsys):
+    from pipeline.cli import main
+
+    path = partitioned_store(str(tmp_path / "s.zarr"), source=SOURCE, clients=4, chunk_rows=100,
+                             name="p")
+    out = tmp_path / "run"
+    code = main(["federate", path, "--model", "softmax", "--rounds", "2", "--workers", "1",
+                 "--partition", "p", "--strategy", "fedavgm", "--server-lr", "0.5",
+                 "--clients-per-round", "3", "--out", str(out), "--json"])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rounds"] == 2 and summary["seconds_per_round"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [0, 1]
+    assert all(len([c for c, m in r["clients"].items() if "train_loss" in m]) == 3
+               for r in records)
+    assert all("test_accuracy" in m for m in records[-1]["clients"].values())
+    assert {"params.npz", "summary.json", "config.toml", "checkpoint.npz"} <= {
+        p.name for p in out.iterdir()}
+    assert main(["federate", path, "--model", "softmax", "--rounds", "1", "--fraction", "2"]) == 2
+    assert "--fraction must be in (0, 1]" in capsys.readouterr().err
