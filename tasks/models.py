@@ -133,6 +133,10 @@ def _log_softmax_grad(Z: np.ndarray, y: np.ndarray) -> float:
 
     Subtracting the row maximum before ``exp`` keeps it finite for any logit magnitude.
     """
+    if y.size and (y.min() < 0 or y.max() >= Z.shape[1]):
+        # a negative index would silently pick the last class
+        raise ValueError(f"labels must be class indices 0..{Z.shape[1] - 1}, "
+                         f"got {y.min()}..{y.max()}")
     rows = np.arange(Z.shape[0])
     Z -= _row_max(Z)[:, None]
     picked = Z[rows, y].sum()
@@ -251,6 +255,8 @@ def logistic(n_features: int, l2: float = 0.0, intercept: bool = True, l1: float
         X = _as_float(X)
         w, b = split(params)
         y = np.asarray(y, dtype=np.float64).reshape(-1)
+        if y.size and (y.min() < 0 or y.max() > 1):
+            raise ValueError(f"logistic labels must be 0/1, got {y.min()}..{y.max()}")
         z = X @ w
         z += b
         loss = _softplus_sum(z) - float(y @ z)

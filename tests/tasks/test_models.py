@@ -303,3 +303,35 @@ def test_mlp_with_adam_minibatches_reaches_95_percent_on_digits():
             updates, state = optimizer.update(grad, state, p)
             p = opt.apply_updates(p, updates)
     assert np.mean(model.predict(p, X_te) == y_te) >= 0.95
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_conformance_on_random_shapes(seed):
+    rng = np.random.default_rng(100 + seed)
+    d, n, k = int(rng.integers(1, 7)), int(rng.integers(3, 30)), int(rng.integers(2, 6))
+    X = rng.normal(size=(n, d)) * rng.choice([0.1, 1.0, 10.0])
+    hidden = tuple(int(h) for h in rng.integers(1, 9, size=rng.integers(0, 3)))
+    check_model(M.linear(d, l2=0.1), X, rng.normal(size=n), seed=seed)
+    check_model(M.logistic(d, l1=0.1), X, rng.integers(0, 2, n), seed=seed)
+    check_model(M.softmax(d, k), X, rng.integers(0, k, n), seed=seed)
+    check_model(M.mlp(d, k, hidden=hidden, l2=0.1), X / 10, rng.integers(0, k, n), seed=seed)
+
+
+@pytest.mark.parametrize("model, y", [
+    (M.softmax(D, K), np.full(N, K)), (M.softmax(D, K), np.full(N, -1)),
+    (M.mlp(D, K, hidden=(3,)), np.full(N, K)), (M.logistic(D), np.full(N, -1)),
+    (M.logistic(D), np.full(N, 2)),
+])
+def test_labels_out_of_range_are_rejected_not_wrapped(model, y):
+    X, _ = _data("multiclass")
+    with pytest.raises(ValueError, match="labels"):
+        model.loss_and_grad(model.init(0), X, y)
+
+
+def test_models_survive_cloudpickle_like_dask_ships_them():
+    cloudpickle = pytest.importorskip("cloudpickle")
+    X, y = _data("multiclass")
+    model = M.mlp(D, K, hidden=(4,))
+    clone = cloudpickle.loads(cloudpickle.dumps(model))
+    p = model.init(0)
+    assert clone.loss_and_grad(p, X, y)[0] == model.loss_and_grad(p, X, y)[0]
