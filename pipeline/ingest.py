@@ -87,6 +87,37 @@ def ingest(
     """
     _check_options(chunk_rows, dtype, impute, task)
     src = sources_mod.open_source(source, target=target)
+    return _ingest_source(src, store, chunk_rows=chunk_rows, dtype=dtype, impute=impute,
+                          standardize=standardize, overwrite=overwrite, progress=progress, task=task)
+
+
+def ingest_arrays(
+    X: np.ndarray,
+    y: np.ndarray,
+    store: str,
+    *,
+    feature_names: list[str] | None = None,
+    task: str | None = None,
+    chunk_rows: int | None = None,
+    dtype: str = "float64",
+    impute: str = "none",
+    standardize: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> StoreInfo:
+    """Write in-memory arrays ``X`` (rows x features) and ``y`` as a fedpipe store.
+
+    Same checks and options as :func:`ingest`; ``feature_names`` default to ``x0, x1, ...``
+    and the task is inferred from ``y`` unless given.
+    """
+    _check_options(chunk_rows, dtype, impute, task)
+    src = sources_mod.from_arrays("arrays", X, y, feature_names, None)
+    return _ingest_source(src, store, chunk_rows=chunk_rows, dtype=dtype, impute=impute,
+                          standardize=standardize, overwrite=overwrite, progress=progress, task=task)
+
+
+def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwrite, progress,
+                   task) -> StoreInfo:
     n_features = len(src.feature_names)
     rows = chunk_rows or int(np.clip(CHUNK_BYTES // (8 * max(n_features, 1)), 1024, 1 << 20))
     with staged(store, overwrite=overwrite) as tmp:
@@ -95,14 +126,14 @@ def ingest(
         _write_labels(tmp, meta, rows)
         meta.update(feature_names=src.feature_names, chunk_rows=rows, dtype=dtype,
                     preprocess={"impute": impute, "standardize": bool(standardize)},
-                    partitions={}, stats=None, source=str(source), format=FORMAT_VERSION)
+                    partitions={}, stats=None, source=src.name, format=FORMAT_VERSION)
         group = open_group(tmp, mode="r+")
         group.attrs["fedpipe"] = meta
         stats = stats_mod.compute_stats(tmp, median=impute == "median")
         group.attrs["fedpipe"] = {**meta, "stats": stats_mod.stats_to_json(stats)}
     info = read_info(store)
     log.debug("ingested %s: %d rows x %d features in %d chunks -> %s",
-             source, info.n_rows, info.n_features, info.n_chunks, store)
+             src.name, info.n_rows, info.n_features, info.n_chunks, store)
     return info
 
 

@@ -52,14 +52,14 @@ def open_source(spec: str, *, target: str | None = None) -> Source:
     """Parse a SOURCE string and check its schema; no rows are read yet for CSV/Parquet."""
     spec = str(spec)
     if spec.startswith("sklearn:"):
-        return _from_arrays(spec, *_sklearn(spec.split(":", 1)[1]), target)
+        return from_arrays(spec, *_sklearn(spec.split(":", 1)[1]), target)
     if spec.startswith("synthetic:"):
-        return _from_arrays(spec, *_synthetic(spec.split(":", 1)[1]), target)
+        return from_arrays(spec, *_synthetic(spec.split(":", 1)[1]), target)
     lower = spec.lower()
     if not os.path.exists(spec):
         raise ValidationError(f"source {spec} does not exist")
     if lower.endswith(".npz"):
-        return _from_arrays(spec, *_npz(spec), target)
+        return from_arrays(spec, *_npz(spec), target)
     if lower.endswith((".csv", ".csv.gz", ".txt")):
         return _csv(spec, target)
     if lower.endswith((".parquet", ".pq")):
@@ -69,11 +69,17 @@ def open_source(spec: str, *, target: str | None = None) -> Source:
     )
 
 
-def _from_arrays(spec, X, y, names, task, target) -> Source:
+def from_arrays(
+    spec: str, X: np.ndarray, y: np.ndarray, names: list[str] | None, task: str | None,
+    target: str | None = None,
+) -> Source:
+    """A source over in-memory arrays (checked: 2-D X, 1-D y of the same length, numeric)."""
     if target is not None:
         raise ValidationError(f"--target applies to CSV/Parquet sources, not {spec}")
     X = np.asarray(X)
     y = np.asarray(y)
+    if names is None:
+        names = [f"x{j}" for j in range(X.shape[1])] if X.ndim == 2 else []
     if X.ndim != 2:
         raise ValidationError(f"source {spec}: X must be 2-D (rows x features), got shape {X.shape}")
     if y.ndim != 1:

@@ -172,3 +172,17 @@ def test_stats_on_a_cluster_equal_numpy_on_the_whole_array(tmp_path):
 def test_progress_bar_does_not_break_ingest(tmp_path, capsys):
     ingest("sklearn:iris", str(tmp_path / "s.zarr"), progress=True)
     assert capsys.readouterr().out == ""  # the bar goes to stderr
+
+
+def test_ingest_arrays_from_memory(tmp_path):
+    from pipeline.ingest import ingest_arrays
+
+    X = np.arange(40.0).reshape(20, 2)
+    y = np.array([2.5] * 10 + [-1.0] * 10)
+    info = ingest_arrays(X, y, str(tmp_path / "a.zarr"), feature_names=["p", "q"], chunk_rows=8)
+    assert info.task == "regression" and info.classes is None  # 2.5 is not a class label
+    assert info.feature_names == ["p", "q"] and info.n_chunks == 3
+    with pytest.raises(ValidationError, match="needs integer labels, found 2.5"):
+        ingest_arrays(X, y, str(tmp_path / "b.zarr"), task="binary")
+    with pytest.raises(ValidationError, match="X has 20 rows but y has 19"):
+        ingest_arrays(X, y[:-1], str(tmp_path / "c.zarr"))
