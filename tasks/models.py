@@ -325,8 +325,10 @@ def softmax(n_features: int, n_classes: int, l2: float = 0.0, intercept: bool = 
 # --------------------------------------------------------------------------------------------
 # multilayer perceptron: params = [W0, b0, W1, b1, ...], Wi of shape (fan_in, fan_out)
 
+Layer = tuple[slice, slice, tuple[int, int]]  # where W and b sit in the flat vector, W's shape
 
-def _mlp_layout(sizes: Sequence[int]) -> tuple[list[tuple[slice, slice, tuple[int, int]]], int]:
+
+def _mlp_layout(sizes: Sequence[int]) -> tuple[list[Layer], int]:
     layers, offset = [], 0
     for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
         w = slice(offset, offset + fan_in * fan_out)
@@ -334,6 +336,51 @@ def _mlp_layout(sizes: Sequence[int]) -> tuple[list[tuple[slice, slice, tuple[in
         layers.append((w, b, (fan_in, fan_out)))
         offset = b.stop
     return layers, offset
+
+
+def _mlp_init(layers: list[Layer], n_params: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    params = np.zeros(n_params)
+    for i, (w, _, (fan_in, fan_out)) in enumerate(layers):
+        if i < len(layers) - 1:  # ReLU layers: He keeps the activation variance constant
+            params[w] = rng.normal(0.0, np.sqrt(2.0 / fan_in), fan_in * fan_out)
+        else:  # linear/softmax output: Glorot balances forward and backward variance
+            limit = np.sqrt(6.0 / (fan_in + fan_out))
+            params[w] = rng.uniform(-limit, limit, fan_in * fan_out)
+    return params
+
+
+def _mlp_weights(layers: list[Layer], params: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Views (no copies) of each layer's ``W`` and ``b`` in the flat vector."""
+    return [(params[w].reshape(shape), params[b]) for w, b, shape in layers]
+
+
+def _mlp_forward(wb: list[tuple[np.ndarray, np.ndarray]], X: np.ndarray) -> list[np.ndarray]:
+    """Inputs of every layer followed by the output logits/values (ReLU applied in place)."""
+    acts = [X]
+    for i, (W, b) in enumerate(wb):
+        A = acts[-1] @ W
+        A += b
+        if i < len(wb) - 1:
+            np.maximum(A, 0.0, out=A)
+        acts.append(A)
+    return acts
+
+
+def _mlp_backward(layers: list[Layer], wb, acts: list[np.ndarray], D: np.ndarray,
+                  n_params: int) -> np.ndarray:
+    """Backpropagate ``D = dLoss/dOutput``, writing each layer's gradient into one flat buffer."""
+    grad = np.empty(n_params)
+    for i in range(len(layers) - 1, -1, -1):
+        w, b, shape = layers[i]
+        A = acts[i]
+        np.matmul(A.T, D, out=grad[w].reshape(shape))
+        _col_sum(D, out=grad[b])
+        if i:
+            D_prev = D @ wb[i][0].T
+            D_prev *= A > 0  # ReLU derivative: A = relu(z) is positive exactly where z > 0
+            D = D_prev
+    return grad
 
 
 def mlp(n_features: int, n_outputs: int, hidden: Sequence[int] = (256, 128),
@@ -371,8 +418,8 @@ def mlp(n_features: int, n_outputs: int, hidden: Sequence[int] = (256, 128),
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     hidden = tuple(int(h) for h in hidden)
-    _check_positive(n_features=n_features, n_outputs=n_outputs, **{f"hidden[{i}]": h
-                                                                    for i, h in enumerate(hidden)})
+    _check_positive(n_features=n_features, n_outputs=n_outputs,
+                    **{f"hidden[{i}]": h for i, h in enumerate(hidden)})
     if task != "regression" and n_outputs < 2:
         raise ValueError(f"a classification mlp needs n_outputs >= 2 classes, got {n_outputs}")
     _check_reg(l2, l1)
@@ -381,62 +428,29 @@ def mlp(n_features: int, n_outputs: int, hidden: Sequence[int] = (256, 128),
     classify = task != "regression"
 
     def init(seed: int = 0) -> np.ndarray:
-        rng = np.random.default_rng(seed)
-        params = np.zeros(n_params)
-        for i, (w, _, (fan_in, fan_out)) in enumerate(layers):
-            if i < len(layers) - 1:  # ReLU layers: He keeps activation variance constant
-                params[w] = rng.normal(0.0, np.sqrt(2.0 / fan_in), fan_in * fan_out)
-            else:
-                limit = np.sqrt(6.0 / (fan_in + fan_out))
-                params[w] = rng.uniform(-limit, limit, fan_in * fan_out)
-        return params
-
-    def weights(params):
-        return [(params[w].reshape(shape), params[b]) for w, b, shape in layers]
-
-    def forward(wb, X):
-        """Activations of every layer; the last entry holds the output logits/values."""
-        acts = [X]
-        for i, (W, b) in enumerate(wb):
-            A = acts[-1] @ W
-            A += b
-            if i < len(wb) - 1:
-                np.maximum(A, 0.0, out=A)
-            acts.append(A)
-        return acts
+        return _mlp_init(layers, n_params, seed)
 
     def loss_and_grad(params, X, y):
         X = _as_float(X)
-        wb = weights(params)
-        acts = forward(wb, X)
-        D = acts.pop()  # reused in place as dLoss/dOutput
+        wb = _mlp_weights(layers, params)
+        acts = _mlp_forward(wb, X)
+        D = acts.pop()  # the output, overwritten in place with dLoss/dOutput
         if classify:
             loss = _log_softmax_grad(D, _labels(y))
         else:
             D -= np.asarray(y, dtype=np.float64).reshape(D.shape)
             loss = 0.5 * float(np.vdot(D, D))
-        grad = np.empty(n_params)
-        for i in range(len(layers) - 1, -1, -1):
-            w, b, shape = layers[i]
-            A = acts[i]
-            np.matmul(A.T, D, out=grad[w].reshape(shape))
-            _col_sum(D, out=grad[b])
-            if i:
-                D_prev = D @ wb[i][0].T
-                D_prev *= A > 0  # ReLU derivative: A is relu(z), positive exactly where z > 0
-                D = D_prev
-        return loss, grad, X.shape[0]
+        return loss, _mlp_backward(layers, wb, acts, D, n_params), X.shape[0]
 
     def predict(params, X):
-        out = forward(weights(params), _as_float(X))[-1]
+        out = _mlp_forward(_mlp_weights(layers, params), _as_float(X))[-1]
         if classify:
             return np.argmax(out, axis=1).astype(np.int64)
         return out[:, 0] if n_outputs == 1 else out
 
     def unpack(params):
-        params = np.asarray(params, dtype=np.float64)
         out = {}
-        for i, (W, b) in enumerate(weights(params)):
+        for i, (W, b) in enumerate(_mlp_weights(layers, np.asarray(params, dtype=np.float64))):
             out[f"W{i}"], out[f"b{i}"] = np.array(W), np.array(b)
         return out
 
