@@ -37,10 +37,11 @@ class Plan(NamedTuple):
     clients: int
     iterations: int
     rounds: int
+    hidden: str  # MLP widths for the synthetic problem (its classes are not linearly separable)
 
 
-FULL = Plan(synthetic_rows=60_000, chunk_rows=5_000, clients=8, iterations=60, rounds=15)
-QUICK = Plan(synthetic_rows=6_000, chunk_rows=1_000, clients=4, iterations=12, rounds=4)
+FULL = Plan(synthetic_rows=200_000, chunk_rows=10_000, clients=8, iterations=80, rounds=15, hidden="64")
+QUICK = Plan(synthetic_rows=6_000, chunk_rows=1_000, clients=4, iterations=12, rounds=4, hidden="16")
 DIRICHLET_ALPHA = 0.3  # small alpha: each client sees mostly one or two of the labels
 PARTITION = "demo-dirichlet"
 
@@ -94,30 +95,34 @@ def ingest_data(data_dir: Path, plan: Plan, progress: bool) -> tuple[StoreInfo, 
 
 
 def _train(args: argparse.Namespace, dask_client: Client, run_dir: Path, info: StoreInfo,
-           iterations: int) -> Path:
-    model = registry.make_model("softmax", info, l2=1e-4)
-    optimizer = registry.make_optimizer("adam", 0.1)
-    config = {"store": info.url, "model": "softmax", "optimizer": "adam", "lr": 0.1, "l2": 1e-4,
+           iterations: int, hidden: str | None = None) -> Path:
+    name = "mlp" if hidden else "softmax"
+    model = registry.make_model(name, info, hidden=hidden, l2=1e-4)
+    lr = 0.02 if hidden else 0.1
+    optimizer = registry.make_optimizer("adam", lr)
+    config = {"store": info.url, "model": name, "optimizer": "adam", "lr": lr, "l2": 1e-4,
               "iterations": iterations, "seed": 0, "test_fraction": 0.2}
+    if hidden:
+        config["hidden"] = hidden
     with monitoring(args, dask_client, mode="train", total=iterations, unit="iteration",
-                    meta={"model": f"softmax on {Path(info.url).name}"}) as on_record:
+                    meta={"model": f"{model.name} on {Path(info.url).name}"}) as on_record:
         fit(info.url, model, optimizer, iterations=iterations, dask_client=dask_client,
             out=run_dir, on_record=on_record, config=config)
     return run_dir
 
 
 def _federate(args: argparse.Namespace, dask_client: Client, run_dir: Path, info: StoreInfo,
-              rounds: int, strategy: str) -> Path:
-    model = registry.make_model("softmax", info, l2=1e-4)
+               rounds: int, strategy: str, hidden: str) -> Path:
+    model = registry.make_model("mlp", info, hidden=hidden, l2=1e-4)
     options = {"local_epochs": 1, "batch_size": 64, "lr": 0.05, "seed": 0, "test_fraction": 0.2}
     with monitoring(args, dask_client, mode="federate", total=rounds, unit="round",
-                    meta={"model": "softmax", "strategy": strategy}) as on_record:
+                    meta={"model": model.name, "strategy": strategy}) as on_record:
         federate(info.url, model, rounds=rounds, strategy=registry.STRATEGIES[strategy](),
                  partition=PARTITION, dask_client=dask_client, out=str(run_dir),
                  on_record=on_record, **options)
     from pipeline import rundir  # the engine writes no config.toml; the report reads one
 
-    rundir.write_config(run_dir, {"store": info.url, "model": "softmax", "l2": 1e-4, "rounds": rounds,
+    rundir.write_config(run_dir, {"store": info.url, "model": "mlp", "hidden": hidden, "l2": 1e-4, "rounds": rounds,
                                   "strategy": strategy, "partition": PARTITION, **options})
     return run_dir
 
@@ -125,7 +130,7 @@ def _federate(args: argparse.Namespace, dask_client: Client, run_dir: Path, info
 Job = Callable[[argparse.Namespace, Client, Path, StoreInfo, StoreInfo, Plan], Path]
 JOBS: list[Job] = [
     lambda a, dc, runs, digits, syn, plan: _train(a, dc, runs / "digits-dp", digits, plan.iterations),
-    lambda a, dc, runs, digits, syn, plan: _train(a, dc, runs / "synthetic-dp", syn, plan.iterations),
-    lambda a, dc, runs, digits, syn, plan: _federate(a, dc, runs / "synthetic-fedavg", syn, plan.rounds, "fedavg"),
-    lambda a, dc, runs, digits, syn, plan: _federate(a, dc, runs / "synthetic-fedprox", syn, plan.rounds, "fedprox"),
+    lambda a, dc, runs, digits, syn, plan: _train(a, dc, runs / "synthetic-dp", syn, plan.iterations, plan.hidden),
+    lambda a, dc, runs, digits, syn, plan: _federate(a, dc, runs / "synthetic-fedavg", syn, plan.rounds, "fedavg", plan.hidden),
+    lambda a, dc, runs, digits, syn, plan: _federate(a, dc, runs / "synthetic-fedprox", syn, plan.rounds, "fedprox", plan.hidden),
 ]
