@@ -83,7 +83,7 @@ def _check_positive(**sizes: int) -> None:
 
 
 def _check_reg(l2: float, l1: float) -> None:
-    if l2 < 0 or l1 < 0:
+    if not (l2 >= 0 and l1 >= 0 and np.isfinite(l2) and np.isfinite(l1)):  # NaN fails too
         raise ValueError(f"l2 and l1 must be >= 0, got l2={l2}, l1={l1}")
 
 

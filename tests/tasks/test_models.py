@@ -198,6 +198,7 @@ def test_pack_inverts_unpack_and_names_shape_errors():
 
 @pytest.mark.parametrize("bad", [
     lambda: M.linear(0), lambda: M.softmax(3, 1), lambda: M.logistic(3, l2=-1),
+    lambda: M.linear(3, l1=float("nan")),
     lambda: M.mlp(3, 1, task="multiclass"), lambda: M.mlp(3, 2, task="ranking"),
     lambda: M.mlp(3, 2, hidden=(4, 0)),
 ])
