@@ -39,10 +39,20 @@ def add_sums(*parts: Any) -> Any:
     return total
 
 
+def aligned(array: np.ndarray) -> np.ndarray:
+    """``array``, copied only if its buffer is not aligned to its item size.
+
+    Arrays unpickled from Dask's network frames can start at any byte; NumPy then bypasses
+    BLAS for ``@`` and sums in another order, which would make results depend on how the
+    bytes travelled. Aligning first keeps every worker on the same code path, bit for bit.
+    """
+    return np.require(array, requirements="A")
+
+
 def chunk_loss_and_grad(model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray]):
     """``model.loss_and_grad`` on one chunk ``data = (X, y)``: ``(loss_sum, grad_sum, n)``."""
     X, y = data
-    return model.loss_and_grad(params, X, y)
+    return model.loss_and_grad(aligned(params), aligned(X), aligned(y))
 
 
 def batch_loss_and_grad(
@@ -50,7 +60,7 @@ def batch_loss_and_grad(
 ):
     """``model.loss_and_grad`` on the ``rows`` of one chunk (a piece of a mini-batch)."""
     X, y = data
-    return model.loss_and_grad(params, X[rows], y[rows])
+    return model.loss_and_grad(aligned(params), aligned(X[rows]), aligned(y[rows]))
 
 
 def eval_sums(model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
@@ -59,7 +69,7 @@ def eval_sums(model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray
     ``correct`` counts right class predictions (classification); ``sse``, ``y_sum`` and
     ``y_sq_sum`` give RMSE and R² (regression). Unused entries are zero.
     """
-    X, y = data
+    X, y, params = aligned(data[0]), aligned(data[1]), aligned(params)
     out = np.zeros(len(EVAL_FIELDS))
     if len(y) == 0:
         return out
