@@ -191,8 +191,10 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
     """Stream rows into X and the raw labels into ``_labels``; returns partial metadata."""
     group = zarr.open_group(url, mode="w", zarr_format=3)
     nf = len(src.feature_names)
-    X_arr = row_array(group, "X", n_cols=nf, rows=rows, dtype=dtype)
-    lab = row_array(group, "_labels", n_cols=None, rows=rows, dtype="float64")
+    # A streamed source grows the arrays chunk by chunk; a known length saves the resizes.
+    known = src.n_rows or 0
+    X_arr = row_array(group, "X", n_cols=nf, rows=rows, dtype=dtype, length=known)
+    lab = row_array(group, "_labels", n_cols=None, rows=rows, dtype="float64", length=known)
     hx = hashlib.sha256()
     labels: set[float] | None = set()
     n = 0
@@ -200,10 +202,11 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
         task_id = bar.add_task("ingest", total=src.progress_total)
         for X, y, units in _rechunk(src.batches(rows), rows):
             X = _check_batch(src, X, y, n, impute).astype(dtype)
-            X_arr.resize((n + len(y), nf))
-            lab.resize((n + len(y),))
-            X_arr[n:] = X
-            lab[n:] = y
+            if n + len(y) > known:
+                X_arr.resize((n + len(y), nf))
+                lab.resize((n + len(y),))
+            X_arr[n : n + len(y)] = X
+            lab[n : n + len(y)] = y
             hx.update(np.ascontiguousarray(X).tobytes())
             if labels is not None:
                 labels.update(np.unique(y).tolist())
