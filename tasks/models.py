@@ -17,6 +17,9 @@ Per-row losses:
 Penalties (``penalty(params) -> (value, grad)``, added once to the mean loss) are
 ``0.5 * l2 * ||w||^2 + l1 * ||w||_1`` over weights only: intercepts and biases are never
 penalised. The L1 gradient is the subgradient ``l1 * sign(w)`` (0 at 0).
+
+Matrix products go through BLAS, so results are bit-reproducible for a fixed BLAS thread count;
+a different count may change the last bits (pin it, e.g. one BLAS thread per Dask worker).
 """
 
 from __future__ import annotations

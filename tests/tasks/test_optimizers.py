@@ -27,10 +27,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("seed", range(3))
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_conformance(name):
+def test_conformance(name, seed):
     make_opt, closed_form = CASES[name]
-    check_optimizer(make_opt, closed_form)
+    check_optimizer(make_opt, closed_form, n=3 + 4 * seed, seed=seed)
 
 
 def _run_constant(optimizer, g, steps):
