@@ -40,7 +40,7 @@ class Plan(NamedTuple):
     hidden: str  # MLP widths for the synthetic problem (its classes are not linearly separable)
 
 
-FULL = Plan(synthetic_rows=200_000, chunk_rows=10_000, clients=8, iterations=80, rounds=15, hidden="64")
+FULL = Plan(synthetic_rows=200_000, chunk_rows=10_000, clients=8, iterations=60, rounds=15, hidden="64")
 QUICK = Plan(synthetic_rows=6_000, chunk_rows=1_000, clients=4, iterations=12, rounds=4, hidden="16")
 DIRICHLET_ALPHA = 0.3  # small alpha: each client sees mostly one or two of the labels
 PARTITION = "demo-dirichlet"

@@ -1,7 +1,8 @@
-"""The fedpipe page on the scheduler's dashboard, checked in headless Chromium while a run publishes."""
+"""The fedpipe page on the scheduler's dashboard, checked in headless Chromium during real runs."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import threading
@@ -10,9 +11,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from distributed import Client, LocalCluster
 
+from pipeline import placement, registry
 from pipeline.dashboard import Publisher, install_page, monitoring
+from pipeline.federate import federate
+from pipeline.ingest import ingest
+from pipeline.partition import partition
+from pipeline.progress import chain
+from pipeline.store import read_info
+from pipeline.train import fit
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -22,10 +29,15 @@ CHROMIUM_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def dask_client():
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
-        yield dask_client
+def federated_cluster(tmp_path_factory):
+    """A partitioned store and a simulation cluster whose workers carry the client resources."""
+    path = str(tmp_path_factory.mktemp("dash") / "store.zarr")
+    ingest("synthetic:classification?n_samples=2000&n_features=6&n_classes=3&seed=1", path,
+           chunk_rows=250, progress=False)
+    clients = partition(path, clients=4, scheme="dirichlet", alpha=0.5, seed=0, name="p")["clients"]
+    groups = placement.assign_clients({c: v["n_rows"] for c, v in clients.items()}, 2)
+    with placement.simulation_cluster(groups, processes=False, dashboard_address=":0") as dask_client:
+        yield path, dask_client
 
 
 def fetch_json(url: str) -> dict:
@@ -33,7 +45,8 @@ def fetch_json(url: str) -> dict:
         return json.loads(resp.read())
 
 
-def test_records_reach_the_page_data(dask_client) -> None:
+def test_records_reach_the_page_data(federated_cluster) -> None:
+    _, dask_client = federated_cluster
     url = install_page(dask_client)
     install_page(dask_client)  # a second run on the same cluster must not break the routes
     publish = Publisher(dask_client, mode="federate", total=2, unit="round", run_id="r1")
@@ -57,44 +70,52 @@ def launch_browser(playwright, tmp_path: Path):
     )
 
 
-def fake_federated_run(dask_client, rounds: int, stop: threading.Event) -> None:
-    """Stand-in engine: one record per round through the same on_record path the CLI uses."""
-    import argparse
+def real_runs(path: str, dask_client, errors: list) -> None:
+    """A data-parallel then a federated run, through the on_record path the CLI uses.
 
+    The test's own callback sleeps a little per record so the page can be read mid-run.
+    """
     args = argparse.Namespace(quiet=True, json=False)
-    with monitoring(args, dask_client, mode="federate", total=rounds, unit="round") as on_record:
-        for r in range(1, rounds + 1):
-            if stop.is_set():
-                return
-            clients = {str(c): {"loss": 1.0 / r + c / 10, "seconds": 0.1 + c / 20, "update_bytes": 4096}
-                       for c in range(4) if (r + c) % 5}
-            on_record({"round": r, "train_loss": 1.0 / r, "test_loss": 1.1 / r,
-                       "train_accuracy": 1 - 0.5 / r, "test_accuracy": 1 - 0.6 / r,
-                       "clients": clients, "dropped": {str(c): "timeout" for c in range(4) if not (r + c) % 5}})
-            time.sleep(0.4)
-
-
-def test_page_updates_in_a_browser(dask_client, tmp_path) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
-    url = install_page(dask_client)
-    stop = threading.Event()
-    run = threading.Thread(target=fake_federated_run, args=(dask_client, 40, stop), daemon=True)
-    run.start()
     try:
-        with sync_api.sync_playwright() as playwright:
-            browser = launch_browser(playwright, tmp_path)
-            page = browser.new_page()
-            page.goto(url)
-            page.wait_for_function("+document.getElementById('n-records').textContent >= 2", timeout=20_000)
-            first = int(page.text_content("#n-records"))
-            first_points = int(page.get_attribute("#loss-chart", "data-points"))
-            page.wait_for_function(f"+document.getElementById('n-records').textContent > {first + 1}", timeout=20_000)
-            assert int(page.get_attribute("#loss-chart", "data-points")) > first_points
-            assert int(page.get_attribute("#step", "data-step")) > 1
-            assert page.is_visible("#participation-section") and page.locator("#clients tbody tr").count() == 4
-            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
-            browser.close()
-    finally:
-        stop.set()
-        run.join(timeout=30)
-    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+        info = read_info(path)
+        model = registry.make_model("softmax", info)
+        with monitoring(args, dask_client, mode="train", total=12, unit="iteration") as on_record:
+            fit(path, model, registry.make_optimizer("adam", 0.1), iterations=12, dask_client=dask_client,
+                on_record=chain(on_record, lambda r: time.sleep(0.3)))
+        with monitoring(args, dask_client, mode="federate", total=10, unit="round") as on_record:
+            federate(path, model, rounds=10, partition="p", dask_client=dask_client, batch_size=64,
+                     on_record=chain(on_record, lambda r: time.sleep(0.3)))
+    except Exception as exc:  # surfaced by the test thread, not lost in this one
+        errors.append(exc)
+
+
+def test_page_updates_in_a_browser(federated_cluster, tmp_path) -> None:
+    sync_api = pytest.importorskip("playwright.sync_api")
+    path, dask_client = federated_cluster
+    url = install_page(dask_client)
+    errors: list = []
+    run = threading.Thread(target=real_runs, args=(path, dask_client, errors), daemon=True)
+    with sync_api.sync_playwright() as playwright:
+        browser = launch_browser(playwright, tmp_path)
+        page = browser.new_page()
+        run.start()
+        page.goto(url)
+        # Data-parallel run: the iteration count and the curves grow between two reads.
+        page.wait_for_function("+document.getElementById('n-records').textContent >= 2", timeout=60_000)
+        first = int(page.text_content("#n-records"))
+        first_points = int(page.get_attribute("#loss-chart", "data-points"))
+        page.wait_for_function(f"+document.getElementById('n-records').textContent > {first + 1}", timeout=30_000)
+        assert int(page.get_attribute("#loss-chart", "data-points")) > first_points
+        assert page.text_content("#mode").startswith("train")
+        page.screenshot(path=str(tmp_path / "dashboard-train.png"), full_page=True)
+        # Federated run (the page follows the newest run): per-client view with all 4 clients.
+        page.wait_for_function("document.getElementById('mode').textContent.startsWith('federate')"
+                               " && +document.getElementById('n-records').textContent >= 3", timeout=60_000)
+        assert page.is_visible("#participation-section")
+        assert page.locator("#clients tbody tr").count() == 4
+        page.screenshot(path=str(tmp_path / "dashboard-federate.png"), full_page=True)
+        browser.close()
+    run.join(timeout=120)
+    assert not errors, errors
+    for name in ("dashboard-train.png", "dashboard-federate.png"):
+        assert (tmp_path / name).stat().st_size > 10_000
