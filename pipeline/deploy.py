@@ -534,6 +534,16 @@ def resolve_kubernetes(spec: str, lookup: Callable[[str, str | None], str] | Non
     return scheduler_address(name, namespace or None, lookup=lookup)
 
 
+def cluster_address(scheduler: str | None, kubernetes: str | None) -> str | None:
+    """What ``--scheduler ADDRESS`` / ``--kubernetes [NAMESPACE/]NAME`` of train/federate mean.
+
+    ``None`` when neither is given (the command starts a local cluster).
+    """
+    if scheduler and kubernetes:
+        raise ConfigError(f"--scheduler {scheduler} and --kubernetes {kubernetes}: give one")
+    return resolve_kubernetes(kubernetes) if kubernetes else scheduler
+
+
 def connect_kubernetes(
     name: str,
     namespace: str | None = None,

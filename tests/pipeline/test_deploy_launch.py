@@ -293,3 +293,29 @@ def test_kubernetes_name_resolves_through_the_scheduler_service():
         assert deploy.resolve_kubernetes("fedpipe", lookup=lookup).startswith("tls://")
     with pytest.raises(ConfigError, match="'Bad/x/y'"):
         deploy.resolve_kubernetes("Bad/x/y", lookup=lookup)
+
+
+def test_cli_up_uses_kubecluster_and_reports_the_address(monkeypatch, capsys):
+    import json
+
+    operator = pytest.importorskip("dask_kubernetes.operator")
+    monkeypatch.setattr(operator, "KubeCluster", RecordingKubeCluster)
+    argv = ["deploy", "up", "--clients", "a,b", "--image", "fedpipe:0.1.0", "--namespace", "ns",
+            "--json"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["scheduler_address"] == "tcp://fedpipe-scheduler.ns:8786"
+    assert summary["groups"] == ["fedpipe-client-a", "fedpipe-client-b"]
+    assert [g["name"] for g in RecordingKubeCluster.instances[-1].groups] == ["client-a",
+                                                                              "client-b"]
+    assert main(argv[:-1] + ["--adapt", "1,3", "-q"]) == 2
+    assert "never autoscaled" in capsys.readouterr().err
+
+
+def test_scheduler_or_kubernetes_but_not_both(monkeypatch):
+    monkeypatch.setattr(deploy, "_service_address", lambda s, ns: f"tcp://{s}.{ns}:8786")
+    assert deploy.cluster_address(None, None) is None
+    assert deploy.cluster_address("tcp://h:1", None) == "tcp://h:1"
+    assert deploy.cluster_address(None, "ns/fp") == "tcp://fp-scheduler.ns:8786"
+    with pytest.raises(ConfigError, match="give one"):
+        deploy.cluster_address("tcp://h:1", "ns/fp")
