@@ -73,3 +73,24 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str = "runs", console:
         console = Console()
         console = console if console.is_terminal else Console(width=120)
     console.print(table)
+
+
+def add_report_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--report`` to a training command (``train``, ``federate``)."""
+    parser.add_argument("--report", action="store_true",
+                        help="write RUN_DIR/report.html at the end (needs --out)")
+
+
+def check_report_option(args: argparse.Namespace) -> None:
+    """Fail before training, not after, when ``--report`` has no run directory to write to."""
+    if getattr(args, "report", False) and not getattr(args, "out", None):
+        raise ValidationError("--report needs --out RUN_DIR (the report is written into it)")
+
+
+def report_at_end(args: argparse.Namespace, summary: dict[str, Any]) -> dict[str, Any]:
+    """With ``--report``, write the run's report and add its path to ``summary``."""
+    if getattr(args, "report", False) and getattr(args, "out", None):
+        path = report.write_report(args.out)
+        log.info("report: %s", path)
+        summary = {**summary, "report": str(path)}
+    return summary
