@@ -101,6 +101,24 @@ class FedpipePage(SchedulerPlugin):
             (r"/fedpipe/data\.json", DataHandler, {"dask_server": scheduler}),
         ])
         scheduler._fedpipe_page = True
+        add_nav_tab(scheduler)
+
+
+def add_nav_tab(scheduler: Any) -> None:
+    """Add "Fedpipe" to the navigation bar of Dask's own dashboard pages.
+
+    The bar's page list is the memoised ``template_variables(scheduler)`` dict that every
+    Bokeh page renders from; an older or newer distributed without it just keeps its bar.
+    """
+    try:
+        from distributed.dashboard.scheduler import template_variables
+
+        pages = template_variables(scheduler)["pages"]
+    except Exception as exc:  # noqa: BLE001 - a cosmetic link must not break the page
+        log.debug("fedpipe page: no dashboard navigation bar to extend: %s", exc)
+        return
+    if "fedpipe" not in pages:
+        pages.append("fedpipe")
 
 
 def page_url(dask_client: Client) -> str | None:

@@ -59,6 +59,8 @@ def test_records_reach_the_page_data(federated_cluster) -> None:
     assert {r["id"]: r["status"] for r in record["client_rows"]} == {"0": "ok", "1": "dropped"}
     with urllib.request.urlopen(url, timeout=10) as resp:
         assert b"<title>fedpipe" in resp.read()
+    with urllib.request.urlopen(url.replace("fedpipe/", "status"), timeout=10) as resp:
+        assert b'href="fedpipe"' in resp.read()  # a tab in Dask's own navigation bar
 
 
 def launch_browser(playwright, tmp_path: Path):
