@@ -98,3 +98,22 @@ def test_required_option_may_come_from_the_file(tmp_path) -> None:
         config.resolve(parser.parse_args(["s.zarr"]))
     (tmp_path / "r.toml").write_text("rounds = 3\n")
     assert config.resolve(parser.parse_args(["s.zarr", "--config", str(tmp_path / "r.toml")])).rounds == 3
+
+
+def test_fedpipe_train_repeats_a_run_from_its_config(small_store, tmp_path, capsys) -> None:
+    from pipeline.cli import main
+
+    store = small_store()
+    first = tmp_path / "first"
+    assert main(["train", store, "--model", "softmax", "--optimizer", "adam", "--lr", "0.05",
+                 "--iterations", "3", "--workers", "1", "--threads", "1", "--out", str(first), "-q"]) == 0
+    saved = rundir.load_run(first).config
+    assert saved["lr"] == 0.05 and saved["iterations"] == 3 and saved["store"] == store
+    again = tmp_path / "again"
+    assert main(["train", "--config", str(first / "config.toml"), "--out", str(again), "-q"]) == 0
+    one, two = rundir.load_run(first), rundir.load_run(again)
+    assert one.params.keys() == two.params.keys()
+    for name in one.params:
+        assert (one.params[name] == two.params[name]).all()
+    assert rundir.load_run(again).config["out"] == str(again)  # the flag won over the file
+    capsys.readouterr()

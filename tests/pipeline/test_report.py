@@ -103,3 +103,22 @@ def test_cli_report_and_compare(tmp_path, capsys) -> None:
 
     assert main(["report", str(tmp_path / "nowhere")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_report_option_helpers(tmp_path) -> None:
+    import argparse
+
+    from pipeline import cli_report
+    from pipeline.errors import ValidationError
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out")
+    cli_report.add_report_option(parser)
+    with pytest.raises(ValidationError, match="--report needs --out"):
+        cli_report.check_report_option(parser.parse_args(["--report"]))
+    run_dir = make_run(tmp_path / "run", federated_records(2))
+    args = parser.parse_args(["--report", "--out", str(run_dir)])
+    cli_report.check_report_option(args)
+    summary = cli_report.report_at_end(args, {"rounds": 2})
+    assert summary["rounds"] == 2 and Path(summary["report"]).is_file()
+    assert "report" not in cli_report.report_at_end(parser.parse_args(["--out", str(run_dir)]), {})
