@@ -175,6 +175,8 @@ def render(
     image = check_image(image or default_image())
     if not _DNS_LABEL.match(name) or len(name) > 40:
         raise ValidationError(f"cluster name {name!r} is not a lowercase DNS label (<= 40 chars)")
+    if namespace is not None and not _DNS_LABEL.match(namespace):
+        raise ValidationError(f"namespace {namespace!r} is not a lowercase DNS label")
     if server_workers < 0 or threads < 1:
         raise ValidationError(f"server_workers={server_workers}, threads={threads}: out of range")
     placement = dict(placement or {})

@@ -61,10 +61,14 @@ def _command(container: dict[str, Any], port: int, tls_dir: Path | None,
     return args, env
 
 
-def _start_manifest_cluster(base: str, tls_dir: Path | None, clients: tuple[str, ...],
+def _start_manifest_cluster(base: str, files: tls.TLSFiles | None, clients: tuple[str, ...],
                             server: bool):
-    """Start the scheduler, (the server worker) and the given client workers of ``deploy/<base>``."""
+    """Start the scheduler, (the server worker) and the given client workers of ``deploy/<base>``.
+
+    Returns once every worker has registered, with the address and the processes.
+    """
     cluster, *groups = yaml.safe_load_all((DEPLOY / base / deploy.MANIFEST).read_text())
+    tls_dir = files.ca.parent if files else None
     port = _free_port()
     containers = [(cluster["spec"]["scheduler"]["spec"]["containers"][0], None)]
     if server:
@@ -76,14 +80,22 @@ def _start_manifest_cluster(base: str, tls_dir: Path | None, clients: tuple[str,
                            f"{group['metadata']['name']}-worker-0"))
     base_env = os.environ | {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                              "MKL_NUM_THREADS": "1"}
-    procs = []
-    for container, worker_name in containers:
-        args, env = _command(container, port, tls_dir, worker_name)
-        procs.append(subprocess.Popen(args, env=base_env | env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
-        if worker_name is None:
-            _wait_for_port(port, procs[0])
-    return f"{'tls' if tls_dir else 'tcp'}://127.0.0.1:{port}", procs
+    address = f"{'tls' if files else 'tcp'}://127.0.0.1:{port}"
+    procs: list[subprocess.Popen] = []
+    try:
+        for container, worker_name in containers:
+            args, env = _command(container, port, tls_dir, worker_name)
+            procs.append(subprocess.Popen(args, env=base_env | env, stdout=subprocess.DEVNULL,
+                                          stderr=subprocess.DEVNULL))
+            if worker_name is None:
+                _wait_for_port(port, procs[0])
+        security = files.security() if files else None
+        with Client(address, security=security, timeout="30s") as dask_client:
+            dask_client.wait_for_workers(len(containers) - 1, timeout=90)
+    except BaseException:
+        _stop(procs)
+        raise
+    return address, procs
 
 
 def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -126,7 +138,7 @@ def tls_material(tmp_path_factory) -> tls.TLSFiles:
 
 @pytest.fixture(scope="class")
 def tls_cluster(tls_material):
-    address, procs = _start_manifest_cluster("base-tls", tls_material.ca.parent, ("0", "1"),
+    address, procs = _start_manifest_cluster("base-tls", tls_material, ("0", "1"),
                                              server=False)
     try:
         yield address

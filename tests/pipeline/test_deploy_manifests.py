@@ -211,6 +211,7 @@ def test_placement_reaches_the_pod_spec():
         ({"clients": "0", "image": "fedpipe"}, ConfigError, "'fedpipe'"),
         ({"clients": "0", "image": "fedpipe:latest"}, ConfigError, "'fedpipe:latest'"),
         ({"clients": "0", "name": "Fed_pipe"}, ValidationError, "'Fed_pipe'"),
+        ({"clients": "0", "namespace": "Prod"}, ValidationError, "'Prod'"),
         ({"clients": "0", "placement": {"9": deploy.Placement()}}, ValidationError, "'9'"),
     ],
 )
