@@ -15,8 +15,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distributed.security import Security
 
 # File names double as the keys of the Kubernetes Secret mounted into the pods.
 CA_CERT = "ca.crt"
@@ -41,7 +45,7 @@ class TLSFiles:
     cert: Path
     key: Path
 
-    def security(self, require_encryption: bool = True):
+    def security(self, require_encryption: bool = True) -> Security:
         """A :class:`distributed.Security` using these files for every role."""
         from distributed.security import Security
 
