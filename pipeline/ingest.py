@@ -38,6 +38,9 @@ IMPUTE = ("none", "mean", "median")
 TASKS = ("regression", "binary", "multiclass")
 MAX_CLASSES = 50  # integer-valued targets with at most this many values are classes
 CHUNK_BYTES = 8 << 20
+# Rows are written a few whole chunks at a time so zarr compresses them concurrently;
+# this bounds the memory of a streamed ingest at a small multiple of WRITE_BYTES.
+WRITE_BYTES = 64 << 20
 
 
 def ingest(
@@ -157,11 +160,15 @@ def _rechunk(batches: Iterator, rows: int) -> Iterator[tuple[np.ndarray, np.ndar
         held += len(y)
         units += step
         while held >= rows:
-            X_all, y_all = np.concatenate(xs), np.concatenate(ys)
+            X_all, y_all = _join(xs), _join(ys)
             yield X_all[:rows], y_all[:rows], units
             xs, ys, held, units = [X_all[rows:]], [y_all[rows:]], held - rows, 0
     if held:
-        yield np.concatenate(xs), np.concatenate(ys), units
+        yield _join(xs), _join(ys), units
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 def _check_batch(src, X: np.ndarray, y: np.ndarray, first_row: int, impute: str) -> np.ndarray:
@@ -200,14 +207,15 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
     n = 0
     with _progress(progress, src.progress_total) as bar:
         task_id = bar.add_task("ingest", total=src.progress_total)
-        for X, y, units in _rechunk(src.batches(rows), rows):
-            X = _check_batch(src, X, y, n, impute).astype(dtype)
+        block = rows * max(1, WRITE_BYTES // (rows * 8 * max(nf, 1)))
+        for X, y, units in _rechunk(src.batches(block), block):
+            X = _check_batch(src, X, y, n, impute).astype(dtype, copy=False)
             if n + len(y) > known:
                 X_arr.resize((n + len(y), nf))
                 lab.resize((n + len(y),))
             X_arr[n : n + len(y)] = X
             lab[n : n + len(y)] = y
-            hx.update(np.ascontiguousarray(X).tobytes())
+            hx.update(np.ascontiguousarray(X))
             if labels is not None:
                 labels.update(np.unique(y).tolist())
                 labels = labels if len(labels) <= MAX_CLASSES else None
@@ -252,7 +260,7 @@ def _write_labels(url: str, meta: dict, rows: int) -> None:
         block = raw.blocks[i]
         out = np.searchsorted(lookup, block).astype(np.int64) if lookup is not None else block
         y_arr.blocks[i] = out
-        hy.update(np.ascontiguousarray(out).tobytes())
+        hy.update(np.ascontiguousarray(out))
     del group["_labels"]
     meta["manifest"]["y"] = [chunk_key("", "y", i) for i in range(meta["n_chunks"])]
     meta["content_hash"] = content_hash(bytes.fromhex(meta.pop("x_digest")), hy.digest())

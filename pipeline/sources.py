@@ -95,7 +95,8 @@ def from_arrays(
     def batches(batch_rows: int):
         for start in range(0, len(X), batch_rows):
             stop = min(start + batch_rows, len(X))
-            yield X[start:stop].astype(np.float64), y[start:stop].astype(np.float64), stop - start
+            yield (X[start:stop].astype(np.float64, copy=False),
+                   y[start:stop].astype(np.float64, copy=False), stop - start)
 
     return Source(spec, list(names), task, len(X), len(X), batches)
 

@@ -305,8 +305,8 @@ def verify_store(url: str) -> VerifyReport:
             (missing if "is missing" in str(exc) else corrupt).append(ref)
             continue
         if not ref.prefix:
-            hx.update(np.ascontiguousarray(X).tobytes())
-            hy.update(np.ascontiguousarray(y).tobytes())
+            hx.update(np.ascontiguousarray(X))
+            hy.update(np.ascontiguousarray(y))
     top_ok = not any(not r.prefix for r in missing + corrupt)
     hash_ok = content_hash(hx.digest(), hy.digest()) == info.content_hash if top_ok else None
     return VerifyReport(n_checked=len(refs), missing=missing, corrupt=corrupt, content_hash_ok=hash_ok)
