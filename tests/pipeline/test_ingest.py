@@ -59,7 +59,10 @@ def test_synthetic_sources(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["csv", "parquet", "npz"])
-def test_file_sources_keep_rows_and_map_labels(tmp_path, kind):
+def test_file_sources_keep_rows_and_map_labels(tmp_path, kind, monkeypatch):
+    import pipeline.ingest
+
+    monkeypatch.setattr(pipeline.ingest, "WRITE_BYTES", 1)  # stream: one chunk per batch
     frame = _frame()
     path = tmp_path / f"d.{kind}"
     if kind == "csv":
@@ -76,6 +79,19 @@ def test_file_sources_keep_rows_and_map_labels(tmp_path, kind):
     np.testing.assert_array_equal(np.asarray(info.classes)[ds.y.compute()], frame["label"])
     if kind != "npz":
         assert info.feature_names == ["a", "b", "c", "d"]
+
+
+def test_rechunk_regroups_irregular_batches_into_whole_chunks():
+    from pipeline.ingest import _rechunk
+
+    sizes = [3, 10, 1, 7, 0, 9]
+    start = np.cumsum([0, *sizes])
+    batches = [(np.arange(a, b, dtype=float)[:, None], np.arange(a, b, dtype=float), b - a)
+               for a, b in zip(start[:-1], start[1:], strict=True)]
+    blocks = list(_rechunk(iter(batches), 4))
+    assert [len(y) for _, y, _ in blocks] == [4, 4, 4, 4, 4, 4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate([y for _, y, _ in blocks]), np.arange(30.0))
+    assert sum(units for *_, units in blocks) == 30
 
 
 def test_task_override_and_inference(tmp_path):
