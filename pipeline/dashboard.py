@@ -160,17 +160,27 @@ class Publisher:
                  meta: Mapping[str, Any] | None = None) -> None:
         self.dask_client = dask_client
         self.run_id = run_id or f"{mode}-{time.strftime('%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        self.total, self.count, self.closed = total, 0, False
         info = {"mode": mode, "total": total, "unit": unit, "started": time.time(), **(meta or {})}
         self._send({"type": "start", "meta": info})
 
     def __call__(self, record: Mapping[str, Any]) -> None:
         self._send({"type": "record", "record": record})
+        self.count += 1
+        # Engines close their own client when they return, before close() could be called:
+        # a run that reached its total says so with its last record.
+        if self.total is not None and self.count >= self.total:
+            self.close()
 
     def close(self, status: str = "finished") -> None:
-        """Mark the run finished (or ``"failed"``) on the page."""
-        self._send({"type": "end", "status": status})
+        """Mark the run finished (or ``"failed"``) on the page; once."""
+        if not self.closed:
+            self.closed = True
+            self._send({"type": "end", "status": status})
 
     def _send(self, msg: dict[str, Any]) -> None:
+        if self.dask_client.status not in ("running", "connecting", "newly-created"):
+            return  # the engine closed its client: nobody left to tell
         try:
             self.dask_client.log_event(TOPIC, plain({"run": self.run_id, **msg}))
         except Exception as exc:  # noqa: BLE001 - a lost dashboard update must not stop training
