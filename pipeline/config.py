@@ -51,6 +51,8 @@ def add_config_option(parser: argparse.ArgumentParser) -> None:
         spec[action.dest] = action
         # Remember the real default on the action itself; SUPPRESS keeps unset flags out of args.
         action.fedpipe_default = action.default  # type: ignore[attr-defined]
+        if action.help and "%(default)s" in action.help:  # --help would show ==SUPPRESS==
+            action.help = action.help.replace("%(default)s", str(action.default))
         action.default = argparse.SUPPRESS
         # Required arguments may come from the file instead: resolve() checks them.
         if not action.option_strings and action.nargs in (None, 1):
@@ -135,6 +137,11 @@ def _convert_one(key: str, value: Any, action: argparse.Action) -> Any:
         converted = value
     elif kind in (None, str) and isinstance(value, str):
         converted = value
+    elif kind in (None, str) and isinstance(value, list) and action.nargs in (None, "?"):
+        # A list for a comma-separated option, e.g. hidden = [256, 128] for --hidden 256,128.
+        if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"config key '{key}' must be a string, not {value!r}")
+        converted = ",".join(map(str, value))
     elif kind not in (None, str, int, float) and isinstance(value, str | int | float | list):
         # A custom argparse type (e.g. a parser of "256,128"): feed it what the CLI would.
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)

@@ -21,6 +21,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--learning-rate", type=float, default=0.1)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    parser.add_argument("--widths", help="comma-separated (default: %(default)s)", default="4")
     parser.add_argument("--hidden", type=_hidden, default=(8,))
     parser.add_argument("--clients", type=int, nargs="+", default=[0])
     parser.add_argument("--no-shuffle", dest="shuffle", action="store_false")
@@ -42,13 +43,14 @@ def test_defaults_without_config() -> None:
 def test_file_fills_and_flags_override(tmp_path) -> None:
     path = tmp_path / "run.toml"
     path.write_text('store = "s.zarr"\nlearning_rate = 1\niterations = 50\noptimizer = "adam"\n'
-                    'hidden = [16, 4]\nclients = [1, 2]\nshuffle = false\n')
+                    'hidden = [16, 4]\nclients = [1, 2]\nshuffle = false\nwidths = [8, 2]\n')
     args = resolve(["--config", str(path), "--iterations", "10"])
     # 10 equals the default: only "given on the command line" can explain that it wins.
     assert args.iterations == 10
     assert args.learning_rate == 1.0 and isinstance(args.learning_rate, float)
     assert (args.store, args.optimizer, args.hidden, args.clients, args.shuffle) == (
         "s.zarr", "adam", (16, 4), [1, 2], False)
+    assert args.widths == "8,2"
     assert resolve(["other.zarr", "--config", str(path)]).store == "other.zarr"
 
 
@@ -61,6 +63,7 @@ def test_file_fills_and_flags_override(tmp_path) -> None:
     ("shuffle = 1", "shuffle"),
     ("clients = 3", "clients"),
     ("[model]\nhidden = 3", "model"),
+    ("widths = [1.5]", "widths"),
 ])
 def test_bad_keys_and_types_name_the_key(tmp_path, text: str, key: str) -> None:
     path = tmp_path / "bad.toml"
@@ -68,6 +71,10 @@ def test_bad_keys_and_types_name_the_key(tmp_path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}'") as info:
         resolve(["s.zarr", "--config", str(path)])
     assert "\n" not in str(info.value)
+
+
+def test_help_shows_real_defaults() -> None:
+    assert "(default: 4)" in make_parser().format_help()
 
 
 def test_missing_file_and_missing_positional(tmp_path) -> None:
