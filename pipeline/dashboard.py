@@ -34,7 +34,7 @@ from distributed import Client, default_client
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.http.utils import RequestHandler
 
-from pipeline.progress import OnRecord, ProgressBar, chain, client_rows, is_quiet
+from pipeline.progress import OnRecord, ProgressBar, chain, client_rows, is_quiet, steps_done
 
 log = logging.getLogger("fedpipe")
 
@@ -169,7 +169,8 @@ class Publisher:
         self.count += 1
         # Engines close their own client when they return, before close() could be called:
         # a run that reached its total says so with its last record.
-        if self.total is not None and self.count >= self.total:
+        done = steps_done(record)
+        if self.total is not None and (self.count if done is None else done) >= self.total:
             self.close()
 
     def close(self, status: str = "finished") -> None:

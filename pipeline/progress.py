@@ -42,6 +42,19 @@ def step_of(record: Record) -> tuple[str, int] | None:
     return None
 
 
+def steps_done(record: Record) -> int | None:
+    """How many iterations/epochs/rounds are complete once ``record`` is written.
+
+    Data-parallel engines number the state *after* t updates (``iteration 0`` is the initial
+    evaluation); federated engines number the round just finished from 0. Counting from the
+    step rather than the records also keeps a resumed run's bar right.
+    """
+    step = step_of(record)
+    if step is None:
+        return None
+    return step[1] + 1 if step[0] == "round" else step[1]
+
+
 def first_number(record: Record, keys: tuple[str, ...]) -> tuple[str, float] | None:
     """``(key, value)`` of the first finite number among ``keys`` in ``record``."""
     for key in keys:
@@ -99,8 +112,10 @@ class ProgressBar:
         self.records += 1
         if self._progress is None:
             return
-        # Steps may start at 0 or 1 (or at a checkpoint), so count records, not step values.
-        completed = self.records if self.total is None else min(self.records, self.total)
+        done = steps_done(record)
+        completed = self.records if done is None else done
+        if self.total is not None:
+            completed = min(completed, self.total)
         self._progress.update(self._task, completed=completed, metrics=describe(record))
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,

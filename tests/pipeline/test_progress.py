@@ -7,15 +7,23 @@ import io
 
 from rich.console import Console
 
-from pipeline.progress import ProgressBar, chain, client_rows, describe, is_quiet, step_of
+from pipeline.progress import (
+    ProgressBar,
+    chain,
+    client_rows,
+    describe,
+    is_quiet,
+    step_of,
+    steps_done,
+)
 
 
 def test_bar_shows_count_and_loss() -> None:
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=120)
     with ProgressBar(total=4, unit="round", console=console) as bar:
-        for r in range(1, 5):
-            bar({"round": r, "train_loss": 1.0 / r, "test_accuracy": 0.9})
+        for r in range(4):
+            bar({"round": r, "train_loss": 1.0 / (r + 1), "test_accuracy": 0.9})
     text = out.getvalue()
     assert "4/4" in text and "train loss 0.25" in text and "ETA" in text
     assert bar.records == 4
@@ -27,6 +35,13 @@ def test_disabled_bar_is_silent(capsys) -> None:
     assert capsys.readouterr() == ("", "")
     assert is_quiet(argparse.Namespace(quiet=False, json=True))
     assert not is_quiet(argparse.Namespace(quiet=False, json=False))
+
+
+def test_steps_done_follows_each_engines_numbering() -> None:
+    assert steps_done({"iteration": 0}) == 0  # the initial evaluation
+    assert steps_done({"epoch": 3}) == 3
+    assert steps_done({"round": 0}) == 1  # round 0 has just finished
+    assert steps_done({"loss": 1.0}) is None
 
 
 def test_record_helpers() -> None:
