@@ -16,7 +16,6 @@ from pipeline import report
 from pipeline.errors import ValidationError
 
 log = logging.getLogger("fedpipe")
-HEADERS = {"test_accuracy": "test acc", "s_per_step": "s/step", "seconds": "total s"}
 
 
 def register(subparsers: argparse._SubParsersAction, parents: list[argparse.ArgumentParser]) -> None:
@@ -64,7 +63,7 @@ def print_table(rows: Sequence[Mapping[str, Any]], title: str = "runs", console:
     table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False)
     cols = list(dict.fromkeys(k for row in rows for k in row))
     for col in cols:
-        table.add_column(HEADERS.get(col, col.replace("_", " ")), no_wrap=col == "run",
+        table.add_column(report.header(col), no_wrap=col == "run",
                          justify="left" if col in ("run", "mode") else "right")
     for row in rows:
         table.add_row(*(report.fmt(row.get(c)) for c in cols))

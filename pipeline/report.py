@@ -32,6 +32,7 @@ from tasks.models import pack
 
 Series = dict[str, list[list[float]]]  # name -> [[x, y], ...]
 REPORT_HTML = "report.html"
+HEADERS = {"test_accuracy": "test acc", "s_per_step": "s/step", "seconds": "total s"}
 REPORT_DIR = "report"
 
 
@@ -228,11 +229,16 @@ def table_html(rows: Sequence[Mapping[str, Any]]) -> str:
     if not rows:
         return ""
     cols = list(dict.fromkeys(k for row in rows for k in row))
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    head = "".join(f"<th>{html.escape(header(c))}</th>" for c in cols)
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(fmt(row.get(c)))}</td>" for c in cols) + "</tr>" for row in rows
     )
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def header(column: str) -> str:
+    """Column title of a table key (``train_loss`` → ``train loss``)."""
+    return HEADERS.get(column, column.replace("_", " "))
 
 
 def fmt(value: Any) -> str:
