@@ -82,10 +82,17 @@ def plot_curves(metrics: Sequence[Mapping[str, Any]]) -> Plot:
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     xlabel = step_name(metrics)
-    loss, acc = metric_series(metrics, "loss"), metric_series(metrics, "accuracy")
+    word = score_word(metrics)
+    loss, score = metric_series(metrics, "loss"), metric_series(metrics, word)
     _axes_lines(ax_loss, loss, "loss", xlabel)
-    _axes_lines(ax_acc, acc, "accuracy", xlabel)
-    return Plot("curves", "Loss and accuracy", fig, {"loss": loss, "accuracy": acc})
+    _axes_lines(ax_acc, score, word, xlabel)
+    return Plot("curves", f"Loss and {word}", fig, {"loss": loss, word: score})
+
+
+def score_word(metrics: Sequence[Mapping[str, Any]]) -> str:
+    """The quality metric the records carry: accuracy (classification) or r2 (regression)."""
+    return "r2" if any("_r2" in k for r in metrics[:1] for k in r) and \
+        not any("accuracy" in k for r in metrics[:1] for k in r) else "accuracy"
 
 
 def per_client_values(metrics: Sequence[Mapping[str, Any]]) -> tuple[str, dict[int, list[float]]]:
@@ -408,16 +415,17 @@ def plot_compare(runs: Mapping[str, Sequence[Mapping[str, Any]]]) -> Plot:
     """Overlay: each run's test (else train) loss and accuracy on shared axes."""
     fig = Figure(figsize=(10, 3.6), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
-    drawn: dict[str, Series] = {"loss": {}, "accuracy": {}}
+    score = "accuracy" if any(score_word(m) == "accuracy" for m in runs.values()) else "r2"
+    drawn: dict[str, Series] = {"loss": {}, score: {}}
     for name, metrics in runs.items():
-        for ax, word in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        for ax, word in ((ax_loss, "loss"), (ax_acc, score)):
             series = metric_series(metrics, word)
             key = next((k for k in (f"test_{word}", f"train_{word}", word) if k in series), None)
             if key is not None:
                 drawn[word][name] = series[key]
                 xs, ys = zip(*series[key], strict=True)
                 ax.plot(xs, ys, label=f"{name} ({key.replace('_', ' ')})")
-    for ax, word in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+    for ax, word in ((ax_loss, "loss"), (ax_acc, score)):
         ax.set_xlabel("iteration / round")
         ax.set_ylabel(word)
         ax.grid(alpha=0.3)
