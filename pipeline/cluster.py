@@ -103,6 +103,15 @@ def cluster_memory(dask_client: Client) -> int:
 
 
 def _max_rss_bytes() -> int:
+    # VmHWM is this process's own peak; ru_maxrss would also count the parent's memory at
+    # fork time, which exec does not reset (a nanny forked from a big driver looks big).
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(usage if sys.platform == "darwin" else usage * 1024)  # Linux reports KiB
 

@@ -21,7 +21,6 @@ from pipeline.train import (
     Engine,
     Pass,
     check_finite,
-    chunk_tasks,
     converged,
     emit,
     full_pass,
@@ -67,9 +66,11 @@ def train_row_counts(engine: Engine) -> list[int]:
     """Training rows per chunk, counted on the workers (one small result per chunk)."""
     dc, data = engine.dask_client, engine.data
     if data.mode == "memory":
-        return dc.gather([dc.submit(reduce.row_count, f) for f in data.train])
-    futures = chunk_tasks(engine, "train", _count, None, "count")
-    return dc.gather(futures)
+        per_block = dc.gather([dc.submit(reduce.block_row_counts, f) for f in data.train])
+        return [n for block in per_block for n in block]
+    return dc.gather([
+        dc.submit(stream_chunk, _count, None, None, data.url, ref, "train", data.test_fraction,
+                  data.seed, data.info) for ref in data.refs])
 
 
 def _count(model, params, chunk) -> int:
@@ -81,8 +82,10 @@ def batch_gradient(engine: Engine, params: np.ndarray, pieces: list[Piece]):
     dc, data, token = engine.dask_client, engine.data, f"grad-{uuid.uuid4().hex}"
     sent = send_params(dc, params)
     if data.mode == "memory":
-        leaves = [dc.submit(reduce.batch_loss_and_grad, engine.model_future, sent,
-                            data.train[c], rows, key=(token, j)) for j, (c, rows) in enumerate(pieces)]
+        per_block = len(data.blocks[0])  # chunk c is item c % per_block of block c // per_block
+        leaves = [dc.submit(reduce.block_batch_loss_and_grad, engine.model_future, sent,
+                            data.train[c // per_block], c % per_block, rows, key=(token, j))
+                  for j, (c, rows) in enumerate(pieces)]
     else:
         leaves = [dc.submit(stream_chunk, reduce.batch_loss_and_grad, engine.model_future, sent,
                             data.url, data.refs[c], "train", data.test_fraction, data.seed,

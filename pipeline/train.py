@@ -57,11 +57,17 @@ class FitResult(NamedTuple):
 
 
 class Data(NamedTuple):
-    """Where the rows live: loaded chunk futures (``memory``) or chunk references (``stream``)."""
+    """Where the rows live: loaded block futures (``memory``) or chunk references (``stream``).
+
+    A *block* is ``chunks_per_task`` consecutive chunks handled by one task (1 by default:
+    one task per chunk); ``blocks[b]`` lists its chunk references, ``train[b]``/``test[b]``
+    the future of its loaded chunks.
+    """
 
     url: str
     info: StoreInfo
     refs: list[ChunkRef]
+    blocks: list[list[ChunkRef]]
     mode: str
     train: list[Future] | None
     test: list[Future] | None
@@ -111,6 +117,7 @@ def fit(
     tol: float | None = None,
     cache: str = "auto",
     fan_in: int = 8,
+    chunks_per_task: int = 1,
     on_record: OnRecord | None = None,
     workers: int | None = None,
     threads: int | None = None,
@@ -151,6 +158,10 @@ def fit(
         from the data size and the cluster's memory.
     fan_in : int
         Inputs per add task of the reduction tree.
+    chunks_per_task : int
+        Consecutive chunks per ``grad-…`` task (and per ``load-…`` task). Fewer, larger tasks
+        cost less scheduling; with ``chunks_per_task == fan_in`` the result is bit-identical
+        to one task per chunk (the task computes the tree's first level itself).
     on_record : callable, optional
         Called with each metrics record right after it is appended to ``metrics.jsonl``.
     config : mapping, optional
@@ -161,7 +172,7 @@ def fit(
     FitResult
     """
     _check_arguments(model, optimizer, iterations, epochs, batch_size, test_fraction,
-                     checkpoint_every, tol, cache, fan_in)
+                     checkpoint_every, tol, cache, fan_in, chunks_per_task)
     info = read_info(store)
     _check_model_fits(model, info)
     run_dir = rundir.prepare(out, resume) if out is not None else None
@@ -175,7 +186,7 @@ def fit(
         if dask_client is not None:
             log.info("dashboard: %s", cluster.dashboard_link(dc))
         with _engine(dc, str(store), info, model, seed, test_fraction, cache, fan_in,
-                     run_dir, on_record) as engine:
+                     chunks_per_task, run_dir, on_record) as engine:
             start = time.perf_counter()
             params, records, stopped = _run_loop(engine, optimizer, iterations, epochs,
                                                  batch_size, seed, checkpoint_every, resume, tol)
@@ -207,7 +218,7 @@ def _run_loop(engine: Engine, optimizer, iterations, epochs, batch_size, seed,
 
 
 def _check_arguments(model, optimizer, iterations, epochs, batch_size, test_fraction,
-                     checkpoint_every, tol, cache, fan_in) -> None:
+                     checkpoint_every, tol, cache, fan_in, chunks_per_task) -> None:
     if not isinstance(model, Model):
         raise ValidationError(f"model must be a tasks.models.Model, got {type(model).__name__}")
     if not isinstance(optimizer, Optimizer | LBFGS):
@@ -232,6 +243,8 @@ def _check_arguments(model, optimizer, iterations, epochs, batch_size, test_frac
         raise ValidationError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     if fan_in < 2:
         raise ValidationError(f"fan_in must be at least 2, got {fan_in}")
+    if chunks_per_task < 1:
+        raise ValidationError(f"chunks_per_task must be at least 1, got {chunks_per_task}")
 
 
 def _check_model_fits(model: Model, info: StoreInfo) -> None:
@@ -260,13 +273,13 @@ def _n_outputs(model: Model, info: StoreInfo) -> int | None:
 
 @contextmanager
 def _engine(dask_client: Client, url: str, info: StoreInfo, model: Model, seed: int,
-            test_fraction: float, cache: str, fan_in: int, run_dir: Path | None,
-            on_record: OnRecord | None) -> Iterator[Engine]:
+            test_fraction: float, cache: str, fan_in: int, chunks_per_task: int,
+            run_dir: Path | None, on_record: OnRecord | None) -> Iterator[Engine]:
     mode = choose_cache(dask_client, info, cache)
     log.info("training on %d chunks of %s (%s)", info.n_chunks, url, mode)
     # One copy of the model's functions on every worker instead of one per task.
     [model_future] = dask_client.scatter([model], broadcast=True, hash=False)
-    data = load_data(dask_client, url, info, mode, test_fraction, seed)
+    data = load_data(dask_client, url, info, mode, test_fraction, seed, chunks_per_task)
     try:
         yield Engine(dask_client, model, model_future, data, fan_in, run_dir, on_record)
     finally:
@@ -283,24 +296,38 @@ def choose_cache(dask_client: Client, info: StoreInfo, cache: str = "auto") -> s
 
 
 def load_data(dask_client: Client, url: str, info: StoreInfo, mode: str,
-              test_fraction: float, seed: int) -> Data:
-    """Submit ``load-…`` tasks (one per chunk and split) in memory mode; nothing when streaming."""
+              test_fraction: float, seed: int, chunks_per_task: int = 1) -> Data:
+    """Submit ``load-…`` tasks (one per block and split) in memory mode; nothing when streaming."""
     refs = chunk_refs(info)
+    blocks = [refs[i:i + chunks_per_task] for i in range(0, len(refs), chunks_per_task)]
     train = test = None
     if mode == "memory":
         token = uuid.uuid4().hex
-        train = _load(dask_client, url, info, refs, "train", test_fraction, seed, token)
+        train = _load(dask_client, url, info, blocks, "train", test_fraction, seed, token)
         if test_fraction > 0:
-            test = _load(dask_client, url, info, refs, "test", test_fraction, seed, token)
-    return Data(url, info, refs, mode, train, test, test_fraction, seed)
+            test = _load(dask_client, url, info, blocks, "test", test_fraction, seed, token)
+    return Data(url, info, refs, blocks, mode, train, test, test_fraction, seed)
 
 
-def _load(dask_client, url, info, refs, split, test_fraction, seed, token) -> list[Future]:
+def _load(dask_client, url, info, blocks, split, test_fraction, seed, token) -> list[Future]:
     return [
-        dask_client.submit(read_chunk, url, ref, split=split, test_fraction=test_fraction,
-                           seed=seed, info=info, key=(f"load-{split}-{token}", i))
-        for i, ref in enumerate(refs)
+        dask_client.submit(read_block, url, block, split, test_fraction, seed, info,
+                           key=(f"load-{split}-{token}", b))
+        for b, block in enumerate(blocks)
     ]
+
+
+def read_block(url: str, refs: list[ChunkRef], split: str, test_fraction: float, seed: int,
+               info: StoreInfo) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Worker side of loading: the chunks of one block, read, checked and split."""
+    split = _effective_split(split, test_fraction)
+    return tuple(read_chunk(url, ref, split=split, test_fraction=test_fraction, seed=seed,
+                            info=info) for ref in refs)
+
+
+def _effective_split(split: str, test_fraction: float) -> str:
+    # With no test rows, "train" is every row: skip building the mask and copying the chunk.
+    return "all" if split == "train" and test_fraction == 0 else split
 
 
 def send_params(dask_client: Client, params: np.ndarray) -> np.ndarray | Future:
@@ -311,29 +338,47 @@ def send_params(dask_client: Client, params: np.ndarray) -> np.ndarray | Future:
     return future
 
 
-def chunk_tasks(engine: Engine, split: str, func: Callable, params: Any, group: str,
-                *extra: Any) -> list[Future]:
-    """One task per chunk of ``split``: ``func(model, params, (X, y), *extra)``.
+def block_tasks(engine: Engine, split: str, func: Callable, params: Any,
+                group: str) -> list[Future]:
+    """One task per block of ``split``: ``func(model, params, block)`` with ``block`` a tuple
+    of ``(X, y)`` chunks.
 
-    In memory mode the task takes the loaded chunk; when streaming it reads the chunk itself
-    (:func:`stream_chunk`), so a worker holds at most one chunk per thread.
+    In memory mode the task takes the loaded block; when streaming it reads the block's
+    chunks itself one at a time (:func:`stream_block`), so a worker holds at most one chunk
+    per thread.
     """
     data, dc, token = engine.data, engine.dask_client, uuid.uuid4().hex
     if data.mode == "memory":
-        chunks = data.train if split == "train" else data.test
-        return [dc.submit(func, engine.model_future, params, chunk, *extra,
-                          key=(f"{group}-{token}", i)) for i, chunk in enumerate(chunks)]
+        blocks = data.train if split == "train" else data.test
+        return [dc.submit(func, engine.model_future, params, block,
+                          key=(f"{group}-{token}", b)) for b, block in enumerate(blocks)]
     return [
-        dc.submit(stream_chunk, func, engine.model_future, params, data.url, ref, split,
-                  data.test_fraction, data.seed, data.info, *extra, key=(f"{group}-{token}", i))
-        for i, ref in enumerate(data.refs)
+        dc.submit(stream_block, func, engine.model_future, params, data.url, refs, split,
+                  data.test_fraction, data.seed, data.info, key=(f"{group}-{token}", b))
+        for b, refs in enumerate(data.blocks)
     ]
+
+
+def stream_block(func: Callable, model: Model, params: np.ndarray, url: str,
+                 refs: list[ChunkRef], split: str, test_fraction: float, seed: int,
+                 info: StoreInfo):
+    """Worker side of streaming: ``func`` on each chunk read from zarr, results added in order.
+
+    Each chunk is dropped once ``func`` is done with it; since a block function adds its
+    chunks' results left to right, this equals ``func`` on the whole block, bit for bit.
+    """
+    split = _effective_split(split, test_fraction)
+    return reduce.add_sums(*(
+        func(model, params, (read_chunk(url, ref, split=split, test_fraction=test_fraction,
+                                        seed=seed, info=info),))
+        for ref in refs))
 
 
 def stream_chunk(func: Callable, model: Model, params: np.ndarray, url: str, ref: ChunkRef,
                  split: str, test_fraction: float, seed: int, info: StoreInfo, *extra: Any):
-    """Worker side of streaming: read one chunk from zarr and hand it to ``func``."""
-    chunk = read_chunk(url, ref, split=split, test_fraction=test_fraction, seed=seed, info=info)
+    """Worker side of streaming one chunk for a mini-batch piece: read it, call ``func``."""
+    chunk = read_chunk(url, ref, split=_effective_split(split, test_fraction),
+                       test_fraction=test_fraction, seed=seed, info=info)
     return func(model, params, chunk, *extra)
 
 
@@ -341,12 +386,12 @@ def full_pass(engine: Engine, params: np.ndarray, with_test: bool = True) -> Pas
     """Objective, gradient and test metrics at ``params``: one tree per quantity, two results."""
     dc = engine.dask_client
     sent = send_params(dc, params)
-    roots = [tree_sum(dc, chunk_tasks(engine, "train", reduce.chunk_loss_and_grad, sent, "grad"),
+    roots = [tree_sum(dc, block_tasks(engine, "train", reduce.block_loss_and_grad, sent, "grad"),
                       engine.fan_in, "sum")]
     has_test = with_test and engine.data.test_fraction > 0
     if has_test:
-        roots.append(tree_sum(dc, chunk_tasks(engine, "test", reduce.eval_sums, sent, "eval"),
-                              engine.fan_in, "sum-eval"))
+        roots.append(tree_sum(dc, block_tasks(engine, "test", reduce.block_eval_sums, sent,
+                                          "eval"), engine.fan_in, "sum-eval"))
     results = dc.gather(roots)
     loss_sum, grad_sum, n = results[0]
     loss, grad = reduce.objective(loss_sum, grad_sum, n, engine.model, params)
@@ -491,6 +536,8 @@ def _summary(engine: Engine, optimizer, records: list[dict[str, Any]], stopped: 
         "peak_worker_memory": cluster.peak_worker_memory(engine.dask_client),
         "cache": engine.data.mode,
         "n_chunks": engine.data.info.n_chunks,
+        "chunks_per_task": len(engine.data.blocks[0]) if engine.data.blocks else 1,
+        "fan_in": engine.fan_in,
         "n_workers": cluster.n_workers(engine.dask_client),
         "n_train": next((r["n_train"] for r in reversed(records) if "n_train" in r), None),
         "dashboard": cluster.dashboard_link(engine.dask_client),

@@ -63,6 +63,34 @@ def batch_loss_and_grad(
     return model.loss_and_grad(aligned(params), aligned(X[rows]), aligned(y[rows]))
 
 
+Chunk = tuple[np.ndarray, np.ndarray]
+
+
+def block_loss_and_grad(model: Any, params: np.ndarray, block: Sequence[Chunk]):
+    """:func:`chunk_loss_and_grad` of each chunk of a block, added left to right.
+
+    A block of ``fan_in`` consecutive chunks gives exactly the value of the first level of the
+    fixed reduction tree over those chunks, so fusing it into one task changes no bit.
+    """
+    return add_sums(*(chunk_loss_and_grad(model, params, chunk) for chunk in block))
+
+
+def block_eval_sums(model: Any, params: np.ndarray, block: Sequence[Chunk]) -> np.ndarray:
+    """:func:`eval_sums` of each chunk of a block, added left to right."""
+    return add_sums(*(eval_sums(model, params, chunk) for chunk in block))
+
+
+def block_batch_loss_and_grad(model: Any, params: np.ndarray, block: Sequence[Chunk],
+                              index: int, rows: np.ndarray):
+    """:func:`batch_loss_and_grad` on the ``rows`` of chunk ``index`` of a block."""
+    return batch_loss_and_grad(model, params, block[index], rows)
+
+
+def block_row_counts(block: Sequence[Chunk]) -> list[int]:
+    """Rows of each chunk of a block."""
+    return [row_count(chunk) for chunk in block]
+
+
 def eval_sums(model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Sums that metrics are made of, for one chunk: see :data:`EVAL_FIELDS`.
 

@@ -61,14 +61,15 @@ def test_full_batch_equals_serial_numpy_loop(dask_client, store):
 
 def test_bit_identical_whatever_the_workers_and_cache(store):
     model, runs = models.mlp(5, 3, hidden=(8,), l2=1e-4), []
-    for workers, processes, cache in ((1, False, "memory"), (3, False, "stream"),
-                                      (2, True, "memory")):
+    # One task per chunk, or two chunks per task (the tree's first level done in the task).
+    for workers, processes, cache, per_task in ((1, False, "memory", 1), (3, False, "stream", 2),
+                                                (2, True, "memory", 2), (2, False, "stream", 1)):
         with connect(workers=workers, threads=1, processes=processes,
                      dashboard_address=":0") as dc:
             result = fit(store, model, optimizers.adam(0.05), iterations=6, dask_client=dc,
-                         cache=cache, fan_in=2)
+                         cache=cache, fan_in=2, chunks_per_task=per_task)
         runs.append(result.params.tobytes())
-    assert runs[0] == runs[1] == runs[2]
+    assert runs[0] == runs[1] == runs[2] == runs[3]
 
 
 def test_task_groups_read_like_the_algorithm(dask_client, store):
@@ -217,7 +218,7 @@ def test_epoch_batches_visit_every_row_once():
 
 def test_minibatch_is_deterministic_and_learns(dask_client, store):
     runs = [fit(store, models.softmax(5, 3), optimizers.sgd(0.2), epochs=3, batch_size=50,
-                dask_client=dask_client, seed=1) for _ in range(2)]
+                dask_client=dask_client, seed=1, chunks_per_task=k) for k in (1, 4)]
     assert runs[0].params.tobytes() == runs[1].params.tobytes()
     assert runs[0].metrics[-1]["train_loss"] < runs[0].metrics[0]["train_loss"]
     assert runs[0].metrics[-1]["steps"] == 3 * -(-runs[0].summary["n_train"] // 50)
