@@ -122,3 +122,10 @@ def test_report_option_helpers(tmp_path) -> None:
     summary = cli_report.report_at_end(args, {"rounds": 2})
     assert summary["rounds"] == 2 and Path(summary["report"]).is_file()
     assert "report" not in cli_report.report_at_end(parser.parse_args(["--out", str(run_dir)]), {})
+
+
+def test_regression_runs_plot_r2() -> None:
+    records = [{"iteration": t, "train_loss": 1.0 / (t + 1), "test_rmse": 2.0, "test_r2": t / 10} for t in range(3)]
+    plot = report.plot_curves(records)
+    assert plot.series["r2"]["test_r2"] == [[0, 0.0], [1, 0.1], [2, 0.2]]
+    assert "accuracy" not in plot.series
