@@ -145,7 +145,7 @@ class _Leaves(NamedTuple):
 
 
 def _submit_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
-                  sampled: set[str], state: ServerState, params_f: Future, attempt: int,
+                  sampled: set[str], state: ServerState, params_f: np.ndarray, attempt: int,
                   batch_clients: bool) -> _Leaves:
     futures, owners = [], []
     r = state.round
@@ -210,7 +210,10 @@ def _train_round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequenc
     r = state.round
     sampled = sampling.sample_clients(clients, r, state.seed, fraction=sampling_.fraction,
                                       count=sampling_.count)
-    params_f = dask_client.scatter(state.params, broadcast=True, hash=False)
+    # The params travel inside each task's spec, not via scatter(broadcast=True): right after a
+    # worker dies the scheduler still lists it and a broadcast waits on 30 s connect timeouts,
+    # holding the round past its deadline. One task per worker group keeps the copies few.
+    params_f = state.params
     for attempt in range(sampling_.retries + 1):
         leaves = _submit_train(dask_client, spec, groups, set(sampled), state, params_f,
                                attempt, batch_clients)
@@ -248,7 +251,7 @@ def _train_round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequenc
 
 def _evaluate(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
               params: np.ndarray, r: int, deadline: float | None) -> dict:
-    params_f = dask_client.scatter(params, broadcast=True, hash=False)
+    params_f = params  # inside the task specs, as in _train_round
     futures = [dask_client.submit(eval_group, spec, g, params_f, key=f"eval-{spec.token}-r{r}-g{j}",
                                   resources=placement.resources_of(g), pure=False)
                for j, g in enumerate(groups)]
