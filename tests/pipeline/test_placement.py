@@ -1,0 +1,78 @@
+"""Client -> worker placement: balanced mapping, resource discovery, worker-side row cache."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from distributed import wait
+from test_federate_support import partitioned_store
+
+from pipeline import placement, store
+from pipeline.errors import TrainingError
+
+
+def test_assign_clients_is_deterministic_and_balanced_by_rows():
+    rows = {str(i): 10 + (i * 37) % 90 for i in range(40)}
+    groups = placement.assign_clients(rows, 3)
+    assert groups == placement.assign_clients(dict(reversed(list(rows.items()))), 3)
+    assert sorted(c for g in groups for c in g) == sorted(rows)
+    loads = [sum(rows[c] for c in g) for g in groups]
+    assert max(loads) - min(loads) <= max(rows.values())
+    assert placement.assign_clients({"a": 5}, 4) == [["a"]]  # no empty workers
+    with pytest.raises(TrainingError, match="--workers must be at least 1"):
+        placement.assign_clients(rows, 0)
+
+
+def test_sort_clients_numeric_first():
+    assert placement.sort_clients(["10", "2", "b", "1"]) == ["1", "2", "10", "b"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    groups = [["0", "1"], ["2"]]
+    with placement.simulation_cluster(groups, processes=False, dashboard_address=None) as dc:
+        yield dc, groups
+
+
+def test_discover_groups_clients_by_the_workers_that_carry_them(cluster):
+    dc, groups = cluster
+    assert placement.discover(dc, ["2", "0", "1"]) == groups
+    with pytest.raises(TrainingError, match=r"no worker carries resource client-7, client-9 "
+                                            r"\(2 workers for 4 clients\)"):
+        placement.discover(dc, ["0", "1", "7", "9"])
+
+
+def test_unplaceable_task_fails_after_the_no_workers_timeout(cluster):
+    dc, _ = cluster
+    placement.set_no_workers_timeout(dc, 0.5)
+    try:
+        fut = dc.submit(sum, [1, 2], resources=placement.resources_of(["nobody"]), pure=False)
+        start = time.perf_counter()
+        wait([fut], timeout=10)
+        assert fut.status == "error" and time.perf_counter() - start < 5
+    finally:
+        placement.set_no_workers_timeout(dc, None)
+
+
+def test_client_rows_are_read_once_on_the_pinned_worker(cluster, tmp_path):
+    dc, groups = cluster
+    url = partitioned_store(str(tmp_path / "s.zarr"), clients=3, chunk_rows=50, name="p",
+                            source="synthetic:classification?n_samples=300&n_features=4&seed=0")
+
+    def rows_of(client):
+        (X, y, Xt, yt), was_read = placement.client_rows(url, "p", client, test_fraction=0.2,
+                                                         seed=0)
+        return X.shape, len(yt), was_read
+
+    for expected_read in (True, False):
+        shape, n_test, was_read = dc.submit(rows_of, "2", pure=False,
+                                            resources=placement.resources_of(["2"])).result()
+        assert was_read is expected_read
+    info = store.read_info(url)
+    assert shape[0] + n_test == info.partitions["p"]["clients"]["2"]["n_rows"]
+    workers = dc.cluster.workers
+    holder = [w for w in workers.values() if "client-2" in w.state.total_resources][0]
+    others = [w for w in workers.values() if w is not holder]
+    assert {k[2] for k in placement.worker_cache(holder).rows} == {"2"}
+    assert all(not placement.worker_cache(w).rows for w in others)
