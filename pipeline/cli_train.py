@@ -42,6 +42,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--scheduler", help="address of a running scheduler")
     run.add_argument("--cache", default="auto", choices=CACHE_MODES,
                      help="keep chunks in worker memory or stream them (default auto)")
+    run.add_argument("--chunks-per-task", type=int, default=1,
+                     help="consecutive chunks per gradient task (default 1)")
     run.add_argument("--test-fraction", type=float, default=0.2,
                      help="held-out share of rows (default 0.2; 0 trains on every row)")
     run.add_argument("--out", help="run directory")
@@ -69,7 +71,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             args.store, model, optimizer, iterations=args.iterations, epochs=args.epochs,
             batch_size=args.batch_size, out=args.out, seed=args.seed,
             test_fraction=args.test_fraction, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, tol=args.tol, cache=args.cache, workers=args.workers,
+            resume=args.resume, tol=args.tol, cache=args.cache,
+            chunks_per_task=args.chunks_per_task, workers=args.workers,
             threads=args.threads, scheduler=args.scheduler, on_record=on_record,
             config=config.to_dict(args))
     return result.summary

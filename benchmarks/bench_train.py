@@ -1,0 +1,282 @@
+"""Data-parallel training speed and memory, with every reference measured in the same run.
+
+Run ``python -m benchmarks.bench_train [--quick] [--out FILE]`` from the repository root;
+prints one JSON object. Full-batch logistic regression on synthetic float64 data (2,000,000 x 50
+in 100,000-row chunks by default) on a 2-worker LocalCluster (processes, one thread and one
+BLAS thread each):
+
+* ``per_iteration``: fedpipe's full-batch iteration against a single-process NumPy loop over
+  the same in-memory chunks (default BLAS threads and one BLAS thread) and against dask-ml's
+  ``LogisticRegression(solver="gradient_descent")`` on the same cluster (needs the optional
+  ``bench`` extra, ``pip install dask-ml``; skipped with a note when it is missing).
+* ``lbfgs``: seconds until fedpipe's L-BFGS reaches scikit-learn's test log-loss (+1e-3)
+  against scikit-learn's own lbfgs fit on the same training rows.
+* ``streaming``: one streaming pass (chunks read from zarr inside each task) against just
+  reading and decompressing the same chunks on the same cluster.
+* ``scaling``: per-iteration time and peak worker RSS while streaming, 0.25M to 8M rows.
+
+The machine may be shared: compare the ratios, which come from one run, not absolute times.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+N_FEATURES = 50
+CHUNK_ROWS = 100_000
+
+
+def make_store(workdir: str, n_rows: int, chunk_rows: int, seed: int = 0) -> str:
+    """A binary logistic problem: labels drawn from the model's own probabilities."""
+    from pipeline.ingest import ingest_arrays
+
+    rng = np.random.default_rng(seed)
+    coef = rng.standard_normal(N_FEATURES) / np.sqrt(N_FEATURES) * 2.0
+    X = rng.standard_normal((n_rows, N_FEATURES))
+    y = (rng.random(n_rows) < 1.0 / (1.0 + np.exp(-(X @ coef)))).astype(np.int64)
+    path = os.path.join(workdir, f"logistic-{n_rows}.zarr")
+    ingest_arrays(X, y, path, chunk_rows=chunk_rows, overwrite=True, progress=False)
+    return path
+
+
+def _connect(workers: int = 2):
+    from pipeline.cluster import connect
+
+    return connect(workers=workers, threads=1, processes=True, dashboard_address=":0")
+
+
+def _fit(url: str, dask_client, optimizer, iterations: int, **kwargs):
+    """fedpipe's fit; by default with two block tasks (one per worker) of consecutive chunks."""
+    from pipeline.store import read_info
+    from pipeline.train import fit
+    from tasks import models
+
+    kwargs.setdefault("chunks_per_task", -(-read_info(url).n_chunks // 2))
+    return fit(url, models.logistic(N_FEATURES, l2=kwargs.pop("l2", 0.0)), optimizer,
+               iterations=iterations, dask_client=dask_client, **kwargs)
+
+
+def _median_time(func: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        func()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def numpy_loop_seconds(url: str, iterations: int) -> dict[str, float]:
+    """Per-iteration time of a plain loop over the chunks held in this process's memory."""
+    from threadpoolctl import threadpool_limits
+
+    from pipeline.store import chunk_refs, read_chunk, read_info
+    from tasks import models, optimizers, reduce
+
+    chunks = [read_chunk(url, r) for r in chunk_refs(read_info(url))]
+    model, opt = models.logistic(N_FEATURES), optimizers.sgd(0.5)
+
+    def run() -> None:
+        params = model.init(0)
+        state = opt.init(params)
+        for _ in range(iterations):
+            parts = [model.loss_and_grad(params, X, y) for X, y in chunks]
+            loss_sum, grad_sum, n = reduce.add_sums(*parts)
+            _, grad = reduce.objective(loss_sum, grad_sum, n, model, params)
+            updates, state = opt.update(grad, state, params)
+            params = params + updates
+
+    out = {"default_blas_threads": _median_time(run, 2) / iterations}
+    with threadpool_limits(limits=1, user_api="blas"):
+        out["one_blas_thread"] = _median_time(run, 2) / iterations
+    return out
+
+
+def fedpipe_iteration_seconds(url: str, dask_client, iterations: int) -> dict:
+    from tasks import optimizers
+
+    _fit(url, dask_client, optimizers.sgd(0.5), 2, test_fraction=0.0)  # warm the workers
+    result = _fit(url, dask_client, optimizers.sgd(0.5), iterations, test_fraction=0.0,
+                  cache="memory")
+    per_chunk = _fit(url, dask_client, optimizers.sgd(0.5), iterations, test_fraction=0.0,
+                     cache="memory", chunks_per_task=1)
+    return {"median": result.summary["seconds_per_iteration"],
+            "all": [round(r["seconds"], 4) for r in result.metrics[1:]],
+            "chunks_per_task": result.summary["chunks_per_task"],
+            "median_one_task_per_chunk": per_chunk.summary["seconds_per_iteration"]}
+
+
+def dask_ml_iteration_seconds(url: str, dask_client, iterations: int) -> dict:
+    """dask-ml's gradient descent on the same rows, persisted on the same cluster."""
+    try:
+        from dask_ml.linear_model import LogisticRegression
+    except ImportError:
+        return {"skipped": "dask-ml is not installed (pip install dask-ml)"}
+    import dask.array as da
+
+    from pipeline.store import open_store
+
+    data = open_store(url)
+    X, y = dask_client.persist([data.X.astype(np.float64), data.y])
+    da.compute(X.sum(), y.sum())  # loaded before timing, as fedpipe's chunks are
+
+    def fit(n: int) -> None:
+        LogisticRegression(solver="gradient_descent", max_iter=n, tol=0.0, fit_intercept=True,
+                           penalty="l2", C=1e12).fit(X, y)
+
+    # Subtract a 1-iteration fit to leave out dask-ml's own setup work.
+    one = _median_time(lambda: fit(1), 1)
+    many = _median_time(lambda: fit(iterations + 1), 1)
+    return {"median": (many - one) / iterations, "setup_and_one_iteration": one}
+
+
+def lbfgs_time_to_sklearn(url: str, dask_client, max_iterations: int) -> dict:
+    """Wall time of fedpipe's L-BFGS to reach sklearn's test log-loss, vs sklearn's fit."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import log_loss
+
+    from pipeline.store import chunk_refs, read_chunk, read_info
+    from tasks.lbfgs import lbfgs
+
+    refs = chunk_refs(read_info(url))
+    train = [read_chunk(url, r, split="train") for r in refs]
+    test = [read_chunk(url, r, split="test") for r in refs]
+    X, y = np.concatenate([c[0] for c in train]), np.concatenate([c[1] for c in train])
+    Xt, yt = np.concatenate([c[0] for c in test]), np.concatenate([c[1] for c in test])
+    del train, test
+    start = time.perf_counter()
+    reference = LogisticRegression(solver="lbfgs", max_iter=1000).fit(X, y)
+    sk_seconds = time.perf_counter() - start
+    target = log_loss(yt, reference.predict_proba(Xt))
+    n_train = len(y)
+    del X, y, Xt, yt
+    start = time.perf_counter()
+    # Same objective as sklearn's C=1: 0.5 ||w||^2 + sum(loss), i.e. l2 = 1/n on the mean loss.
+    result = _fit(url, dask_client, lbfgs(), max_iterations, l2=1.0 / n_train, tol=1e-10)
+    total = time.perf_counter() - start
+    reached = next((r for r in result.metrics if r["test_loss"] <= target + 1e-3), None)
+    return {
+        "sklearn_fit_seconds": sk_seconds,
+        "sklearn_iterations": int(reference.n_iter_[0]),
+        "sklearn_test_log_loss": target,
+        "fedpipe_seconds_to_target": None if reached is None else reached["elapsed"],
+        "fedpipe_iterations_to_target": None if reached is None else reached["iteration"],
+        "fedpipe_evaluations_to_target": None if reached is None else reached["evaluations"],
+        "fedpipe_final_test_log_loss": result.metrics[-1]["test_loss"],
+        "fedpipe_fit_seconds_including_load": total,
+    }
+
+
+def _read_only(url: str, ref, info) -> int:
+    from pipeline.store import read_chunk
+
+    X, _ = read_chunk(url, ref, info=info)
+    return X.shape[0]
+
+
+def streaming_vs_reading(url: str, dask_client, iterations: int) -> dict:
+    """One streaming pass against reading the same chunks with the same parallelism."""
+    from pipeline.store import chunk_refs, read_info
+    from tasks import optimizers
+
+    info = read_info(url)
+    refs = chunk_refs(info)
+
+    def read_all() -> None:
+        dask_client.gather([dask_client.submit(_read_only, url, r, info, pure=False)
+                            for r in refs])
+
+    read_all()  # warm the page cache for both sides alike
+    read_seconds = _median_time(read_all, 3)
+    result = _fit(url, dask_client, optimizers.sgd(0.5), iterations, test_fraction=0.0,
+                  cache="stream")
+    return {"read_decompress_seconds": read_seconds,
+            "stream_pass_seconds": result.summary["seconds_per_iteration"]}
+
+
+def scaling(workdir: str, sizes: list[int], iterations: int) -> list[dict]:
+    """Per-iteration streaming time and peak worker RSS, one fresh cluster per size."""
+    from tasks import optimizers
+
+    rows = []
+    for n_rows in sizes:
+        url = make_store(workdir, n_rows, CHUNK_ROWS)
+        with _connect() as dask_client:
+            result = _fit(url, dask_client, optimizers.sgd(0.5), iterations, test_fraction=0.0,
+                          cache="stream")
+        rows.append({"rows": n_rows,
+                     "seconds_per_iteration": result.summary["seconds_per_iteration"],
+                     "peak_worker_rss_mb": result.summary["peak_worker_memory"] / 2**20})
+        shutil.rmtree(url, ignore_errors=True)
+    base = rows[0]
+    for row in rows:
+        row["time_per_row_vs_smallest"] = (row["seconds_per_iteration"] / row["rows"]) / (
+            base["seconds_per_iteration"] / base["rows"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    n_rows = 200_000 if args.quick else 2_000_000
+    chunk = 20_000 if args.quick else CHUNK_ROWS
+    iters = 3 if args.quick else 10
+    sizes = [50_000, 100_000, 200_000] if args.quick else [250_000, 1_000_000, 2_000_000,
+                                                            8_000_000]
+    workdir = tempfile.mkdtemp(prefix="fedpipe-bench-train-")
+    started = time.perf_counter()
+    try:
+        url = make_store(workdir, n_rows, chunk)
+        result: dict = {"benchmark": "train", "quick": args.quick, "cpus": os.cpu_count(),
+                        "rows": n_rows, "features": N_FEATURES, "chunk_rows": chunk,
+                        "cluster": "LocalCluster, 2 worker processes x 1 thread, 1 BLAS thread"}
+        numpy_loop = numpy_loop_seconds(url, iters)
+        with _connect() as dask_client:
+            ours = fedpipe_iteration_seconds(url, dask_client, iters)
+            dask_ml = dask_ml_iteration_seconds(url, dask_client, 2 if args.quick else 3)
+            lbfgs_run = lbfgs_time_to_sklearn(url, dask_client, 100)
+            stream = streaming_vs_reading(url, dask_client, iters)
+        result["per_iteration"] = {
+            "fedpipe_seconds": ours, "numpy_loop_seconds": numpy_loop,
+            "dask_ml_gradient_descent_seconds": dask_ml,
+            "fedpipe_over_numpy_loop": ours["median"] / numpy_loop["default_blas_threads"],
+            "fedpipe_over_numpy_loop_one_blas_thread":
+                ours["median"] / numpy_loop["one_blas_thread"],
+            "dask_ml_over_fedpipe": (dask_ml["median"] / ours["median"]
+                                     if "median" in dask_ml else None),
+        }
+        reached = lbfgs_run["fedpipe_seconds_to_target"]
+        lbfgs_run["fedpipe_over_sklearn"] = (None if reached is None
+                                             else reached / lbfgs_run["sklearn_fit_seconds"])
+        result["lbfgs"] = lbfgs_run
+        stream["stream_over_read"] = stream["stream_pass_seconds"] / stream["read_decompress_seconds"]
+        result["streaming"] = stream
+        shutil.rmtree(url, ignore_errors=True)
+        result["scaling"] = scaling(workdir, sizes, max(3, iters // 2))
+        result["chunk_mb"] = chunk * (N_FEATURES + 1) * 8 / 2**20
+        result["targets"] = {"fedpipe_over_numpy_loop": "<= 1.0", "dask_ml_over_fedpipe": ">= 20",
+                             "lbfgs fedpipe_over_sklearn": "<= 0.5", "stream_over_read": "<= 1.3",
+                             "scaling": "time_per_row_vs_smallest ~ 1; peak RSS flat"}
+        result["seconds"] = time.perf_counter() - started
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    text = json.dumps(result, indent=2, default=float)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
