@@ -30,6 +30,7 @@ from pipeline.store import (
     row_array,
     staged,
 )
+from tasks import stats as stats_math
 
 log = logging.getLogger("fedpipe")
 
@@ -38,8 +39,9 @@ IMPUTE = ("none", "mean", "median")
 TASKS = ("regression", "binary", "multiclass")
 MAX_CLASSES = 50  # integer-valued targets with at most this many values are classes
 CHUNK_BYTES = 8 << 20
-# Rows are written a few whole chunks at a time so zarr compresses them concurrently;
-# this bounds the memory of a streamed ingest at a small multiple of WRITE_BYTES.
+# In-memory sources are written several whole chunks per zarr call, so zarr compresses them
+# concurrently. Streamed sources go one chunk at a time: a parsed CSV batch costs several
+# times its size in memory, and the point of streaming is a small, bounded footprint.
 WRITE_BYTES = 64 << 20
 
 
@@ -125,6 +127,7 @@ def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwr
     rows = chunk_rows or int(np.clip(CHUNK_BYTES // (8 * max(n_features, 1)), 1024, 1 << 20))
     with staged(store, overwrite=overwrite) as tmp:
         meta = _write_rows(src, tmp, rows, dtype, impute, progress)
+        partials = meta.pop("partials")
         meta["task"], meta["classes"] = _decide_task(src, meta.pop("labels"), task)
         _write_labels(tmp, meta, rows)
         meta.update(feature_names=src.feature_names, chunk_rows=rows, dtype=dtype,
@@ -132,7 +135,10 @@ def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwr
                     partitions={}, stats=None, source=src.name, format=FORMAT_VERSION)
         group = open_group(tmp, mode="r+")
         group.attrs["fedpipe"] = meta
-        stats = stats_mod.compute_stats(tmp, median=impute == "median")
+        if impute == "median":  # the histograms need min/max first: a second pass over the store
+            stats = stats_mod.compute_stats(tmp, median=True)
+        else:
+            stats = stats_mod.merge_partials(partials)
         group.attrs["fedpipe"] = {**meta, "stats": stats_mod.stats_to_json(stats)}
     info = read_info(store)
     log.debug("ingested %s: %d rows x %d features in %d chunks -> %s",
@@ -203,11 +209,12 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
     X_arr = row_array(group, "X", n_cols=nf, rows=rows, dtype=dtype, length=known)
     lab = row_array(group, "_labels", n_cols=None, rows=rows, dtype="float64", length=known)
     hx = hashlib.sha256()
+    partials: list = []  # per-chunk column statistics, taken while the rows are in memory
     labels: set[float] | None = set()
     n = 0
     with _progress(progress, src.progress_total) as bar:
         task_id = bar.add_task("ingest", total=src.progress_total)
-        block = rows * max(1, WRITE_BYTES // (rows * 8 * max(nf, 1)))
+        block = rows * max(1, WRITE_BYTES // (rows * 8 * max(nf, 1))) if src.in_memory else rows
         for X, y, units in _rechunk(src.batches(block), block):
             X = _check_batch(src, X, y, n, impute).astype(dtype, copy=False)
             if n + len(y) > known:
@@ -216,6 +223,7 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
             X_arr[n : n + len(y)] = X
             lab[n : n + len(y)] = y
             hx.update(np.ascontiguousarray(X))
+            partials += [stats_math.chunk_stats(X[i : i + rows]) for i in range(0, len(y), rows)]
             if labels is not None:
                 labels.update(np.unique(y).tolist())
                 labels = labels if len(labels) <= MAX_CLASSES else None
@@ -226,7 +234,7 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
     n_chunks = -(-n // rows)
     manifest = {"X": [chunk_key("", "X", i) for i in range(n_chunks)]}
     return {"n_rows": n, "n_features": nf, "n_chunks": n_chunks, "manifest": manifest,
-            "labels": labels, "x_digest": hx.hexdigest()}
+            "labels": labels, "x_digest": hx.hexdigest(), "partials": partials}
 
 
 def _decide_task(src, labels: set[float] | None, task: str | None) -> tuple[str, list | None]:

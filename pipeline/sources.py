@@ -46,6 +46,7 @@ class Source:
     n_rows: int | None  # None while streaming an unknown number of rows
     progress_total: int  # units for the progress bar: rows, or bytes of a streamed file
     batches: Callable[[int], Iterator[tuple[np.ndarray, np.ndarray, int]]]  # rows -> (X, y, units)
+    in_memory: bool = False  # already whole in memory: larger write blocks cost nothing
 
 
 def open_source(spec: str, *, target: str | None = None) -> Source:
@@ -98,7 +99,7 @@ def from_arrays(
             yield (X[start:stop].astype(np.float64, copy=False),
                    y[start:stop].astype(np.float64, copy=False), stop - start)
 
-    return Source(spec, list(names), task, len(X), len(X), batches)
+    return Source(spec, list(names), task, len(X), len(X), batches, in_memory=True)
 
 
 def _column_numeric(column: np.ndarray) -> bool:

@@ -92,6 +92,19 @@ def compute_stats(
     return result
 
 
+def merge_partials(partials: list[stats_math.Stats], fan_in: int = 8) -> dict[str, np.ndarray]:
+    """Merge per-chunk statistics already computed (ingest takes them while writing) in the
+    same fan-in tree, on the threaded scheduler."""
+    token = dask.base.tokenize(len(partials), id(partials))
+    leaves = {(f"stats-chunk-{token}", i): (_identity, p) for i, p in enumerate(partials)}
+    graph, root = tree_reduce(leaves, stats_math.merge_many, f"stats-merge-{token}", fan_in)
+    return dict(_run(graph, root, None))
+
+
+def _identity(value):
+    return value
+
+
 def _medians(url, info: StoreInfo, refs, stats, token, dask_client, fan_in) -> np.ndarray:
     lo, hi = stats["min"], stats["max"]
     lo, hi = np.where(np.isfinite(lo), lo, 0.0), np.where(np.isfinite(hi), hi, 0.0)

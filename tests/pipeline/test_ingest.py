@@ -40,6 +40,8 @@ def test_sklearn_sources(tmp_path, name, task, shape):
     X_ref, y_ref = getattr(sklearn.datasets, f"load_{name}")(return_X_y=True)
     ds = open_store(str(tmp_path / "s.zarr"))
     np.testing.assert_array_equal(ds.X.compute(), X_ref)
+    np.testing.assert_allclose(info.stats["sum"], X_ref.sum(axis=0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_array_equal(info.stats["max"], X_ref.max(axis=0))
     if task == "regression":
         np.testing.assert_array_equal(ds.y.compute(), y_ref)
     else:
