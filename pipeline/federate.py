@@ -81,7 +81,7 @@ def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int
                   stage_states: dict, control: np.ndarray | None) -> dict:
     (X, y, _, _), was_read = placement.client_rows(spec.url, spec.partition, client,
                                                    test_fraction=spec.test_fraction,
-                                                   seed=spec.seed)
+                                                   seed=spec.seed, run=spec.token)
     cache = placement.worker_cache()
     pair = None
     if spec.scaffold:
@@ -114,7 +114,7 @@ def eval_group(spec: ClientSpec, clients: Sequence[str], params: np.ndarray) -> 
     reports = []
     for client in clients:
         (_, _, X, y), _ = placement.client_rows(spec.url, spec.partition, client,
-                                                test_fraction=spec.test_fraction, seed=spec.seed)
+                                                test_fraction=spec.test_fraction, seed=spec.seed, run=spec.token)
         sums = local.evaluate_sums(spec.model, params, X, y)
         record = {f"test_{k}": v for k, v in local.metrics_from_sums(sums, spec.model.task).items()}
         reports.append(aggregate.client_report(client, sums, record))
@@ -172,9 +172,20 @@ def _submit_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequen
 
 def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: int,
              what: str) -> tuple[dict | None, dict[str, str]]:
-    """Wait for the leaves until the deadline, sum the finished ones, name the dropped clients."""
+    """Sum the leaves that finish by the deadline; name the clients of the others.
+
+    The sum over all leaves is submitted at once, so a round where every client makes it
+    costs one round trip; only when a leaf is late or failed are the finished ones re-summed.
+    """
+    start = time.monotonic()
+    root = tree_sum(dask_client, leaves.futures, fan_in=8, key_prefix=f"sum-{what}",
+                    add=aggregate.add_reports)
+    with contextlib.suppress(Exception):  # late (TimeoutError) or a failed leaf: sorted out below
+        return root.result(timeout=deadline), {}
+    root.cancel()
+    remaining = None if deadline is None else max(0.0, deadline - (time.monotonic() - start))
     with contextlib.suppress(TimeoutError):
-        wait(leaves.futures, timeout=deadline)
+        wait(leaves.futures, timeout=remaining)
     done, dropped = [], {}
     for fut, owners in zip(leaves.futures, leaves.clients, strict=True):
         if fut.status == "finished":

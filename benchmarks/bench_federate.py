@@ -1,0 +1,185 @@
+"""FedAvg per-round time against a plain serial NumPy loop doing the same work; memory; accuracy.
+
+Run ``python -m benchmarks.bench_federate [--quick]`` from the repository root; prints one JSON
+object. The problem is the issue's: FedAvg of a logistic regression on ``make_classification``
+rows (200,000 x 50, 20 informative), IID clients, every client every round, 1 local epoch,
+batch 256, lr 0.1.
+
+* ``speed``: for 100 and 1,000 clients, the median per-round wall time of ``federate`` (2 worker
+  processes, one batched task per worker per round, evaluation only after the last round) and of
+  a serial loop over the same clients calling the same ``tasks.local.local_train`` on rows held
+  in memory; the ratio is what to read (the machine is shared). Round 0 (rows read from the
+  store into the workers' caches) is left out of the median.
+* ``scale``: per-round time at 100, 1,000 and 10,000 clients and seconds per client-round.
+* ``memory``: driver and worker RSS after round 50 and after round 500 of one run (a reduced
+  problem, stated in the output, so 500 rounds fit in a benchmark).
+* ``accuracy``: test accuracy of ``federate`` and of the serial loop after the same rounds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import psutil
+
+from pipeline import placement, store
+from pipeline.federate import federate
+from pipeline.ingest import ingest_arrays
+from pipeline.partition import partition
+from tasks import local, models
+
+LR, BATCH, EPOCHS, TEST_FRACTION, SEED = 0.1, 256, 1, 0.2, 0
+
+
+def make_store(path: str, n_rows: int, n_features: int, clients: list[int]) -> dict[int, str]:
+    """Synthetic rows as a fedpipe store with one IID partition per client count."""
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=n_rows, n_features=n_features, n_informative=20,
+                               random_state=0)
+    ingest_arrays(X, y, path, chunk_rows=min(n_rows, 4096), progress=False, overwrite=True)
+    names = {}
+    for k in clients:
+        names[k] = f"iid-{k}"
+        partition(path, clients=k, scheme="iid", seed=0, name=names[k])
+    return names
+
+
+def client_data(url: str, name: str) -> dict[str, tuple[np.ndarray, ...]]:
+    """Every client's train and test rows in memory, exactly as the workers see them."""
+    info = store.read_info(url)
+    data = {}
+    for client in placement.sort_clients(list(info.partitions[name]["clients"])):
+        parts = []
+        for split in ("train", "test"):
+            chunks = [store.read_chunk(url, ref, split=split, test_fraction=TEST_FRACTION,
+                                       seed=SEED, info=info)
+                      for ref in store.chunk_refs(info, partition=name, client=client)]
+            parts += [np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])]
+        data[client] = tuple(parts)
+    return data
+
+
+def serial_loop(model: models.Model, data: dict, rounds: int) -> tuple[list[float], float]:
+    """The plain loop: every client trains in turn, then the n-weighted mean delta is added."""
+    params, seconds = model.init(SEED), []
+    for r in range(rounds):
+        start = time.perf_counter()
+        total, weight = np.zeros_like(params), 0.0
+        for client, (X, y, _, _) in data.items():
+            out = local.local_train(model, params, X, y, epochs=EPOCHS, batch_size=BATCH, lr=LR,
+                                    rng=local.client_rng(SEED, r, client))
+            total += out.packet["delta"] * len(y)
+            weight += len(y)
+        params = params + total / weight
+        seconds.append(time.perf_counter() - start)
+    Xt = np.concatenate([d[2] for d in data.values()])
+    yt = np.concatenate([d[3] for d in data.values()])
+    return seconds, float(np.mean(model.predict(params, Xt) == yt))
+
+
+def federated(url: str, name: str, model: models.Model, rounds: int,
+              workers: int = 2) -> tuple[list[float], float]:
+    """Per-round seconds and final test accuracy of ``federate`` on its own cluster."""
+    run = federate(url, model, rounds=rounds, partition=name, local_epochs=EPOCHS,
+                   batch_size=BATCH, lr=LR, seed=SEED, test_fraction=TEST_FRACTION,
+                   eval_every=rounds, workers=workers)
+    return [rec["seconds"] for rec in run.history], run.summary["test_accuracy"]
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values[1:] if len(values) > 1 else values)
+
+
+def speed_and_scale(workdir: str, n_rows: int, clients: list[int], rounds: int,
+                    serial_for: set[int]) -> dict:
+    url = os.path.join(workdir, "bench.zarr")
+    start = time.perf_counter()
+    names = make_store(url, n_rows, 50, clients)
+    out: dict = {"rows": n_rows, "features": 50, "rounds": rounds,
+                 "setup_seconds": time.perf_counter() - start, "clients": {}}
+    model = models.logistic(50)
+    for k in clients:
+        fed_seconds, fed_acc = federated(url, names[k], model, rounds)
+        entry = {"federate_s_per_round": _median(fed_seconds),
+                 "federate_first_round_s": fed_seconds[0],
+                 "federate_test_accuracy": fed_acc}
+        entry["federate_s_per_client_round"] = entry["federate_s_per_round"] / k
+        if k in serial_for:
+            serial_seconds, serial_acc = serial_loop(model, client_data(url, names[k]), rounds)
+            entry |= {"serial_s_per_round": _median(serial_seconds),
+                      "serial_test_accuracy": serial_acc,
+                      "ratio_federate_over_serial":
+                          entry["federate_s_per_round"] / _median(serial_seconds),
+                      "accuracy_gap": abs(fed_acc - serial_acc)}
+        out["clients"][str(k)] = entry
+    return out
+
+
+def _rss(_=None) -> int:
+    return psutil.Process().memory_info().rss
+
+
+def memory(workdir: str, n_rows: int, clients: int, checkpoints: tuple[int, int]) -> dict:
+    """Driver and worker RSS after two round counts of one run (flat = within a few %)."""
+    url = os.path.join(workdir, "memory.zarr")
+    names = make_store(url, n_rows, 50, [clients])
+    info = store.read_info(url)
+    rows = {c: m["n_rows"] for c, m in info.partitions[names[clients]]["clients"].items()}
+    samples: dict[int, dict] = {}
+    with placement.simulation_cluster(placement.assign_clients(rows, 2)) as dc:
+        def sample(record: dict) -> None:
+            if record["round"] + 1 in checkpoints:
+                workers = dc.run(_rss)
+                samples[record["round"] + 1] = {"driver": _rss(), "workers": sum(workers.values())}
+
+        federate(url, models.logistic(50), rounds=checkpoints[1], partition=names[clients],
+                 local_epochs=EPOCHS, batch_size=BATCH, lr=LR, eval_every=checkpoints[1],
+                 dask_client=dc, on_record=sample)
+    early, late = samples[checkpoints[0]], samples[checkpoints[1]]
+    return {"rows": n_rows, "clients": clients, "rounds": list(checkpoints),
+            "driver_rss_mb": [early["driver"] / 1e6, late["driver"] / 1e6],
+            "workers_rss_mb": [early["workers"] / 1e6, late["workers"] / 1e6],
+            "driver_growth": late["driver"] / early["driver"] - 1,
+            "workers_growth": late["workers"] / early["workers"] - 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run (about a minute)")
+    args = parser.parse_args()
+    if args.quick:
+        rows, clients, rounds, mem = 20_000, [100, 1000], 4, (10, 40)
+    else:
+        rows, clients, rounds, mem = 200_000, [100, 1000, 10_000], 8, (50, 500)
+    with tempfile.TemporaryDirectory(prefix="bench-federate-") as workdir:
+        result = {"benchmark": "federate", "quick": args.quick,
+                  "machine_cpus": os.cpu_count(),
+                  "speed": speed_and_scale(workdir, rows, clients, rounds, {100, 1000}),
+                  "memory": memory(workdir, 20_000, 100, mem)}
+    result["targets"] = _targets(result)
+    print(json.dumps(result, indent=2))
+
+
+def _targets(result: dict) -> dict:
+    per_k = result["speed"]["clients"]
+    out = {"ratio_100_le_1.0": per_k["100"]["ratio_federate_over_serial"] <= 1.0,
+           "ratio_1000_le_1.5": per_k["1000"]["ratio_federate_over_serial"] <= 1.5,
+           "accuracy_within_0.005": all(v["accuracy_gap"] <= 0.005 for v in per_k.values()
+                                        if "accuracy_gap" in v),
+           "memory_flat_5pct": max(result["memory"]["driver_growth"],
+                                   result["memory"]["workers_growth"]) <= 0.05}
+    if "10000" in per_k:
+        per_client = [per_k[k]["federate_s_per_client_round"] for k in ("1000", "10000")]
+        out["s_per_client_round_1000_vs_10000"] = per_client
+    return out
+
+
+if __name__ == "__main__":
+    main()
