@@ -168,7 +168,9 @@ def _rechunk(batches: Iterator, rows: int) -> Iterator[tuple[np.ndarray, np.ndar
         while held >= rows:
             X_all, y_all = _join(xs), _join(ys)
             yield X_all[:rows], y_all[:rows], units
-            xs, ys, held, units = [X_all[rows:]], [y_all[rows:]], held - rows, 0
+            held, units = held - rows, 0
+            # Keep only a non-empty remainder, so aligned batches are never copied.
+            xs, ys = ([X_all[rows:]], [y_all[rows:]]) if held else ([], [])
     if held:
         yield _join(xs), _join(ys), units
 
