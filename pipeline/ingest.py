@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import zarr
@@ -214,16 +215,19 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
     partials: list = []  # per-chunk column statistics, taken while the rows are in memory
     labels: set[float] | None = set()
     n = 0
-    with _progress(progress, src.progress_total) as bar:
+    pending = None  # the previous block's write, overlapped with checking/hashing the next
+    with ThreadPoolExecutor(1, thread_name_prefix="fedpipe-write") as writer, \
+            _progress(progress, src.progress_total) as bar:
         task_id = bar.add_task("ingest", total=src.progress_total)
         block = rows * max(1, WRITE_BYTES // (rows * 8 * max(nf, 1))) if src.in_memory else rows
         for X, y, units in _rechunk(src.batches(block), block):
             X = _check_batch(src, X, y, n, impute).astype(dtype, copy=False)
+            if pending is not None:
+                pending.result()
             if n + len(y) > known:
                 X_arr.resize((n + len(y), nf))
                 lab.resize((n + len(y),))
-            X_arr[n : n + len(y)] = X
-            lab[n : n + len(y)] = y
+            pending = writer.submit(_write_block, X_arr, lab, n, X, y)
             hx.update(np.ascontiguousarray(X))
             partials += [stats_math.chunk_stats(X[i : i + rows]) for i in range(0, len(y), rows)]
             if labels is not None:
@@ -231,12 +235,19 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
                 labels = labels if len(labels) <= MAX_CLASSES else None
             n += len(y)
             bar.update(task_id, advance=units)
+        if pending is not None:
+            pending.result()
     if n == 0:
         raise ValidationError(f"source {src.name} has no rows")
     n_chunks = -(-n // rows)
     manifest = {"X": [chunk_key("", "X", i) for i in range(n_chunks)]}
     return {"n_rows": n, "n_features": nf, "n_chunks": n_chunks, "manifest": manifest,
             "labels": labels, "x_digest": hx.hexdigest(), "partials": partials}
+
+
+def _write_block(X_arr, lab, start: int, X: np.ndarray, y: np.ndarray) -> None:
+    X_arr[start : start + len(y)] = X
+    lab[start : start + len(y)] = y
 
 
 def _decide_task(src, labels: set[float] | None, task: str | None) -> tuple[str, list | None]:
