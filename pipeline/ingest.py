@@ -38,7 +38,8 @@ log = logging.getLogger("fedpipe")
 DTYPES = ("float32", "float64")
 IMPUTE = ("none", "mean", "median")
 TASKS = ("regression", "binary", "multiclass")
-MAX_CLASSES = 50  # integer-valued targets with at most this many values are classes
+MAX_CLASSES = 50  # inferring the task: integer targets with at most this many values are classes
+MAX_LABELS = 100_000  # distinct labels tracked while streaming (an explicit task may use many)
 CHUNK_BYTES = 8 << 20
 # In-memory sources are written several whole chunks per zarr call, so zarr compresses them
 # concurrently. Streamed sources go one chunk at a time: a parsed CSV batch costs several
@@ -232,7 +233,7 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
             partials += [stats_math.chunk_stats(X[i : i + rows]) for i in range(0, len(y), rows)]
             if labels is not None:
                 labels.update(np.unique(y).tolist())
-                labels = labels if len(labels) <= MAX_CLASSES else None
+                labels = labels if len(labels) <= MAX_LABELS else None
             n += len(y)
             bar.update(task_id, advance=units)
         if pending is not None:
@@ -255,16 +256,19 @@ def _decide_task(src, labels: set[float] | None, task: str | None) -> tuple[str,
     integer = labels is not None and all(float(v).is_integer() for v in labels)
     task = task or src.task
     if task is None:
-        task = "regression" if not integer else ("binary" if len(labels) <= 2 else "multiclass")
+        if not integer or len(labels) > MAX_CLASSES:
+            task = "regression"
+        else:
+            task = "binary" if len(labels) <= 2 else "multiclass"
     if task == "regression":
         return task, None
     if labels is None:
-        raise ValidationError(f"source {src.name}: --task {task} but y has more than {MAX_CLASSES} distinct values")
+        raise ValidationError(f"source {src.name}: task {task} but y has more than {MAX_LABELS} distinct values")
     if not integer:
         bad = next(v for v in sorted(labels) if not float(v).is_integer())
-        raise ValidationError(f"source {src.name}: --task {task} needs integer labels, found {bad}")
+        raise ValidationError(f"source {src.name}: task {task} needs integer labels, found {bad}")
     if task == "binary" and len(labels) > 2:
-        raise ValidationError(f"source {src.name}: --task binary but y has {len(labels)} classes")
+        raise ValidationError(f"source {src.name}: task binary but y has {len(labels)} classes")
     return task, [int(v) for v in sorted(labels)]
 
 

@@ -104,6 +104,11 @@ def test_task_override_and_inference(tmp_path):
     frame["label"] = frame["label"] > 10
     frame.to_csv(tmp_path / "b.csv", index=False)
     assert _ingest(tmp_path / "b.csv", tmp_path / "b.zarr").task == "binary"
+    frame["label"] = np.arange(len(frame)) % 60  # many integer values: a count, not classes
+    frame.to_csv(tmp_path / "m.csv", index=False)
+    assert _ingest(tmp_path / "m.csv", tmp_path / "m.zarr").task == "regression"
+    info = _ingest(tmp_path / "m.csv", tmp_path / "m2.zarr", task="multiclass")
+    assert info.classes == list(range(60))
 
 
 def _write(tmp_path, name, frame):
