@@ -74,44 +74,68 @@ def _median_time(func: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def numpy_loop_seconds(url: str, iterations: int) -> dict[str, float]:
-    """Per-iteration time of a plain loop over the chunks held in this process's memory."""
+class NumpyLoop:
+    """One full-batch iteration as a single-process NumPy loop over in-memory chunks."""
+
+    def __init__(self, url: str) -> None:
+        from pipeline.store import chunk_refs, read_chunk, read_info
+        from tasks import models, optimizers
+
+        self.chunks = [read_chunk(url, r) for r in chunk_refs(read_info(url))]
+        self.model, self.opt = models.logistic(N_FEATURES), optimizers.sgd(0.5)
+        self.params = self.model.init(0)
+        self.state = self.opt.init(self.params)
+
+    def step(self) -> float:
+        from tasks import reduce
+
+        start = time.perf_counter()
+        parts = [self.model.loss_and_grad(self.params, X, y) for X, y in self.chunks]
+        _, grad = reduce.objective(*reduce.add_sums(*parts), self.model, self.params)
+        updates, self.state = self.opt.update(grad, self.state, self.params)
+        self.params = self.params + updates
+        return time.perf_counter() - start
+
+
+def interleaved_iterations(url: str, dask_client, iterations: int) -> dict:
+    """fedpipe iterations with NumPy-loop iterations run between them (same machine load).
+
+    The NumPy iterations run from ``on_record``, which the engine leaves out of its own
+    iteration times; the medians of both series are compared, and their paired ratios.
+    """
     from threadpoolctl import threadpool_limits
 
-    from pipeline.store import chunk_refs, read_chunk, read_info
-    from tasks import models, optimizers, reduce
-
-    chunks = [read_chunk(url, r) for r in chunk_refs(read_info(url))]
-    model, opt = models.logistic(N_FEATURES), optimizers.sgd(0.5)
-
-    def run() -> None:
-        params = model.init(0)
-        state = opt.init(params)
-        for _ in range(iterations):
-            parts = [model.loss_and_grad(params, X, y) for X, y in chunks]
-            loss_sum, grad_sum, n = reduce.add_sums(*parts)
-            _, grad = reduce.objective(loss_sum, grad_sum, n, model, params)
-            updates, state = opt.update(grad, state, params)
-            params = params + updates
-
-    out = {"default_blas_threads": _median_time(run, 2) / iterations}
-    with threadpool_limits(limits=1, user_api="blas"):
-        out["one_blas_thread"] = _median_time(run, 2) / iterations
-    return out
-
-
-def fedpipe_iteration_seconds(url: str, dask_client, iterations: int) -> dict:
     from tasks import optimizers
 
+    loop = NumpyLoop(url)
+    loop.step()  # warm
+    series: dict[str, list[float]] = {"default": [], "one_thread": []}
+
+    def between(record: dict) -> None:
+        series["default"].append(loop.step())
+        with threadpool_limits(limits=1, user_api="blas"):
+            series["one_thread"].append(loop.step())
+
     _fit(url, dask_client, optimizers.sgd(0.5), 2, test_fraction=0.0)  # warm the workers
-    result = _fit(url, dask_client, optimizers.sgd(0.5), iterations, test_fraction=0.0,
-                  cache="memory")
+    fused = _fit(url, dask_client, optimizers.sgd(0.5), iterations, test_fraction=0.0,
+                 cache="memory", on_record=between)
+    ours = [r["seconds"] for r in fused.metrics[1:]]
+    numpy_default, numpy_one = series["default"][:-1], series["one_thread"][:-1]
+    loop.chunks.clear()  # free the driver copy before the next fit
     per_chunk = _fit(url, dask_client, optimizers.sgd(0.5), iterations, test_fraction=0.0,
                      cache="memory", chunks_per_task=1)
-    return {"median": result.summary["seconds_per_iteration"],
-            "all": [round(r["seconds"], 4) for r in result.metrics[1:]],
-            "chunks_per_task": result.summary["chunks_per_task"],
-            "median_one_task_per_chunk": per_chunk.summary["seconds_per_iteration"]}
+    return {
+        "fedpipe_seconds": {"median": statistics.median(ours), "min": min(ours),
+                            "all": [round(t, 4) for t in ours],
+                            "chunks_per_task": fused.summary["chunks_per_task"],
+                            "median_one_task_per_chunk":
+                                per_chunk.summary["seconds_per_iteration"]},
+        "numpy_loop_seconds": {"default_blas_threads": statistics.median(numpy_default),
+                               "one_blas_thread": statistics.median(numpy_one),
+                               "all_default": [round(t, 4) for t in numpy_default]},
+        "median_paired_ratio": statistics.median(
+            a / b for a, b in zip(ours, numpy_default, strict=True)),
+    }
 
 
 def dask_ml_iteration_seconds(url: str, dask_client, iterations: int) -> dict:
@@ -132,8 +156,9 @@ def dask_ml_iteration_seconds(url: str, dask_client, iterations: int) -> dict:
         LogisticRegression(solver="gradient_descent", max_iter=n, tol=0.0, fit_intercept=True,
                            penalty="l2", C=1e12).fit(X, y)
 
-    # Subtract a 1-iteration fit to leave out dask-ml's own setup work.
-    one = _median_time(lambda: fit(1), 1)
+    fit(1)  # warm: the first fit compiles and imports (numba, sparse)
+    # Subtract a 1-iteration fit to leave out dask-ml's own per-fit setup work.
+    one = min(_median_time(lambda: fit(1), 1) for _ in range(2))
     many = _median_time(lambda: fit(iterations + 1), 1)
     return {"median": (many - one) / iterations, "setup_and_one_iteration": one}
 
@@ -183,7 +208,7 @@ def _read_only(url: str, ref, info) -> int:
 
 
 def streaming_vs_reading(url: str, dask_client, iterations: int) -> dict:
-    """One streaming pass against reading the same chunks with the same parallelism."""
+    """Streaming passes against reading the same chunks, interleaved (one read between passes)."""
     from pipeline.store import chunk_refs, read_info
     from tasks import optimizers
 
@@ -195,11 +220,15 @@ def streaming_vs_reading(url: str, dask_client, iterations: int) -> dict:
                             for r in refs])
 
     read_all()  # warm the page cache for both sides alike
-    read_seconds = _median_time(read_all, 3)
+    reads: list[float] = []
     result = _fit(url, dask_client, optimizers.sgd(0.5), iterations, test_fraction=0.0,
-                  cache="stream")
-    return {"read_decompress_seconds": read_seconds,
-            "stream_pass_seconds": result.summary["seconds_per_iteration"]}
+                  cache="stream", on_record=lambda r: reads.append(_median_time(read_all, 1)))
+    passes = [r["seconds"] for r in result.metrics[1:]]
+    return {"read_decompress_seconds": statistics.median(reads[:-1]),
+            "stream_pass_seconds": statistics.median(passes),
+            "chunks_per_task": result.summary["chunks_per_task"],
+            "all_read": [round(t, 3) for t in reads[:-1]],
+            "all_stream": [round(t, 3) for t in passes]}
 
 
 def scaling(workdir: str, sizes: list[int], iterations: int) -> list[dict]:
@@ -230,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     n_rows = 200_000 if args.quick else 2_000_000
     chunk = 20_000 if args.quick else CHUNK_ROWS
-    iters = 3 if args.quick else 10
+    iters = 4 if args.quick else 12
     sizes = [50_000, 100_000, 200_000] if args.quick else [250_000, 1_000_000, 2_000_000,
                                                             8_000_000]
     workdir = tempfile.mkdtemp(prefix="fedpipe-bench-train-")
@@ -240,9 +269,9 @@ def main(argv: list[str] | None = None) -> dict:
         result: dict = {"benchmark": "train", "quick": args.quick, "cpus": os.cpu_count(),
                         "rows": n_rows, "features": N_FEATURES, "chunk_rows": chunk,
                         "cluster": "LocalCluster, 2 worker processes x 1 thread, 1 BLAS thread"}
-        numpy_loop = numpy_loop_seconds(url, iters)
         with _connect() as dask_client:
-            ours = fedpipe_iteration_seconds(url, dask_client, iters)
+            paired = interleaved_iterations(url, dask_client, iters)
+            ours, numpy_loop = paired["fedpipe_seconds"], paired["numpy_loop_seconds"]
             dask_ml = dask_ml_iteration_seconds(url, dask_client, 2 if args.quick else 3)
             lbfgs_run = lbfgs_time_to_sklearn(url, dask_client, 100)
             stream = streaming_vs_reading(url, dask_client, iters)
@@ -252,6 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
             "fedpipe_over_numpy_loop": ours["median"] / numpy_loop["default_blas_threads"],
             "fedpipe_over_numpy_loop_one_blas_thread":
                 ours["median"] / numpy_loop["one_blas_thread"],
+            "fedpipe_over_numpy_loop_paired_median": paired["median_paired_ratio"],
             "dask_ml_over_fedpipe": (dask_ml["median"] / ours["median"]
                                      if "median" in dask_ml else None),
         }

@@ -121,7 +121,7 @@ def run_epochs(engine: Engine, optimizer: Optimizer, epochs: int, batch_size: in
         check_finite(result.loss, "epoch", epoch, engine.run_dir)
         emit(engine, pass_record("epoch", epoch, result, now - last, now - t0,
                                  steps=int(state["step"])), records)
-        last = now
+        last = time.perf_counter()  # time spent in on_record is not training time
         if epoch > start and checkpoint_every and epoch % checkpoint_every == 0:
             save_state(engine, "epoch", epoch, params, state, seed, kind=KIND)
         if converged(records, tol):

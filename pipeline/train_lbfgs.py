@@ -56,6 +56,7 @@ def run_lbfgs(engine: Engine, config: lbfgs.LBFGS, iterations: int, seed: int,
     evaluations, last = 1, time.perf_counter()
     emit(engine, pass_record("iteration", start, current, last - t0, last - t0,
                              evaluations=evaluations), records)
+    last = time.perf_counter()
     stopped = "iterations"
     for t in range(start + 1, iterations + 1):
         with span(f"iteration-{t}"):
@@ -65,13 +66,13 @@ def run_lbfgs(engine: Engine, config: lbfgs.LBFGS, iterations: int, seed: int,
         if accepted is None:
             stopped = "line-search"
             break
-        s_hist, y_hist = lbfgs.push_pair(s_hist, y_hist, accepted - params,
-                                         trial.grad - current.grad, config.memory)
+        s_hist, y_hist = lbfgs.update_history(s_hist, y_hist, params, accepted, current.grad,
+                                              trial.grad, config.memory)
         params, current = accepted, trial
         now = time.perf_counter()
         emit(engine, pass_record("iteration", t, current, now - last, now - t0,
                                  evaluations=evaluations), records)
-        last = now
+        last = time.perf_counter()  # time spent in on_record is not training time
         if checkpoint_every and t % checkpoint_every == 0:
             save_state(engine, "iteration", t, params, {"s": s_hist, "y": y_hist}, seed, kind=KIND)
         if converged(records, tol):

@@ -120,6 +120,13 @@ def push_pair(
     return np.vstack([s_hist, s])[-memory:], np.vstack([y_hist, y])[-memory:]
 
 
+def update_history(s_hist: np.ndarray, y_hist: np.ndarray, x_old: np.ndarray,
+                   x_new: np.ndarray, g_old: np.ndarray, g_new: np.ndarray,
+                   memory: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`push_pair` with the step ``x_new - x_old`` and gradient change ``g_new - g_old``."""
+    return push_pair(s_hist, y_hist, x_new - x_old, g_new - g_old, memory)
+
+
 def initial_step(grad: np.ndarray, first: bool) -> float:
     """First trial step: ``1`` (L-BFGS directions are well scaled), ``1/||g||`` on iteration one."""
     if not first:
