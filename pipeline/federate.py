@@ -12,6 +12,7 @@ checkpoint writes), except per-client state (SCAFFOLD's ``c_i``), kept on the cl
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import statistics
 import time
@@ -19,6 +20,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
+import cloudpickle
 import numpy as np
 from distributed import Client, Future, wait
 
@@ -73,8 +75,30 @@ class Sampling(NamedTuple):
     retries: int = 1
 
 
+class PackedSpec(NamedTuple):
+    """A :class:`ClientSpec` pickled once per run: tasks carry bytes, workers unpickle once."""
+
+    token: str
+    blob: bytes
+
+
+@functools.lru_cache(maxsize=8)
+def pack_spec(spec: ClientSpec) -> PackedSpec:
+    """Pickle the spec once; pickling the model's closures on every submit costs ~20 ms."""
+    return PackedSpec(spec.token, cloudpickle.dumps(spec))
+
+
 # --------------------------------------------------------------------------------------------
 # worker side (runs inside tasks pinned by client resources)
+
+
+def _unpack(spec: ClientSpec | PackedSpec) -> ClientSpec:
+    if isinstance(spec, ClientSpec):
+        return spec
+    specs = placement.worker_cache().specs
+    if spec.token not in specs:
+        specs[spec.token] = cloudpickle.loads(spec.blob)
+    return specs[spec.token]
 
 
 def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int,
@@ -98,19 +122,21 @@ def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int
     return aggregate.client_report(client, packet, metrics, rejected)
 
 
-def train_group(spec: ClientSpec, clients: Sequence[str], params: np.ndarray, round_: int,
-                stage_states: dict, control: np.ndarray | None) -> dict:
+def train_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np.ndarray,
+                round_: int, stage_states: dict, control: np.ndarray | None) -> dict:
     """Train the given clients of this worker, in order, and merge their reports.
 
     Equal, bit for bit, to one task per client followed by :func:`tasks.aggregate.add_reports`
     over the same clients in the same order.
     """
+    spec = _unpack(spec)
     reports = [_train_client(spec, c, params, round_, stage_states, control) for c in clients]
     return aggregate.add_reports(*reports)
 
 
-def eval_group(spec: ClientSpec, clients: Sequence[str], params: np.ndarray) -> dict:
+def eval_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np.ndarray) -> dict:
     """Test-row sums of the given clients of this worker (their rows never leave it)."""
+    spec = _unpack(spec)
     reports = []
     for client in clients:
         (_, _, X, y), _ = placement.client_rows(spec.url, spec.partition, client,
@@ -155,12 +181,12 @@ def _submit_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequen
             continue
         tag = f"{spec.token}-r{r}-a{attempt}-g{j}"
         if batch_clients:
-            fut = dask_client.submit(train_group, spec, mine, params_f, r, state.stage_states,
+            fut = dask_client.submit(train_group, pack_spec(spec), mine, params_f, r, state.stage_states,
                                      state.control, key=f"local-{tag}",
                                      resources=placement.resources_of(mine), pure=False)
         else:
             per_client = [
-                dask_client.submit(train_group, spec, [c], params_f, r, state.stage_states,
+                dask_client.submit(train_group, pack_spec(spec), [c], params_f, r, state.stage_states,
                                    state.control, key=f"local-{tag}-c{c}",
                                    resources=placement.resources_of([c]), pure=False)
                 for c in mine]
@@ -263,7 +289,7 @@ def _train_round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequenc
 def _evaluate(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
               params: np.ndarray, r: int, deadline: float | None) -> dict:
     params_f = params  # inside the task specs, as in _train_round
-    futures = [dask_client.submit(eval_group, spec, g, params_f, key=f"eval-{spec.token}-r{r}-g{j}",
+    futures = [dask_client.submit(eval_group, pack_spec(spec), g, params_f, key=f"eval-{spec.token}-r{r}-g{j}",
                                   resources=placement.resources_of(g), pure=False)
                for j, g in enumerate(groups)]
     report, dropped = _collect(dask_client, _Leaves(futures, [list(g) for g in groups]),

@@ -171,6 +171,8 @@ class ClientCache(WorkerPlugin):
     info : dict
         ``(url, run_token) -> StoreInfo``: metadata read once per run, not once per client (with
         10,000 clients the metadata alone is megabytes).
+    specs : dict
+        ``run_token -> object``: a run's unpickled task settings (model, stages), unpickled once.
     reads : int
         Clients read from the store by this worker process (a restarted worker starts at 0).
     """
@@ -181,6 +183,7 @@ class ClientCache(WorkerPlugin):
         self.rows: dict[tuple, tuple[np.ndarray, ...]] = {}
         self.state: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         self.info: dict[tuple[str, str], store.StoreInfo] = {}
+        self.specs: dict[str, Any] = {}
         self.reads = 0
 
 
