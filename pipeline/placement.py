@@ -103,6 +103,7 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
     """
     cls = Nanny if processes else Worker
     extra = dict(worker_kwargs or {})
+    extra.setdefault("dashboard_address", ":0")  # workers' HTTP servers never fight over 8787
     if processes:
         extra.setdefault("env", dict(_BLAS_ENV))
         # Worker processes log every connection at INFO; keep the CLI's stderr readable.

@@ -29,7 +29,7 @@ def dask_client(fed_store):
     info = store.read_info(fed_store)
     rows = {c: m["n_rows"] for c, m in info.partitions["fed"]["clients"].items()}
     with placement.simulation_cluster(placement.assign_clients(rows, 2), processes=False,
-                                      dashboard_address=None) as dc:
+                                      dashboard_address=":0") as dc:
         yield dc
 
 
@@ -185,3 +185,20 @@ def test_cli_federate_writes_the_run_directory(tmp_path, capsys):
         p.name for p in out.iterdir()}
     assert main(["federate", path, "--model", "softmax", "--rounds", "1", "--fraction", "2"]) == 2
     assert "--fraction must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_external_scheduler_is_used_not_replaced(fed_store, dask_client):
+    # The deployment path: connect by address, discover the client workers, start nothing.
+    address = dask_client.scheduler.address
+    before = set(dask_client.scheduler_info()["workers"])
+    run = federate(fed_store, _model(), rounds=1, scheduler=address)
+    assert run.history[0]["aggregated"] == N_CLIENTS
+    assert set(dask_client.scheduler_info()["workers"]) == before
+
+
+def test_fewer_workers_than_client_resources(fed_store):
+    with placement.simulation_cluster([["0", "1"], ["2"]], processes=False,
+                                      dashboard_address=":0") as dc:
+        with pytest.raises(TrainingError, match="no worker carries resource client-3, "
+                                                "client-4, client-5 and 2 more"):
+            federate(fed_store, _model(), rounds=1, dask_client=dc)

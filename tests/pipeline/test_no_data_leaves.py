@@ -76,7 +76,7 @@ def test_no_client_rows_leave_their_worker(fed_store):
     groups = placement.assign_clients(rows, 3)
     transfers: list[dict] = []
     events: dict[str, object] = {}
-    with placement.simulation_cluster(groups, processes=True, dashboard_address=None) as dc:
+    with placement.simulation_cluster(groups, processes=True, dashboard_address=":0") as dc:
         recorder = ResultRecorder(dc.cluster.scheduler)
         dc.cluster.scheduler.add_plugin(recorder)
         by_worker = {w: _cache_report_of(dc, w) for w in dc.scheduler_info()["workers"]}

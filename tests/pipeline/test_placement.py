@@ -31,7 +31,7 @@ def test_sort_clients_numeric_first():
 @pytest.fixture(scope="module")
 def cluster():
     groups = [["0", "1"], ["2"]]
-    with placement.simulation_cluster(groups, processes=False, dashboard_address=None) as dc:
+    with placement.simulation_cluster(groups, processes=False, dashboard_address=":0") as dc:
         yield dc, groups
 
 
