@@ -140,7 +140,8 @@ def eval_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np
     reports = []
     for client in clients:
         (_, _, X, y), _ = placement.client_rows(spec.url, spec.partition, client,
-                                                test_fraction=spec.test_fraction, seed=spec.seed, run=spec.token)
+                                                test_fraction=spec.test_fraction,
+                                                seed=spec.seed, run=spec.token)
         sums = local.evaluate_sums(spec.model, params, X, y)
         record = {f"test_{k}": v for k, v in local.metrics_from_sums(sums, spec.model.task).items()}
         reports.append(aggregate.client_report(client, sums, record))
@@ -181,13 +182,13 @@ def _submit_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequen
             continue
         tag = f"{spec.token}-r{r}-a{attempt}-g{j}"
         if batch_clients:
-            fut = dask_client.submit(train_group, pack_spec(spec), mine, params_f, r, state.stage_states,
-                                     state.control, key=f"local-{tag}",
+            fut = dask_client.submit(train_group, pack_spec(spec), mine, params_f, r,
+                                     state.stage_states, state.control, key=f"local-{tag}",
                                      resources=placement.resources_of(mine), pure=False)
         else:
             per_client = [
-                dask_client.submit(train_group, pack_spec(spec), [c], params_f, r, state.stage_states,
-                                   state.control, key=f"local-{tag}-c{c}",
+                dask_client.submit(train_group, pack_spec(spec), [c], params_f, r,
+                                   state.stage_states, state.control, key=f"local-{tag}-c{c}",
                                    resources=placement.resources_of([c]), pure=False)
                 for c in mine]
             fut = dask_client.submit(aggregate.add_reports, *per_client, key=f"agg-{tag}")
@@ -225,7 +226,8 @@ def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: in
                     _short(dropped))
     if not done:
         return None, dropped
-    root = tree_sum(dask_client, done, fan_in=8, key_prefix=f"sum-{what}", add=aggregate.add_reports)
+    root = tree_sum(dask_client, done, fan_in=8, key_prefix=f"sum-{what}",
+                    add=aggregate.add_reports)
     return root.result(), dropped
 
 
@@ -280,7 +282,8 @@ def _train_round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequenc
     new_state = ServerState(params, opt_state, stage_states, control, r + 1, state.seed)
     record = {"round": r, "sampled": len(sampled), "aggregated": accepted,
               "dropped": dropped, "rejected": rejected, "aggregation": measurements,
-              "train_loss": aggregate.weighted_average(records, "train_loss"),
+              "train_loss": aggregate.weighted_average(
+                  {c: rec for c, rec in records.items() if c not in rejected}, "train_loss"),
               "clients": {c: {k: v for k, v in rec.items() if k != "rejected"}
                           for c, rec in records.items()}}
     return new_state, record
@@ -289,7 +292,8 @@ def _train_round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequenc
 def _evaluate(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
               params: np.ndarray, r: int, deadline: float | None) -> dict:
     params_f = params  # inside the task specs, as in _train_round
-    futures = [dask_client.submit(eval_group, pack_spec(spec), g, params_f, key=f"eval-{spec.token}-r{r}-g{j}",
+    futures = [dask_client.submit(eval_group, pack_spec(spec), g, params_f,
+                                  key=f"eval-{spec.token}-r{r}-g{j}",
                                   resources=placement.resources_of(g), pure=False)
                for j, g in enumerate(groups)]
     report, dropped = _collect(dask_client, _Leaves(futures, [list(g) for g in groups]),
@@ -385,7 +389,8 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     """
     info = store.read_info(store_url)
     partition = _resolve_partition(info, partition)
-    client_rows = {str(c): int(m["n_rows"]) for c, m in info.partitions[partition]["clients"].items()}
+    client_rows = {str(c): int(m["n_rows"])
+                   for c, m in info.partitions[partition]["clients"].items()}
     clients = placement.sort_clients(list(client_rows))
     _check_partition(info, partition, client_rows)
     sampling_ = _check_sampling(len(clients), fraction, clients_per_round, min_clients,

@@ -129,7 +129,8 @@ def discover(dask_client: Client, clients: Sequence[str]) -> list[list[str]]:
     holders: dict[str, frozenset[str]] = {}
     for client in clients:
         name = resource_name(client)
-        holders[client] = frozenset(a for a, w in workers.items() if w.get("resources", {}).get(name))
+        holders[client] = frozenset(a for a, w in workers.items()
+                                    if w.get("resources", {}).get(name))
     missing = sort_clients([c for c, h in holders.items() if not h])
     if missing:
         shown = ", ".join(resource_name(c) for c in missing[:3])
