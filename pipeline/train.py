@@ -163,7 +163,11 @@ def fit(
         cost less scheduling; with ``chunks_per_task == fan_in`` the result is bit-identical
         to one task per chunk (the task computes the tree's first level itself).
     on_record : callable, optional
-        Called with each metrics record right after it is appended to ``metrics.jsonl``.
+        Called with each metrics record right after it is appended to ``metrics.jsonl``
+        (its run time is not counted in the records' ``seconds``).
+    workers, threads, scheduler : optional
+        Cluster to start (LocalCluster workers and threads per worker) or to join (scheduler
+        address) when no ``dask_client`` is given.
     config : mapping, optional
         Resolved options written to ``config.toml`` (the CLI passes its arguments).
 
@@ -460,6 +464,8 @@ def restore_state(engine: Engine, step_key: str, kind: str, seed: int):
     """
     if engine.run_dir is None or (ckpt := rundir.load_checkpoint(engine.run_dir)) is None:
         log.info("no checkpoint to resume from: starting at the beginning")
+        if engine.run_dir is not None:  # records of an attempt killed before its first checkpoint
+            rundir.trim_metrics(engine.run_dir, lambda r: False)
         return None
     arrays, meta = ckpt
     if meta.get("kind") != kind or meta.get("n_params") != engine.model.n_params:
