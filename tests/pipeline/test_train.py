@@ -222,3 +222,11 @@ def test_minibatch_is_deterministic_and_learns(dask_client, store):
     assert runs[0].params.tobytes() == runs[1].params.tobytes()
     assert runs[0].metrics[-1]["train_loss"] < runs[0].metrics[0]["train_loss"]
     assert runs[0].metrics[-1]["steps"] == 3 * -(-runs[0].summary["n_train"] // 50)
+
+
+def test_joins_a_running_scheduler(dask_client, store):
+    address = dask_client.scheduler.address
+    result = fit(store, models.softmax(5, 3), optimizers.sgd(0.1), iterations=1,
+                 scheduler=address)
+    assert result.summary["n_workers"] == 2
+    assert dask_client.status == "running"  # the shared cluster is left running
