@@ -223,8 +223,12 @@ def read_chunk(
     test_fraction: float = 0.2,
     seed: int = 0,
     info: StoreInfo | None = None,
+    group: zarr.Group | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Read one chunk, check it, preprocess it and keep the rows of one side of the split.
+
+    ``group`` (the store already opened) saves parsing the root metadata on every chunk: with
+    thousands of clients' partitions in the attributes that costs ~0.2 s per read.
 
     Parameters
     ----------
@@ -249,7 +253,7 @@ def read_chunk(
     if split not in SPLITS:
         raise ValidationError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     info = info or read_info(url)
-    X, y = read_raw_chunk(open_group(url), info, ref)
+    X, y = read_raw_chunk(group if group is not None else open_group(url), info, ref)
     X = apply_preprocess(X, info)
     if split == "all":
         return X, y
