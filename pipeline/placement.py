@@ -171,8 +171,8 @@ class ClientCache(WorkerPlugin):
     state : dict
         ``(run_token, client) -> dict of arrays`` (e.g. SCAFFOLD's control variate).
     info : dict
-        ``(url, run_token) -> StoreInfo``: metadata read once per run, not once per client (with
-        10,000 clients the metadata alone is megabytes).
+        ``(url, run_token) -> (StoreInfo, zarr.Group)``: the store opened once per run, not once
+        per chunk (with 10,000 clients the root metadata alone is megabytes).
     specs : dict
         ``run_token -> object``: a run's unpickled task settings (model, stages), unpickled once.
     reads : int
@@ -184,7 +184,7 @@ class ClientCache(WorkerPlugin):
     def __init__(self) -> None:
         self.rows: dict[tuple, tuple[np.ndarray, ...]] = {}
         self.state: dict[tuple[str, str], dict[str, np.ndarray]] = {}
-        self.info: dict[tuple[str, str], store.StoreInfo] = {}
+        self.info: dict[tuple[str, str], tuple[store.StoreInfo, Any]] = {}
         self.specs: dict[str, Any] = {}
         self.reads = 0
 
@@ -212,14 +212,15 @@ def client_rows(url: str, partition: str, client: str, *, test_fraction: float,
     key = (url, partition, str(client), float(test_fraction), int(seed))
     if key in cache.rows:
         return cache.rows[key], False
-    info = cache.info.get((url, run))
-    if info is None:
-        info = cache.info[(url, run)] = store.read_info(url)
+    if (url, run) not in cache.info:
+        group = store.open_group(url)
+        cache.info[(url, run)] = (store.read_info(url), group)
+    info, group = cache.info[(url, run)]
     refs = store.chunk_refs(info, partition=partition, client=client)
     parts = {}
     for split in ("train", "test"):
         chunks = [store.read_chunk(url, ref, split=split, test_fraction=test_fraction,
-                                   seed=seed, info=info) for ref in refs]
+                                   seed=seed, info=info, group=group) for ref in refs]
         parts[split] = (np.concatenate([c[0] for c in chunks]) if chunks else
                         np.zeros((0, info.n_features)),
                         np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0))
