@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from distributed import Client, LocalCluster
 
 from pipeline import rundir
 from pipeline.cli import main
@@ -20,12 +21,19 @@ from pipeline.train import fit
 from tasks import models, optimizers
 
 
-def test_train_writes_the_run_directory(small_store, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def dask_client():
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
+        yield dask_client
+
+
+def test_train_writes_the_run_directory(small_store, tmp_path, capsys, dask_client):
     store = small_store(standardize=True)
     out = tmp_path / "run"
     code = main(["train", store, "--model", "softmax", "--optimizer", "adam", "--lr", "0.05",
-                 "--iterations", "4", "--workers", "1", "--threads", "1", "--out", str(out),
-                 "--checkpoint-every", "2", "--json"])
+                 "--iterations", "4", "--scheduler", dask_client.scheduler.address,
+                 "--out", str(out), "--checkpoint-every", "2", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["iterations"] == 4 and summary["peak_worker_memory"] > 0
@@ -57,11 +65,11 @@ def test_missing_store_is_one_line(tmp_path, capsys):
     assert "nope.zarr" in capsys.readouterr().err
 
 
-def test_killed_run_resumes_to_the_uninterrupted_params(small_store, tmp_path):
+def test_killed_run_resumes_to_the_uninterrupted_params(small_store, tmp_path, dask_client):
     store = small_store(standardize=True)
     out = tmp_path / "killed"
     args = ["train", store, "--model", "softmax", "--optimizer", "momentum", "--lr", "0.1",
-            "--iterations", "400", "--workers", "1", "--threads", "1", "--out", str(out),
+            "--iterations", "60", "--workers", "1", "--threads", "1", "--out", str(out),
             "--checkpoint-every", "5", "-q"]
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -69,7 +77,7 @@ def test_killed_run_resumes_to_the_uninterrupted_params(small_store, tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and proc.poll() is None:
             ckpt = rundir.load_checkpoint(out) if (out / "checkpoint.npz").exists() else None
-            if ckpt is not None and ckpt[1]["iteration"] >= 20:
+            if ckpt is not None and ckpt[1]["iteration"] >= 10:
                 break
             time.sleep(0.05)
         if proc.poll() is not None:
@@ -78,20 +86,22 @@ def test_killed_run_resumes_to_the_uninterrupted_params(small_store, tmp_path):
     finally:
         proc.wait()
     killed_at = rundir.load_checkpoint(out)[1]["iteration"]
-    assert 20 <= killed_at < 400 and not (out / "summary.json").exists()
-    assert main([*args, "--resume"]) == 0
-    whole = fit(store, models.softmax(5, 3), optimizers.momentum(0.1), iterations=400,
-                workers=1, threads=1)
+    assert 10 <= killed_at < 60 and not (out / "summary.json").exists()
+    resumed_at = main([*args, "--resume", "--scheduler", dask_client.scheduler.address])
+    assert resumed_at == 0
+    whole = fit(store, models.softmax(5, 3), optimizers.momentum(0.1), iterations=60,
+                dask_client=dask_client)
     resumed = np.load(out / "params.npz")
     np.testing.assert_array_equal(resumed["coef"], whole.named["coef"])
     assert resumed["coef"].tobytes() == whole.named["coef"].tobytes()
     steps = [r["iteration"] for r in rundir.read_metrics(out)]
-    assert steps == list(range(401))
+    assert steps == list(range(61))
 
 
-def test_config_file_gives_the_options(small_store, tmp_path, capsys):
+def test_config_file_gives_the_options(small_store, tmp_path, capsys, dask_client):
     store = small_store()
     config = Path(tmp_path / "train.toml")
-    config.write_text(f'store = "{store}"\nmodel = "softmax"\niterations = 2\nworkers = 1\n')
+    config.write_text(f'store = "{store}"\nmodel = "softmax"\niterations = 2\n'
+                      f'scheduler = "{dask_client.scheduler.address}"\n')
     assert main(["train", "--config", str(config), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iterations"] == 2
