@@ -230,3 +230,13 @@ def test_joins_a_running_scheduler(dask_client, store):
                  scheduler=address)
     assert result.summary["n_workers"] == 2
     assert dask_client.status == "running"  # the shared cluster is left running
+
+
+def test_each_iteration_is_a_span(dask_client, store):
+    fit(store, models.softmax(5, 3), optimizers.sgd(0.1), iterations=2, dask_client=dask_client)
+
+    def span_names(dask_scheduler):
+        return {name for span in dask_scheduler.extensions["spans"].spans.values()
+                for name in span.name}
+
+    assert {"iteration-0", "iteration-1", "iteration-2"} <= dask_client.run_on_scheduler(span_names)
