@@ -20,6 +20,7 @@ import logging
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+import dask
 import numpy as np
 from distributed import Client, Nanny, Scheduler, SpecCluster, Worker, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -114,7 +115,13 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
         for j, g in enumerate(groups)
     }
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address}}
-    with (SpecCluster(workers=workers, scheduler=scheduler, name="fedpipe-federate") as cluster,
+    # Nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers by default; glibc then unmaps
+    # every large temporary (each epoch's shuffled copy of a client's rows) and local training
+    # runs 2.5x slower on page faults. Client rows stay cached all run, so trimming saves little.
+    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+               if k != "MALLOC_TRIM_THRESHOLD_"}
+    with (dask.config.set({"distributed.nanny.pre-spawn-environ": environ}),
+          SpecCluster(workers=workers, scheduler=scheduler, name="fedpipe-federate") as cluster,
           Client(cluster) as dask_client):
         yield dask_client
 
