@@ -98,6 +98,14 @@ def test_minimises_rosenbrock():
     assert it < 60
 
 
+@pytest.mark.parametrize("scale", [1e-6, 0.3, 1.0, 1e4])
+def test_first_step_has_unit_length_whatever_the_scale(scale):
+    g = scale * np.array([3.0, -4.0])
+    assert np.linalg.norm(lbfgs.initial_step(g, True) * g) == pytest.approx(1.0)
+    assert lbfgs.initial_step(g, False) == 1.0
+    assert lbfgs.initial_step(np.zeros(2), True) == 1.0  # no direction: nothing to scale
+
+
 def test_settings_are_checked():
     with pytest.raises(ValueError):
         lbfgs.lbfgs(c1=0.9, c2=0.1)
