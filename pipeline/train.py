@@ -391,20 +391,48 @@ def stream_chunk(func: Callable, model: Model, params: np.ndarray, url: str, ref
 
 
 def full_pass(engine: Engine, params: np.ndarray, with_test: bool = True) -> Pass:
-    """Objective, gradient and test metrics at ``params``: one tree per quantity, two results."""
+    """Objective, gradient and test metrics at ``params``: one tree per quantity, two results.
+
+    ``with_test=False`` leaves out the ``eval-…`` tasks (a line-search trial needs only the
+    objective); the pass's ``metrics`` are then empty.
+    """
     dc = engine.dask_client
     sent = send_params(dc, params)
-    roots = [tree_sum(dc, block_tasks(engine, "train", reduce.block_loss_and_grad, sent, "grad"),
-                      engine.fan_in, "sum")]
-    has_test = with_test and engine.data.test_fraction > 0
-    if has_test:
-        roots.append(tree_sum(dc, block_tasks(engine, "test", reduce.block_eval_sums, sent,
-                                          "eval"), engine.fan_in, "sum-eval"))
+    roots = [submit_train(engine, sent)]
+    if with_test and (root := submit_eval(engine, sent)) is not None:
+        roots.append(root)
     results = dc.gather(roots)
-    loss_sum, grad_sum, n = results[0]
+    return finish_train(engine, params, results[0],
+                        results[1] if len(results) > 1 else None)
+
+
+def submit_train(engine: Engine, sent: np.ndarray | Future) -> Future:
+    """The ``grad-…`` tasks and ``sum-…`` tree at the parameters ``sent`` (see
+    :func:`send_params`): the root future of ``(loss_sum, grad_sum, n)``."""
+    tasks = block_tasks(engine, "train", reduce.block_loss_and_grad, sent, "grad")
+    return tree_sum(engine.dask_client, tasks, engine.fan_in, "sum")
+
+
+def submit_eval(engine: Engine, sent: np.ndarray | Future) -> Future | None:
+    """The ``eval-…`` tasks and their tree: the root future of the test sums (``None``: no
+    test rows). Submitted without waiting, so it can share a round trip with other work."""
+    if engine.data.test_fraction == 0:
+        return None
+    tasks = block_tasks(engine, "test", reduce.block_eval_sums, sent, "eval")
+    return tree_sum(engine.dask_client, tasks, engine.fan_in, "sum-eval")
+
+
+def finish_train(engine: Engine, params: np.ndarray, sums: tuple,
+                 eval_sums: np.ndarray | None = None) -> Pass:
+    """The :class:`Pass` from gathered training sums (and test sums, when given)."""
+    loss_sum, grad_sum, n = sums
     loss, grad = reduce.objective(loss_sum, grad_sum, n, engine.model, params)
-    metrics = reduce.finish_metrics(results[1], engine.model.task) if has_test else {}
-    return Pass(loss, grad, int(n), metrics)
+    return Pass(loss, grad, int(n), finish_eval(engine, eval_sums))
+
+
+def finish_eval(engine: Engine, eval_sums: np.ndarray | None) -> dict[str, float]:
+    """Test metrics from gathered test sums; ``{}`` for none."""
+    return {} if eval_sums is None else reduce.finish_metrics(eval_sums, engine.model.task)
 
 
 # ---------------------------------------------------------------------------------------------
