@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline import registry, store
+from pipeline import cli_report, config, registry, store
+from pipeline.dashboard import monitoring
 from pipeline.federate import federate
 
 STRATEGY_HELP = "fedavg (default), fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold"
@@ -54,11 +55,15 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     run.add_argument("--seed", type=int, default=0, help="default 0")
     run.add_argument("--test-fraction", type=float, default=0.2, help="default 0.2")
+    cli_report.add_report_option(p)
+    config.add_config_option(p)  # last: --config covers every option above
     p.set_defaults(func=run_federate)
 
 
 def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fedpipe federate``; returns the summary (printed with ``--json``)."""
+    args = config.resolve(args)
+    cli_report.check_report_option(args)
     partition = args.partition
     if args.clients is not None and not args.resume:
         partition = _make_partition(args)
@@ -70,15 +75,19 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     lr = args.lr
     if args.lr_schedule:
         lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds)
-    result = federate(
-        args.store, model, rounds=args.rounds, strategy=strategy,
-        local_epochs=args.local_epochs, batch_size=args.batch_size, lr=lr, partition=partition,
-        fraction=args.fraction, clients_per_round=args.clients_per_round,
-        min_clients=args.min_clients, deadline=args.deadline, seed=args.seed,
-        test_fraction=args.test_fraction, eval_every=args.eval_every, workers=args.workers,
-        scheduler=args.scheduler, out=args.out, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, on_record=getattr(args, "on_record", None))
-    return result.summary
+    with monitoring(args, None, mode="federate", total=args.rounds, unit="round",
+                    meta={"model": model.name, "strategy": args.strategy}) as on_record:
+        result = federate(
+            args.store, model, rounds=args.rounds, strategy=strategy,
+            local_epochs=args.local_epochs, batch_size=args.batch_size, lr=lr, partition=partition,
+            fraction=args.fraction, clients_per_round=args.clients_per_round,
+            min_clients=args.min_clients, deadline=args.deadline, seed=args.seed,
+            test_fraction=args.test_fraction, eval_every=args.eval_every, workers=args.workers,
+            scheduler=args.scheduler, out=args.out, checkpoint_every=args.checkpoint_every,
+            resume=args.resume, on_record=on_record)
+    if args.out:
+        config.save(args, args.out)  # RUN_DIR/config.toml repeats the run
+    return cli_report.report_at_end(args, result.summary)
 
 
 def _partition_name(args: argparse.Namespace) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline import config, registry, store
+from pipeline import cli_report, config, registry, store
 from pipeline.dashboard import monitoring
 from pipeline.errors import ValidationError
 from pipeline.train import CACHE_MODES, fit
@@ -50,6 +50,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--checkpoint-every", type=int, help="iterations (epochs) between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     run.add_argument("--seed", type=int, default=0, help="default 0")
+    cli_report.add_report_option(p)
     config.add_config_option(p)
     p.set_defaults(func=run_train)
 
@@ -57,6 +58,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
 def run_train(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fedpipe train``; returns the summary (printed with ``--json``)."""
     args = config.resolve(args)
+    cli_report.check_report_option(args)
     if args.iterations is None and args.epochs is None:
         raise ValidationError("give --iterations N or --epochs E")
     info = store.read_info(args.store)
@@ -75,7 +77,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             chunks_per_task=args.chunks_per_task, workers=args.workers,
             threads=args.threads, scheduler=args.scheduler, on_record=on_record,
             config=config.to_dict(args))
-    return result.summary
+    return cli_report.report_at_end(args, result.summary)
 
 
 def _total_steps(args: argparse.Namespace, info: store.StoreInfo) -> int | None:
