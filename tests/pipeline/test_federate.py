@@ -121,12 +121,12 @@ def test_too_few_valid_updates_stops_with_a_clear_message(fed_store, dask_client
 
 def test_late_client_is_dropped_at_the_deadline(fed_store, dask_client):
     def slow(g):
-        time.sleep(2.5)
+        time.sleep(4.0)
         return g
 
     model = _on_client(_model(), _marker(fed_store, "5"), slow)
     start = time.perf_counter()
-    run = federate(fed_store, model, rounds=1, dask_client=dask_client, deadline=1.0,
+    run = federate(fed_store, model, rounds=1, dask_client=dask_client, deadline=2.0,
                    batch_size=1000, eval_every=1)
     record = run.history[0]
     assert record["dropped"]["5"] == "late"
