@@ -17,18 +17,15 @@ import numpy as np
 from distributed import span
 
 from pipeline.graph import tree_sum
-from pipeline.train import (
-    Engine,
-    Pass,
+from pipeline.train_data import send_params, stream_chunk
+from pipeline.train_pass import Engine, Pass, full_pass
+from pipeline.train_records import (
     check_finite,
     converged,
     emit,
-    full_pass,
     pass_record,
     restore_state,
     save_state,
-    send_params,
-    stream_chunk,
 )
 from tasks import reduce
 from tasks.optimizers import Optimizer

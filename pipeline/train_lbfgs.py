@@ -1,9 +1,9 @@
 """L-BFGS on the full-batch objective: the math is :mod:`tasks.lbfgs`, each trial point is a pass.
 
-Every objective evaluation the line search asks for is one pass over the training rows only
-(``grad-…`` tasks, ``sum-…`` tree, one gradient back), so an iteration costs one pass when the
-first trial step is accepted, which is the usual case (a unit-length step on the first
-iteration, then the unit step scaled by the curvature pairs).
+Every objective evaluation the line search asks for is one pass (:mod:`pipeline.train_pass`)
+over the training rows only (``grad-…`` tasks, ``sum-…`` tree, one gradient back), so an
+iteration costs one pass when the first trial step is accepted, which is the usual case (a
+unit-length step on the first iteration, then the unit step scaled by the curvature pairs).
 
 The test metrics of a record are computed once, at the accepted iterate (``eval-…`` tasks),
 never at a trial point. They are submitted together with the next iteration's first trial
@@ -20,21 +20,23 @@ from typing import Any
 import numpy as np
 from distributed import Future, span
 
-from pipeline.train import (
+from pipeline.train_data import send_params
+from pipeline.train_pass import (
     Engine,
     Pass,
-    check_finite,
-    converged,
-    emit,
     finish_eval,
     finish_train,
     full_pass,
+    submit_eval,
+    submit_train,
+)
+from pipeline.train_records import (
+    check_finite,
+    converged,
+    emit,
     pass_record,
     restore_state,
     save_state,
-    send_params,
-    submit_eval,
-    submit_train,
 )
 from tasks import lbfgs
 

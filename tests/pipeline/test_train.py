@@ -240,3 +240,14 @@ def test_each_iteration_is_a_span(dask_client, store):
                 for name in span.name}
 
     assert {"iteration-0", "iteration-1", "iteration-2"} <= dask_client.run_on_scheduler(span_names)
+
+
+def test_split_modules_keep_the_public_names():
+    import pipeline.train as train
+    from pipeline import train_data, train_pass, train_records
+
+    assert train.fit.__module__ == "pipeline.train" and train.FitResult._fields[0] == "params"
+    for name in train.__all__:
+        assert hasattr(train, name), name
+    assert train.choose_cache is train_data.choose_cache
+    assert train.full_pass is train_pass.full_pass and train.emit is train_records.emit
