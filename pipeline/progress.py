@@ -151,14 +151,18 @@ _CLIENT_FIELDS = {
 }
 
 
+_TRAIN_KEYS = ("train_loss", "loss", "local_loss", "steps", "seconds", "update_bytes", "n")
+
+
 def client_rows(record: Record) -> list[dict[str, Any]]:
     """The per-client view of a federated round record, one uniform dict per client.
 
     Accepts ``record["clients"]`` as a ``{id: {...}}`` mapping or a list of dicts with a
     ``client``/``id`` key, and drop-outs as ``record["dropped"]`` (``{id: reason}``, a list
     of ids, or a list of ``{"client", "reason"}``) or as a per-client ``status``/``dropped``.
-    Each row has ``id, status ("ok" | "dropped"), reason, loss, accuracy, seconds,
-    update_bytes, n_rows`` (``None`` where unknown). Data-parallel records give ``[]``.
+    Each row has ``id, status, reason, loss, accuracy, seconds, update_bytes, n_rows``
+    (``None`` where unknown); ``status`` is ``"ok"`` (trained this round), ``"dropped"``, or
+    ``"idle"`` (not sampled, only evaluated). Data-parallel records give ``[]``.
     """
     raw = record.get("clients")
     items: list[tuple[str, Mapping[str, Any]]] = []
@@ -181,7 +185,9 @@ def client_rows(record: Record) -> list[dict[str, Any]]:
             row[field] = None if found is None else found[1]
         is_dropped = bool(entry.get("dropped")) or entry.get("status") in ("dropped", "failed")
         reason = entry.get("reason") or entry.get("error") or (dropped.get(cid) if cid in dropped else None)
-        row["status"] = "dropped" if is_dropped or cid in dropped else "ok"
+        # Every client may be evaluated; only those with training metrics took part in the round.
+        trained = not entry or any(k in entry for k in _TRAIN_KEYS)
+        row["status"] = "dropped" if is_dropped or cid in dropped else ("ok" if trained else "idle")
         row["reason"] = None if reason is None else str(reason)
         rows[cid] = row
     for cid, reason in dropped.items():

@@ -101,7 +101,8 @@ def per_client_values(metrics: Sequence[Mapping[str, Any]]) -> tuple[str, dict[i
         values: dict[int, list[float]] = {}
         for i, record in enumerate(metrics):
             step = step_of(record)
-            got = [r[field] for r in client_rows(record) if r["status"] == "ok" and r[field] is not None]
+            # Not-sampled ("idle") clients are evaluated too: their accuracy counts here.
+            got = [r[field] for r in client_rows(record) if r["status"] != "dropped" and r[field] is not None]
             if got:
                 values[step[1] if step else i] = got
         if values:

@@ -64,3 +64,9 @@ def test_client_rows_accepts_mapping_and_list_forms() -> None:
         assert by_id["0"]["update_bytes"] == 80
         assert by_id["1"]["status"] == "dropped" and by_id["1"]["reason"] == "timeout"
     assert client_rows({"iteration": 1, "loss": 0.1}) == []
+
+
+def test_evaluated_but_not_sampled_clients_are_idle() -> None:
+    rows = client_rows({"round": 0, "clients": {"0": {"train_loss": 0.3, "test_accuracy": 0.8},
+                                                "1": {"test_accuracy": 0.7}}})
+    assert {r["id"]: r["status"] for r in rows} == {"0": "ok", "1": "idle"}
