@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline import cli_report, config, registry, store
+from pipeline import cli_report, config, deploy, registry, store
 from pipeline.dashboard import monitoring
 from pipeline.federate import federate
 
@@ -50,6 +50,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run = p.add_argument_group("cluster and run directory")
     run.add_argument("--workers", type=int, help="simulation workers (default 2)")
     run.add_argument("--scheduler", help="scheduler address of workers with client-<id> resources")
+    run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
+                     help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--out", help="run directory")
     run.add_argument("--checkpoint-every", type=int, default=0, help="rounds between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
@@ -83,7 +85,8 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
             fraction=args.fraction, clients_per_round=args.clients_per_round,
             min_clients=args.min_clients, deadline=args.deadline, seed=args.seed,
             test_fraction=args.test_fraction, eval_every=args.eval_every, workers=args.workers,
-            scheduler=args.scheduler, out=args.out, checkpoint_every=args.checkpoint_every,
+            scheduler=deploy.cluster_address(args.scheduler, args.kubernetes),
+            out=args.out, checkpoint_every=args.checkpoint_every,
             resume=args.resume, on_record=on_record)
     if args.out:
         config.save(args, args.out)  # RUN_DIR/config.toml repeats the run

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline import cli_report, config, registry, store
+from pipeline import cli_report, config, deploy, registry, store
 from pipeline.dashboard import monitoring
 from pipeline.errors import ValidationError
 from pipeline.train import CACHE_MODES, fit
@@ -40,6 +40,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--workers", type=int, help="LocalCluster workers")
     run.add_argument("--threads", type=int, help="threads per worker")
     run.add_argument("--scheduler", help="address of a running scheduler")
+    run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
+                     help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--cache", default="auto", choices=CACHE_MODES,
                      help="keep chunks in worker memory or stream them (default auto)")
     run.add_argument("--chunks-per-task", type=int, default=1,
@@ -75,7 +77,8 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             test_fraction=args.test_fraction, checkpoint_every=args.checkpoint_every,
             resume=args.resume, tol=args.tol, cache=args.cache,
             chunks_per_task=args.chunks_per_task, workers=args.workers,
-            threads=args.threads, scheduler=args.scheduler, on_record=on_record,
+            threads=args.threads,
+            scheduler=deploy.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,
             config=config.to_dict(args))
     return cli_report.report_at_end(args, result.summary)
 

@@ -202,14 +202,24 @@ class TestTLSCommands:
             Client(tls_cluster.replace("tls://", "tcp://"), timeout="2s")
 
     def test_federate_pins_clients_and_retirement_moves_no_rows(
-        self, tls_cluster, tls_material, small_store, tmp_path
+        self, tls_cluster, tls_material, small_store, tmp_path, monkeypatch
     ):
+        # `--kubernetes NS/NAME` as a user types it; the Service lookup (kr8s, a live API
+        # server) answers what dask-kubernetes would: a tcp:// address of the Service.
+        lookups = []
+
+        def service_address(service: str, namespace: str | None) -> str:
+            lookups.append((service, namespace))
+            return tls_cluster.replace("tls://", "tcp://")
+
+        monkeypatch.setattr(deploy, "_service_address", service_address)
         store_url = small_store()
         out = tmp_path / "run"
         argv = ["federate", store_url, "--clients", "2", "--model", "softmax", "--rounds", "2",
-                "--scheduler", tls_cluster, "--out", str(out), "-q"]
+                "--kubernetes", "fedpipe-test/fedpipe", "--out", str(out), "-q"]
         with dask.config.set(_tls_config(tls_material)):
-            assert main(argv) == 0
+            assert main(argv) == 0  # tls:// chosen because a CA is configured
+            assert lookups == [("fedpipe-scheduler", "fedpipe-test")]
             assert (out / "summary.json").is_file()
             with Client(tls_cluster, timeout="20s") as dask_client:
                 workers = _workers_by_name(dask_client, 2)
@@ -331,3 +341,12 @@ def test_scheduler_or_kubernetes_but_not_both(monkeypatch):
     assert deploy.cluster_address(None, "ns/fp") == "tcp://fp-scheduler.ns:8786"
     with pytest.raises(ConfigError, match="give one"):
         deploy.cluster_address("tcp://h:1", "ns/fp")
+
+
+@pytest.mark.parametrize("length", [["train", "--iterations", "1"], ["federate", "--rounds", "1"]])
+def test_kubernetes_flag_is_wired_into_train_and_federate(length, small_store, capsys):
+    command, *options = length
+    argv = [command, small_store(), "--model", "softmax", *options,
+            "--scheduler", "tcp://127.0.0.1:1", "--kubernetes", "ns/fedpipe"]
+    assert main(argv) == 2
+    assert "--kubernetes ns/fedpipe: give one" in capsys.readouterr().err
