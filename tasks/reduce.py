@@ -14,6 +14,10 @@ import numpy as np
 
 # Names of the entries of :func:`eval_sums`' vector (kept in one place for finish_metrics).
 EVAL_FIELDS = ("loss_sum", "n", "correct", "sse", "y_sum", "y_sq_sum")
+# Rows of a chunk are handed to the model in slices of about this many bytes of X: a model
+# reads X twice (X @ w, then X.T @ r), and a slice that fits in the CPU cache is read from
+# memory once instead of twice, which halves a memory-bound GLM's time per chunk.
+SLICE_BYTES = 4 * 2**20
 
 
 def add_sums(*parts: Any) -> Any:
@@ -49,10 +53,26 @@ def aligned(array: np.ndarray) -> np.ndarray:
     return np.require(array, requirements="A")
 
 
+def row_slices(X: np.ndarray, slice_bytes: int | None = None) -> list[slice]:
+    """Consecutive row ranges of ``X`` of about ``slice_bytes`` (:data:`SLICE_BYTES`) each.
+
+    At least one row per slice, and one empty slice for no rows. Depends only on the shape
+    and dtype, so every worker slices a chunk the same way.
+    """
+    n = X.shape[0]
+    row_bytes = max(X.itemsize * int(np.prod(X.shape[1:], dtype=np.int64)), 1)
+    step = max((slice_bytes or SLICE_BYTES) // row_bytes, 1)
+    return [slice(i, i + step) for i in range(0, n, step)] or [slice(0, 0)]
+
+
 def chunk_loss_and_grad(model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray]):
-    """``model.loss_and_grad`` on one chunk ``data = (X, y)``: ``(loss_sum, grad_sum, n)``."""
-    X, y = data
-    return model.loss_and_grad(aligned(params), aligned(X), aligned(y))
+    """``model.loss_and_grad`` on one chunk ``data = (X, y)``: ``(loss_sum, grad_sum, n)``.
+
+    Computed over cache-sized :func:`row_slices` and added left to right: the same sums as
+    the whole chunk up to rounding, in a fixed order (bit-identical wherever it runs).
+    """
+    X, y, params = aligned(data[0]), aligned(data[1]), aligned(params)
+    return add_sums(*(model.loss_and_grad(params, X[rows], y[rows]) for rows in row_slices(X)))
 
 
 def batch_loss_and_grad(
@@ -95,9 +115,14 @@ def eval_sums(model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray
     """Sums that metrics are made of, for one chunk: see :data:`EVAL_FIELDS`.
 
     ``correct`` counts right class predictions (classification); ``sse``, ``y_sum`` and
-    ``y_sq_sum`` give RMSE and R² (regression). Unused entries are zero.
+    ``y_sq_sum`` give RMSE and R² (regression). Unused entries are zero. Computed over
+    cache-sized :func:`row_slices`, as :func:`chunk_loss_and_grad`.
     """
     X, y, params = aligned(data[0]), aligned(data[1]), aligned(params)
+    return add_sums(*(_eval_slice(model, params, X[rows], y[rows]) for rows in row_slices(X)))
+
+
+def _eval_slice(model: Any, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> np.ndarray:
     out = np.zeros(len(EVAL_FIELDS))
     if len(y) == 0:
         return out
