@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline import deploy, tls
+from pipeline import deploy, kube, tls
 from pipeline.errors import ConfigError
 
 
@@ -118,8 +118,8 @@ def run_up(args: argparse.Namespace) -> dict[str, Any]:
         except ValueError:
             raise ConfigError(f"--adapt {args.adapt!r}: expected MIN,MAX (two integers)") from None
         adapt = (low, high)
-    cluster = deploy.up(args.clients, args.image, args.namespace, adapt=adapt,
-                        **_render_options(args))
+    cluster = kube.up(args.clients, args.image, args.namespace, adapt=adapt,
+                      **_render_options(args))
     summary = {
         "name": args.name,
         "namespace": args.namespace,

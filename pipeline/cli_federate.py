@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline import cli_report, config, deploy, registry, store
+from pipeline import cli_report, config, kube, registry, store
 from pipeline.dashboard import monitoring
 from pipeline.federate import federate
 
@@ -85,7 +85,7 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
             fraction=args.fraction, clients_per_round=args.clients_per_round,
             min_clients=args.min_clients, deadline=args.deadline, seed=args.seed,
             test_fraction=args.test_fraction, eval_every=args.eval_every, workers=args.workers,
-            scheduler=deploy.cluster_address(args.scheduler, args.kubernetes),
+            scheduler=kube.cluster_address(args.scheduler, args.kubernetes),
             out=args.out, checkpoint_every=args.checkpoint_every,
             resume=args.resume, on_record=on_record)
     if args.out:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from pipeline import cli_report, config, deploy, registry, store
+from pipeline import cli_report, config, kube, registry, store
 from pipeline.dashboard import monitoring
 from pipeline.errors import ValidationError
 from pipeline.train import CACHE_MODES, fit
@@ -78,7 +78,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             resume=args.resume, tol=args.tol, cache=args.cache,
             chunks_per_task=args.chunks_per_task, workers=args.workers,
             threads=args.threads,
-            scheduler=deploy.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,
+            scheduler=kube.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,
             config=config.to_dict(args))
     return cli_report.report_at_end(args, result.summary)
 

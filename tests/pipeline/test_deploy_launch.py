@@ -21,7 +21,7 @@ import pytest
 import yaml
 from distributed import Client
 
-from pipeline import deploy, tls
+from pipeline import deploy, kube, tls
 from pipeline.cli import main
 from pipeline.errors import ConfigError
 
@@ -212,7 +212,7 @@ class TestTLSCommands:
             lookups.append((service, namespace))
             return tls_cluster.replace("tls://", "tcp://")
 
-        monkeypatch.setattr(deploy, "_service_address", service_address)
+        monkeypatch.setattr(kube, "_service_address", service_address)
         store_url = small_store()
         out = tmp_path / "run"
         argv = ["federate", store_url, "--clients", "2", "--model", "softmax", "--rounds", "2",
@@ -273,7 +273,7 @@ class RecordingKubeCluster:
 
 
 def test_up_passes_our_specs_one_group_per_client():
-    cluster = deploy.up("0,1", "fedpipe:0.1.0", "ns", cluster_class=RecordingKubeCluster)
+    cluster = kube.up("0,1", "fedpipe:0.1.0", "ns", cluster_class=RecordingKubeCluster)
     spec = cluster.kwargs["custom_cluster_spec"]
     assert spec == deploy.render("0,1", "fedpipe:0.1.0", "ns")[0]
     assert cluster.kwargs["namespace"] == "ns"
@@ -289,15 +289,15 @@ def test_up_passes_our_specs_one_group_per_client():
 
 def test_up_autoscales_only_without_client_groups():
     with pytest.raises(ConfigError, match="never autoscaled"):
-        deploy.up("0", "fedpipe:0.1.0", adapt=(1, 4), cluster_class=RecordingKubeCluster)
-    cluster = deploy.up("", "fedpipe:0.1.0", adapt=(1, 4), cluster_class=RecordingKubeCluster)
+        kube.up("0", "fedpipe:0.1.0", adapt=(1, 4), cluster_class=RecordingKubeCluster)
+    cluster = kube.up("", "fedpipe:0.1.0", adapt=(1, 4), cluster_class=RecordingKubeCluster)
     assert cluster.adapted == (1, 4) and cluster.groups == []
 
 
 def test_up_refuses_tls_with_a_pointer_to_render():
     with pytest.raises(ConfigError, match="render --tls"):
-        deploy.up("0", "fedpipe:0.1.0", tls_secret="fedpipe-tls",
-                  cluster_class=RecordingKubeCluster)
+        kube.up("0", "fedpipe:0.1.0", tls_secret="fedpipe-tls",
+                cluster_class=RecordingKubeCluster)
 
 
 def test_kubernetes_name_resolves_through_the_scheduler_service():
@@ -307,14 +307,14 @@ def test_kubernetes_name_resolves_through_the_scheduler_service():
         calls.append((service, namespace))
         return f"tcp://{service}.{namespace}:8786"
 
-    assert deploy.resolve_kubernetes("prod/fedpipe", lookup=lookup) == (
+    assert kube.resolve_kubernetes("prod/fedpipe", lookup=lookup) == (
         "tcp://fedpipe-scheduler.prod:8786")
     assert calls == [("fedpipe-scheduler", "prod")]
-    assert deploy.resolve_kubernetes("fedpipe", lookup=lookup).startswith("tcp://")
+    assert kube.resolve_kubernetes("fedpipe", lookup=lookup).startswith("tcp://")
     with dask.config.set({"distributed.comm.tls.ca-file": "ca.crt"}):
-        assert deploy.resolve_kubernetes("fedpipe", lookup=lookup).startswith("tls://")
+        assert kube.resolve_kubernetes("fedpipe", lookup=lookup).startswith("tls://")
     with pytest.raises(ConfigError, match="'Bad/x/y'"):
-        deploy.resolve_kubernetes("Bad/x/y", lookup=lookup)
+        kube.resolve_kubernetes("Bad/x/y", lookup=lookup)
 
 
 def test_cli_up_uses_kubecluster_and_reports_the_address(monkeypatch, capsys):
@@ -335,12 +335,12 @@ def test_cli_up_uses_kubecluster_and_reports_the_address(monkeypatch, capsys):
 
 
 def test_scheduler_or_kubernetes_but_not_both(monkeypatch):
-    monkeypatch.setattr(deploy, "_service_address", lambda s, ns: f"tcp://{s}.{ns}:8786")
-    assert deploy.cluster_address(None, None) is None
-    assert deploy.cluster_address("tcp://h:1", None) == "tcp://h:1"
-    assert deploy.cluster_address(None, "ns/fp") == "tcp://fp-scheduler.ns:8786"
+    monkeypatch.setattr(kube, "_service_address", lambda s, ns: f"tcp://{s}.{ns}:8786")
+    assert kube.cluster_address(None, None) is None
+    assert kube.cluster_address("tcp://h:1", None) == "tcp://h:1"
+    assert kube.cluster_address(None, "ns/fp") == "tcp://fp-scheduler.ns:8786"
     with pytest.raises(ConfigError, match="give one"):
-        deploy.cluster_address("tcp://h:1", "ns/fp")
+        kube.cluster_address("tcp://h:1", "ns/fp")
 
 
 @pytest.mark.parametrize("length", [["train", "--iterations", "1"], ["federate", "--rounds", "1"]])
