@@ -1,4 +1,4 @@
-"""Rendered Kubernetes manifests: CRD schemas, kustomize overlays, committed files, CLI.
+"""Rendered Kubernetes manifests: CRD schemas, kustomize overlays, committed files, CLI imports.
 
 Everything here runs without Docker or a cluster: the schemas are the resolved CRDs that ship
 inside the installed dask-kubernetes package (its Helm chart's ``crds/``), made strict, and the
@@ -11,6 +11,7 @@ import copy
 import functools
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -325,3 +326,26 @@ def test_prod_network_policy_selects_the_scheduler_pod():
     assert selector == cluster["spec"]["scheduler"]["service"]["selector"]
     ports = {p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]}
     assert ports == {deploy.SCHEDULER_PORT, deploy.DASHBOARD_PORT}
+
+
+# Imported only inside the functions that talk to a cluster or make certificates.
+HEAVY = ("dask_kubernetes", "kr8s", "cryptography")
+_IMPORT_PROBE = """
+import sys
+import pipeline.cli_deploy, pipeline.cli_federate, pipeline.cli_train
+from pipeline.cli import main
+try:
+    main(["--help"])
+except SystemExit:
+    pass
+print("heavy:", sorted(m for m in sys.modules if m.split(".")[0] in HEAVY))
+"""
+
+
+def test_cli_imports_no_kubernetes_client_or_cryptography():
+    # A fresh interpreter: this test process has imported them already (CRDs, TLS fixtures).
+    probe = f"HEAVY = {HEAVY!r}\n{_IMPORT_PROBE}"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120, check=True)
+    assert "usage: fedpipe" in result.stdout  # --help really built every subcommand
+    assert result.stdout.splitlines()[-1] == "heavy: []"
