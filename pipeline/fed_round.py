@@ -9,6 +9,7 @@ dead worker, or with a rejected update are dropped from the round and logged.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -59,27 +60,24 @@ class _Leaves(NamedTuple):
 def _submit_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
                   sampled: set[str], state: ServerState, params_f: np.ndarray, attempt: int,
                   batch_clients: bool) -> _Leaves:
-    futures, owners = [], []
     r = state.round
-    for j, group in enumerate(groups):
-        mine = [c for c in group if c in sampled]
-        if not mine:
-            continue
-        tag = f"{spec.token}-r{r}-a{attempt}-g{j}"
-        if batch_clients:
-            fut = dask_client.submit(train_group, pack_spec(spec), mine, params_f, r,
-                                     state.stage_states, state.control, key=f"local-{tag}",
-                                     resources=placement.pin_group(group), pure=False)
-        else:
-            per_client = [
-                dask_client.submit(train_group, pack_spec(spec), [c], params_f, r,
-                                   state.stage_states, state.control, key=f"local-{tag}-c{c}",
-                                   resources=placement.resources_of([c]), pure=False)
-                for c in mine]
-            fut = dask_client.submit(aggregate.add_reports, *per_client, key=f"agg-{tag}")
-        futures.append(fut)
-        owners.append(mine)
-    return _Leaves(futures, owners)
+    work = [(j, group, [c for c in group if c in sampled]) for j, group in enumerate(groups)]
+    work = [(f"{spec.token}-r{r}-a{attempt}-g{j}", group, mine) for j, group, mine in work if mine]
+    if batch_clients:  # one wave: a single graph of one pinned task per worker
+        calls = {f"local-{tag}": (functools.partial(train_group, pack_spec(spec), mine, params_f,
+                                                    r, state.stage_states, state.control),
+                                  placement.pin_group(group))
+                 for tag, group, mine in work}
+        return _Leaves(placement.submit_pinned(dask_client, calls), [m for _, _, m in work])
+    futures = []
+    for tag, _, mine in work:
+        per_client = [
+            dask_client.submit(train_group, pack_spec(spec), [c], params_f, r,
+                               state.stage_states, state.control, key=f"local-{tag}-c{c}",
+                               resources=placement.resources_of([c]), pure=False)
+            for c in mine]
+        futures.append(dask_client.submit(aggregate.add_reports, *per_client, key=f"agg-{tag}"))
+    return _Leaves(futures, [m for _, _, m in work])
 
 
 def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: int,
@@ -194,11 +192,10 @@ def train_round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence
 def evaluate(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
               params: np.ndarray, r: int, deadline: float | None) -> dict:
     """Test metrics of ``params`` summed over the clients' own test rows (kept on workers)."""
-    params_f = params  # inside the task specs, as in _train_round
-    futures = [dask_client.submit(eval_group, pack_spec(spec), g, params_f,
-                                  key=f"eval-{spec.token}-r{r}-g{j}",
-                                  resources=placement.pin_group(g), pure=False)
-               for j, g in enumerate(groups)]
+    calls = {f"eval-{spec.token}-r{r}-g{j}": (functools.partial(eval_group, pack_spec(spec), g,
+                                                                 params), placement.pin_group(g))
+             for j, g in enumerate(groups)}
+    futures = placement.submit_pinned(dask_client, calls)
     report, dropped = _collect(dask_client, _Leaves(futures, [list(g) for g in groups]),
                                deadline, r, "eval")
     if report is None:

@@ -35,6 +35,27 @@ def cluster():
         yield dc, groups
 
 
+def _worker_name(dask_worker=None) -> str:
+    from distributed import get_worker
+
+    return get_worker().name
+
+
+def test_one_graph_wave_runs_each_task_on_its_group_worker(cluster):
+    dc, groups = cluster
+    calls = {f"local-wave-{j}": (_worker_name, placement.pin_group(g))
+             for j, g in enumerate(groups)}
+    futures = placement.submit_pinned(dc, calls)
+    names = dc.gather(futures)  # first: the graph reaches the scheduler on the batched stream
+    restrictions = dc.run_on_scheduler(
+        lambda dask_scheduler: {str(k): ts.resource_restrictions
+                                for k, ts in dask_scheduler.tasks.items() if "wave" in str(k)})
+    assert restrictions == {"local-wave-0": {"client-0": 1}, "local-wave-1": {"client-2": 1}}
+    holders = {w["name"]: w["resources"] for w in dc.scheduler_info()["workers"].values()}
+    for group, name in zip(groups, names, strict=True):
+        assert all(f"client-{c}" in holders[name] for c in group)
+
+
 def test_discover_groups_clients_by_the_workers_that_carry_them(cluster):
     dc, groups = cluster
     assert placement.discover(dc, ["2", "0", "1"]) == groups
