@@ -11,6 +11,7 @@ from typing import Any
 
 from pipeline import cli_report, config, kube, registry, store
 from pipeline.dashboard import monitoring
+from pipeline.errors import ValidationError
 from pipeline.federate import federate
 
 STRATEGY_HELP = "fedavg (default), fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold"
@@ -23,7 +24,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("store", help="store path or fsspec URL")
     data = p.add_argument_group("clients (a partition made for this run; default: the store's own)")
     data.add_argument("--clients", type=int, help="partition the store among K clients first")
-    data.add_argument("--scheme", default="iid", help="iid (default), dirichlet, quantity")
+    # No default here: a --scheme given without --clients must be an error, not ignored.
+    data.add_argument("--scheme", help="iid (default), dirichlet, quantity")
     data.add_argument("--alpha", type=float, help="Dirichlet concentration / quantity exponent")
     data.add_argument("--partition", help="name of an existing partition of the store")
     model = p.add_argument_group("model and local training")
@@ -66,6 +68,7 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fedpipe federate``; returns the summary (printed with ``--json``)."""
     args = config.resolve(args)
     cli_report.check_report_option(args)
+    _check_partition_options(args)
     partition = args.partition
     if args.clients is not None and not args.resume:
         partition = _make_partition(args)
@@ -91,6 +94,17 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     if args.out:
         config.save(args, args.out)  # RUN_DIR/config.toml repeats the run
     return cli_report.report_at_end(args, result.summary)
+
+
+def _check_partition_options(args: argparse.Namespace) -> None:
+    """``--scheme`` and ``--alpha`` shape the partition ``--clients`` makes; alone, refuse them."""
+    if args.clients is None:
+        given = [f"--{name}" for name in ("scheme", "alpha") if getattr(args, name) is not None]
+        if given:
+            raise ValidationError(f"{' and '.join(given)} only apply with --clients K (the "
+                                  "partition made for this run); without it use --partition")
+    elif args.scheme is None:
+        args.scheme = "iid"
 
 
 def _partition_name(args: argparse.Namespace) -> str:

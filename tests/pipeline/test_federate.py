@@ -185,6 +185,10 @@ def test_cli_federate_writes_the_run_directory(tmp_path, capsys):
         p.name for p in out.iterdir()}
     assert main(["federate", path, "--model", "softmax", "--rounds", "1", "--fraction", "2"]) == 2
     assert "--fraction must be in (0, 1]" in capsys.readouterr().err
+    for flags in (["--alpha", "0.5"], ["--scheme", "dirichlet"]):  # ignored silently before
+        assert main(["federate", path, "--model", "softmax", "--rounds", "1", *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{flags[0]} only apply with --clients" in err
 
 
 def test_external_scheduler_is_used_not_replaced(fed_store, dask_client):
