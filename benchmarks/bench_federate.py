@@ -1,15 +1,18 @@
 """FedAvg per-round time against a plain serial NumPy loop doing the same work; memory; accuracy.
 
-Run ``python -m benchmarks.bench_federate [--quick]`` from the repository root; prints one JSON
-object. The problem is the issue's: FedAvg of a logistic regression on ``make_classification``
-rows (200,000 x 50, 20 informative), IID clients, every client every round, 1 local epoch,
-batch 256, lr 0.1.
+Run ``python -m benchmarks.bench_federate [--quick] [--only SECTION] [--out FILE]`` from the
+repository root (``--only speed``: the 100 and 1,000 client targets); prints one JSON object.
+The problem is the issue's: FedAvg of a logistic regression on ``make_classification`` rows
+(200,000 x 50, 20 informative), IID clients, every client every round, 1 local epoch, batch
+256, lr 0.1.
 
 * ``speed``: for 100 and 1,000 clients, the median per-round wall time of ``federate`` (2 worker
   processes, one batched task per worker per round, evaluation only after the last round) and of
   a serial loop over the same clients calling the same ``tasks.local.local_train`` on rows held
-  in memory; the ratio is what to read (the machine is shared). Round 0 (rows read from the
-  store into the workers' caches) is left out of the median.
+  in memory, with default BLAS threads and with one (as each worker has), one round of each
+  run between federated rounds (same machine load); the ratio to the faster serial loop is
+  what to read (the machine is shared). Round 0 (rows read from the store into the workers'
+  caches) is left out of the medians.
 * ``scale``: per-round time at 100, 1,000 and 10,000 clients and seconds per client-round.
 * ``memory``: driver and worker RSS after round 50 and after round 500 of one run (a reduced
   problem, stated in the output, so 500 rounds fit in a benchmark).
@@ -22,6 +25,8 @@ batch 256, lr 0.1.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import os
 import statistics
@@ -69,31 +74,53 @@ def client_data(url: str, name: str) -> dict[str, tuple[np.ndarray, ...]]:
     return data
 
 
-def serial_loop(model: models.Model, data: dict, rounds: int) -> tuple[list[float], float]:
-    """The plain loop: every client trains in turn, then the n-weighted mean delta is added."""
-    params, seconds = model.init(SEED), []
-    for r in range(rounds):
-        start = time.perf_counter()
-        total, weight = np.zeros_like(params), 0.0
-        for client, (X, y, _, _) in data.items():
-            out = local.local_train(model, params, X, y, epochs=EPOCHS, batch_size=BATCH, lr=LR,
-                                    rng=local.client_rng(SEED, r, client))
-            total += out.packet["delta"] * len(y)
-            weight += len(y)
-        params = params + total / weight
-        seconds.append(time.perf_counter() - start)
-    Xt = np.concatenate([d[2] for d in data.values()])
-    yt = np.concatenate([d[3] for d in data.values()])
-    return seconds, float(np.mean(model.predict(params, Xt) == yt))
+class SerialLoop:
+    """The plain loop: every client trains in turn, then the n-weighted mean delta is added.
+
+    One :meth:`step` is one round; it keeps its own params, so two loops (default BLAS and one
+    BLAS thread) can run side by side between the rounds of ``federate``.
+    """
+
+    def __init__(self, model: models.Model, data: dict, blas_threads: int | None) -> None:
+        self.model, self.data, self.blas_threads = model, data, blas_threads
+        self.params, self.round, self.seconds = model.init(SEED), 0, []
+
+    def step(self) -> None:
+        from threadpoolctl import threadpool_limits
+
+        limit = (threadpool_limits(limits=self.blas_threads, user_api="blas")
+                 if self.blas_threads else contextlib.nullcontext())
+        with limit:
+            start = time.perf_counter()
+            total, weight = np.zeros_like(self.params), 0.0
+            for client, (X, y, _, _) in self.data.items():
+                out = local.local_train(self.model, self.params, X, y, epochs=EPOCHS,
+                                        batch_size=BATCH, lr=LR,
+                                        rng=local.client_rng(SEED, self.round, client))
+                total += out.packet["delta"] * len(y)
+                weight += len(y)
+            self.params = self.params + total / weight
+            self.seconds.append(time.perf_counter() - start)
+        self.round += 1
+
+    def accuracy(self) -> float:
+        Xt = np.concatenate([d[2] for d in self.data.values()])
+        yt = np.concatenate([d[3] for d in self.data.values()])
+        return float(np.mean(self.model.predict(self.params, Xt) == yt))
 
 
-def federated(url: str, name: str, model: models.Model, rounds: int,
-              workers: int = 2) -> tuple[list[float], float]:
+def federated(url: str, name: str, model: models.Model, rounds: int, workers: int = 2,
+              on_record=None) -> tuple[list[float], float]:
     """Per-round seconds and final test accuracy of ``federate`` on its own cluster."""
     run = federate(url, model, rounds=rounds, partition=name, local_epochs=EPOCHS,
                    batch_size=BATCH, lr=LR, seed=SEED, test_fraction=TEST_FRACTION,
-                   eval_every=rounds, workers=workers)
+                   eval_every=rounds, workers=workers, on_record=on_record)
     return [rec["seconds"] for rec in run.history], run.summary["test_accuracy"]
+
+
+def _step_all(loops: list[SerialLoop], _record: dict) -> None:
+    for loop in loops:
+        loop.step()
 
 
 def _median(values: list[float]) -> float:
@@ -102,24 +129,40 @@ def _median(values: list[float]) -> float:
 
 def speed_and_scale(workdir: str, n_rows: int, clients: list[int], rounds: int,
                     serial_for: set[int]) -> dict:
-    out: dict = {"rows": n_rows, "features": 50, "rounds": rounds, "clients": {}}
+    """Per-round times; for ``serial_for`` client counts, serial rounds run between its rounds.
+
+    ``federate`` leaves ``on_record`` out of its round time, so one round of each serial loop
+    (default BLAS, one BLAS thread) runs there, under the same machine load as the round
+    before it; the ratio is taken to the faster of the two.
+    """
+    out: dict = {"rows": n_rows, "features": 50, "rounds": rounds, "clients": {},
+                 "cluster": "2 worker processes x 1 thread, 1 BLAS thread"}
     model = models.logistic(50)
     for k in clients:
         url = os.path.join(workdir, f"bench-{k}.zarr")
         start = time.perf_counter()
         name = make_store(url, n_rows, 50, k)
         setup = time.perf_counter() - start
-        fed_seconds, fed_acc = federated(url, name, model, rounds)
+        loops = []
+        if k in serial_for:
+            data = client_data(url, name)
+            loops = [SerialLoop(model, data, None), SerialLoop(model, data, 1)]
+        fed_seconds, fed_acc = federated(url, name, model, rounds,
+                                         on_record=functools.partial(_step_all, loops))
         entry = {"store_setup_s": setup, "federate_s_per_round": _median(fed_seconds),
                  "federate_first_round_s": fed_seconds[0],
+                 "federate_s_per_round_all": fed_seconds,
                  "federate_test_accuracy": fed_acc}
         entry["federate_s_per_client_round"] = entry["federate_s_per_round"] / k
-        if k in serial_for:
-            serial_seconds, serial_acc = serial_loop(model, client_data(url, name), rounds)
-            entry |= {"serial_s_per_round": _median(serial_seconds),
+        if loops:
+            default, one = (_median(lp.seconds) for lp in loops)
+            serial_acc = loops[0].accuracy()
+            entry |= {"serial_s_per_round": default, "serial_1blas_s_per_round": one,
                       "serial_test_accuracy": serial_acc,
-                      "ratio_federate_over_serial":
-                          entry["federate_s_per_round"] / _median(serial_seconds),
+                      "ratio_federate_over_serial": entry["federate_s_per_round"] / min(default, one),
+                      "ratio_federate_over_serial_default_blas":
+                          entry["federate_s_per_round"] / default,
+                      "ratio_federate_over_serial_1blas": entry["federate_s_per_round"] / one,
                       "accuracy_gap": abs(fed_acc - serial_acc)}
         out["clients"][str(k)] = entry
     return out
@@ -175,37 +218,58 @@ def digits(workdir: str, rounds: int) -> dict:
     return out
 
 
-def main() -> None:
+SECTIONS = ("speed", "memory", "digits")
+
+
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run (about a minute)")
-    args = parser.parse_args()
+    parser.add_argument("--only", action="append", choices=SECTIONS,
+                        help="run only this section (repeatable; default: all)")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args(argv)
+    sections = args.only or list(SECTIONS)
     if args.quick:
         rows, clients, rounds, mem = 20_000, [100, 1000], 4, (10, 40)
     else:
-        rows, clients, rounds, mem = 200_000, [100, 1000, 10_000], 8, (50, 500)
+        rows, clients, rounds, mem = 200_000, [100, 1000, 10_000], 12, (50, 500)
+    if args.only == ["speed"]:
+        clients = clients[:2]  # the two targets; 10,000 clients is the scale check
+    result: dict = {"benchmark": "federate", "quick": args.quick, "sections": sections,
+                    "machine_cpus": os.cpu_count()}
     with tempfile.TemporaryDirectory(prefix="bench-federate-") as workdir:
-        result = {"benchmark": "federate", "quick": args.quick,
-                  "machine_cpus": os.cpu_count(),
-                  "speed": speed_and_scale(workdir, rows, clients, rounds, {100, 1000}),
-                  "memory": memory(workdir, 20_000, 100, mem),
-                  "digits": digits(workdir, 10 if args.quick else 50)}
+        if "speed" in sections:
+            result["speed"] = speed_and_scale(workdir, rows, clients, rounds, {100, 1000})
+        if "memory" in sections:
+            result["memory"] = memory(workdir, 20_000, 100, mem)
+        if "digits" in sections:
+            result["digits"] = digits(workdir, 10 if args.quick else 50)
     result["targets"] = _targets(result)
-    print(json.dumps(result, indent=2))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return result
 
 
 def _targets(result: dict) -> dict:
-    per_k = result["speed"]["clients"]
-    out = {"ratio_100_le_1.0": per_k["100"]["ratio_federate_over_serial"] <= 1.0,
-           "ratio_1000_le_1.5": per_k["1000"]["ratio_federate_over_serial"] <= 1.5,
-           "accuracy_within_0.005": all(v["accuracy_gap"] <= 0.005 for v in per_k.values()
-                                        if "accuracy_gap" in v),
-           "memory_flat_5pct": max(result["memory"]["driver_growth"],
-                                   result["memory"]["workers_growth"]) <= 0.05}
-    first = result["digits"]["fedavg"]["first_round_at_0.90"]
-    out["digits_fedavg_0.90_within_50_rounds"] = first is not None and first <= 50
-    if "10000" in per_k:
-        per_client = [per_k[k]["federate_s_per_client_round"] for k in ("1000", "10000")]
-        out["s_per_client_round_1000_vs_10000"] = per_client
+    out: dict = {}
+    if "speed" in result:
+        per_k = result["speed"]["clients"]
+        out |= {"ratio_100_le_1.0": per_k["100"]["ratio_federate_over_serial"] <= 1.0,
+                "ratio_1000_le_1.5": per_k["1000"]["ratio_federate_over_serial"] <= 1.5,
+                "accuracy_within_0.005": all(v["accuracy_gap"] <= 0.005 for v in per_k.values()
+                                             if "accuracy_gap" in v)}
+        if "10000" in per_k:
+            per_client = [per_k[k]["federate_s_per_client_round"] for k in ("1000", "10000")]
+            out["s_per_client_round_1000_vs_10000"] = per_client
+    if "memory" in result:
+        out["memory_flat_5pct"] = max(result["memory"]["driver_growth"],
+                                      result["memory"]["workers_growth"]) <= 0.05
+    if "digits" in result:
+        first = result["digits"]["fedavg"]["first_round_at_0.90"]
+        out["digits_fedavg_0.90_within_50_rounds"] = first is not None and first <= 50
     return out
 
 
