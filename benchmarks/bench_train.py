@@ -87,11 +87,15 @@ class NumpyLoop:
         self.params = self.model.init(0)
         self.state = self.opt.init(self.params)
 
-    def step(self) -> float:
+    def step(self, sliced: bool = False) -> float:
+        """One full-batch step; ``sliced`` uses fedpipe's own per-chunk function (row slices)."""
         from tasks import reduce
 
         start = time.perf_counter()
-        parts = [self.model.loss_and_grad(self.params, X, y) for X, y in self.chunks]
+        if sliced:
+            parts = [reduce.chunk_loss_and_grad(self.model, self.params, c) for c in self.chunks]
+        else:
+            parts = [self.model.loss_and_grad(self.params, X, y) for X, y in self.chunks]
         _, grad = reduce.objective(*reduce.add_sums(*parts), self.model, self.params)
         updates, self.state = self.opt.update(grad, self.state, self.params)
         self.params = self.params + updates
@@ -110,10 +114,15 @@ def interleaved_iterations(url: str, dask_client, iterations: int) -> dict:
 
     loop = NumpyLoop(url)
     loop.step()  # warm
-    series: dict[str, list[float]] = {"default": [], "one_thread": []}
+    series: dict[str, list[float]] = {"default": [], "one_thread": [], "sliced": [],
+                                      "sliced_one_thread": []}
 
     def between(record: dict) -> None:
         series["default"].append(loop.step())
+        # The same per-chunk work fedpipe's tasks do, serially: the fairest reference.
+        series["sliced"].append(loop.step(sliced=True))
+        with threadpool_limits(limits=1, user_api="blas"):
+            series["sliced_one_thread"].append(loop.step(sliced=True))
         with threadpool_limits(limits=1, user_api="blas"):
             series["one_thread"].append(loop.step())
 
@@ -133,6 +142,9 @@ def interleaved_iterations(url: str, dask_client, iterations: int) -> dict:
                                 per_chunk.summary["seconds_per_iteration"]},
         "numpy_loop_seconds": {"default_blas_threads": statistics.median(numpy_default),
                                "one_blas_thread": statistics.median(numpy_one),
+                               "same_chunk_function": statistics.median(series["sliced"][:-1]),
+                               "same_chunk_function_one_blas_thread":
+                                   statistics.median(series["sliced_one_thread"][:-1]),
                                "all_default": [round(t, 4) for t in numpy_default]},
         "median_paired_ratio": statistics.median(
             a / b for a, b in zip(ours, numpy_default, strict=True)),
@@ -334,6 +346,10 @@ def _on_one_cluster(url: str, dask_client, sections: list[str], args: argparse.N
             "fedpipe_over_numpy_loop": ours["median"] / numpy_loop["default_blas_threads"],
             "fedpipe_over_numpy_loop_one_blas_thread":
                 ours["median"] / numpy_loop["one_blas_thread"],
+            "fedpipe_over_numpy_loop_same_chunk_function":
+                ours["median"] / numpy_loop["same_chunk_function"],
+            "fedpipe_over_numpy_loop_same_chunk_function_one_blas_thread":
+                ours["median"] / numpy_loop["same_chunk_function_one_blas_thread"],
             "fedpipe_over_numpy_loop_paired_median": paired["median_paired_ratio"],
             "dask_ml_over_fedpipe": (dask_ml["median"] / ours["median"]
                                      if "median" in dask_ml else None),
