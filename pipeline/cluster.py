@@ -69,6 +69,12 @@ def connect(
             log.info("dashboard: %s", dashboard_link(dask_client))
             yield dask_client
         return
+    if cluster_kwargs.get("processes", True):
+        # A local cluster serves this machine only: listen on loopback, not on every interface.
+        # (Threads-only clusters talk over inproc://, which takes no host, and their dashboard
+        # link names the machine's address, so their dashboard keeps listening on all.)
+        cluster_kwargs.setdefault("host", "127.0.0.1")
+        cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
     cluster_kwargs.setdefault("dashboard_address", ":0")  # never fight over port 8787
     cluster_kwargs.setdefault("env", dict(_SINGLE_THREADED_BLAS))
     if cluster_kwargs.get("processes") is False:
