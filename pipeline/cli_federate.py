@@ -66,9 +66,10 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
 
 def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fedpipe federate``; returns the summary (printed with ``--json``)."""
+    on_command_line = set(vars(args))  # config.resolve adds the options given elsewhere
     args = config.resolve(args)
     cli_report.check_report_option(args)
-    _check_partition_options(args)
+    _check_partition_options(args, on_command_line)
     partition = args.partition
     if args.clients is not None and not args.resume:
         partition = _make_partition(args)
@@ -96,10 +97,17 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     return cli_report.report_at_end(args, result.summary)
 
 
-def _check_partition_options(args: argparse.Namespace) -> None:
-    """``--scheme`` and ``--alpha`` shape the partition ``--clients`` makes; alone, refuse them."""
+def _check_partition_options(args: argparse.Namespace, on_command_line: set[str]) -> None:
+    """``--scheme`` and ``--alpha`` shape the partition ``--clients`` makes; alone, refuse them.
+
+    ``scheme = "iid"`` from a config file is let through: run directories written before
+    ``--scheme`` lost its default record it for runs on an existing partition.
+    """
     if args.clients is None:
-        given = [f"--{name}" for name in ("scheme", "alpha") if getattr(args, name) is not None]
+        scheme_set = args.scheme is not None and (
+            "scheme" in on_command_line or args.scheme != "iid")
+        given = [flag for flag, on in (("--scheme", scheme_set), ("--alpha", args.alpha is not None))
+                 if on]
         if given:
             raise ValidationError(f"{' and '.join(given)} only apply with --clients K (the "
                                   "partition made for this run); without it use --partition")

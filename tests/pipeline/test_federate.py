@@ -206,3 +206,17 @@ def test_fewer_workers_than_client_resources(fed_store):
         with pytest.raises(TrainingError, match="no worker carries resource client-3, "
                                                 "client-4, client-5 and 2 more"):
             federate(fed_store, _model(), rounds=1, dask_client=dc)
+
+
+def test_scheme_iid_from_an_earlier_runs_config_file_is_not_an_error():
+    import argparse
+
+    from pipeline.cli_federate import _check_partition_options
+
+    args = argparse.Namespace(clients=None, scheme="iid", alpha=None)
+    _check_partition_options(args, set())  # RUN_DIR/config.toml of a run on a named partition
+    with pytest.raises(ValidationError, match="--scheme only apply with --clients"):
+        _check_partition_options(args, {"scheme"})
+    with pytest.raises(ValidationError, match="--scheme only apply with --clients"):
+        _check_partition_options(argparse.Namespace(clients=None, scheme="dirichlet",
+                                                    alpha=None), set())
