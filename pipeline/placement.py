@@ -131,6 +131,8 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
     cls = Nanny if processes else Worker
     extra = dict(worker_kwargs or {})
     extra.setdefault("dashboard_address", ":0")  # workers' HTTP servers never fight over 8787
+    # A simulation serves this machine only: scheduler and workers listen on loopback.
+    extra.setdefault("host", "127.0.0.1")
     if processes:
         extra.setdefault("env", dict(_BLAS_ENV))
         # Worker processes log every connection at INFO; keep the CLI's stderr readable.
@@ -140,7 +142,8 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
                                              **extra}}
         for j, g in enumerate(groups)
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address,
+                                               "host": extra["host"]}}
     # Nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers by default; glibc then unmaps
     # every large temporary (each epoch's shuffled copy of a client's rows) and local training
     # runs 2.5x slower on page faults. Client rows stay cached all run, so trimming saves little.
