@@ -26,7 +26,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 bench: $(STAMP)
-	$(BIN)/python -m benchmarks.run_all
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	for b in bench_ingest bench_train bench_federate; do \
+	  $(BIN)/python -m benchmarks.$$b --out benchmarks/results/$${b#bench_}.json || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

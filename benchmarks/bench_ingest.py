@@ -131,6 +131,7 @@ def csv_rss(workdir: str, n_rows: int, n_features: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--out", help="also write the JSON to this file")
     args = parser.parse_args(argv)
     if args.quick:
         sizes = {"rows": 50_000, "features": 32, "repeats": 1, "csv_rows": 100_000, "csv_features": 8}
@@ -149,6 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print(json.dumps(result))
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as out:
+            json.dump(result, out, indent=2)
     return result
 
 
