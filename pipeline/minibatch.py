@@ -24,8 +24,8 @@ from pipeline.train_records import (
     converged,
     emit,
     pass_record,
-    restore_state,
     save_state,
+    start_state,
 )
 from tasks import reduce
 from tasks.optimizers import Optimizer
@@ -100,11 +100,7 @@ def run_epochs(engine: Engine, optimizer: Optimizer, epochs: int, batch_size: in
     """
     counts = train_row_counts(engine)
     batch_size = batch_size or max(engine.data.info.chunk_rows, 1)
-    params, state, start = engine.model.init(seed), None, 0
-    restored = restore_state(engine, "epoch", KIND, seed) if resume else None
-    if restored is not None:
-        start, params, state, _ = restored
-    state = state if state is not None else optimizer.init(params)
+    start, params, state = start_state(engine, optimizer, "epoch", KIND, seed, resume)
     records: list[dict[str, Any]] = []
     t0 = last = time.perf_counter()
     stopped = "epochs"

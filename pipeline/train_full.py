@@ -13,8 +13,8 @@ from pipeline.train_records import (
     converged,
     emit,
     pass_record,
-    restore_state,
     save_state,
+    start_state,
 )
 from tasks import reduce
 from tasks.optimizers import Optimizer
@@ -27,11 +27,7 @@ def run_full_batch(engine: Engine, optimizer: Optimizer, iterations: int, seed: 
     Record ``t`` describes the parameters after ``t`` updates, so the loop makes
     ``iterations + 1`` passes (the last one only measures).
     """
-    params, state, start = engine.model.init(seed), None, 0
-    restored = restore_state(engine, "iteration", "full-batch", seed) if resume else None
-    if restored is not None:
-        start, params, state, _ = restored
-    state = state if state is not None else optimizer.init(params)
+    start, params, state = start_state(engine, optimizer, "iteration", "full-batch", seed, resume)
     records: list[dict[str, Any]] = []
     t0 = last = time.perf_counter()
     stopped = "iterations"

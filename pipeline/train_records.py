@@ -71,6 +71,17 @@ def save_state(engine: Engine, step_key: str, step: int, params: np.ndarray,
         "n_params": engine.model.n_params, **meta})
 
 
+def start_state(engine: Engine, optimizer: Any, step_key: str, kind: str, seed: int,
+                resume: bool) -> tuple[int, np.ndarray, dict]:
+    """``(first step, params, optimizer state)``: fresh from the seed, or from the checkpoint."""
+    restored = restore_state(engine, step_key, kind, seed) if resume else None
+    if restored is None:
+        params = engine.model.init(seed)
+        return 0, params, optimizer.init(params)
+    start, params, state, _ = restored
+    return start, params, state
+
+
 def restore_state(engine: Engine, step_key: str, kind: str, seed: int):
     """Load the checkpoint to resume from: ``(step, params, state, meta)`` or ``None``.
 
