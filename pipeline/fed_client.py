@@ -9,6 +9,7 @@ only model-sized reports. Per-client state (SCAFFOLD's ``c_i``) stays in the sam
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -63,6 +64,7 @@ def unpack(spec: ClientSpec | PackedSpec) -> ClientSpec:
 
 def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int,
                   stage_states: dict, control: np.ndarray | None) -> dict:
+    started = time.perf_counter()
     (X, y, _, _), was_read = placement.client_rows(spec.url, spec.partition, client,
                                                    test_fraction=spec.test_fraction,
                                                    seed=spec.seed, run=spec.token)
@@ -78,7 +80,11 @@ def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int
     if result.control is not None:
         cache.state[(spec.token, client)] = {"control": result.control}
     packet, rejected = aggregate.client_side(spec.stages, stage_states, result.packet)
-    metrics = {**result.metrics, "read": was_read}
+    # Time to finish (rows read, local epochs, client stages) and what leaves the worker: the
+    # live page and the report show both per client. Neither enters the parameters.
+    metrics = {**result.metrics, "read": was_read,
+               "seconds": time.perf_counter() - started,
+               "update_bytes": sum(v.nbytes for v in (packet or {}).values())}
     return aggregate.client_report(client, packet, metrics, rejected)
 
 

@@ -110,6 +110,10 @@ def test_non_finite_update_is_rejected_and_the_round_goes_on(fed_store, dask_cli
     for record in run.history:
         assert "non-finite" in record["rejected"]["3"]
         assert record["aggregated"] == N_CLIENTS - 1
+        # Each client reports its time to finish and what it sent; a rejected one sent nothing.
+        sent = {c: m["update_bytes"] for c, m in record["clients"].items() if "update_bytes" in m}
+        assert sent["3"] == 0 and all(b >= run.params.nbytes for c, b in sent.items() if c != "3")
+        assert all(m["seconds"] > 0 for m in record["clients"].values() if "seconds" in m)
     assert np.all(np.isfinite(run.params))
 
 
