@@ -91,9 +91,8 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
             test_fraction=args.test_fraction, eval_every=args.eval_every, workers=args.workers,
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes),
             out=args.out, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, on_record=on_record)
-    if args.out:
-        config.save(args, args.out)  # RUN_DIR/config.toml repeats the run
+            resume=args.resume, on_record=on_record,
+            config=config.to_dict(args))  # RUN_DIR/config.toml repeats the run
     return cli_report.report_at_end(args, result.summary)
 
 

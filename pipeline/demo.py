@@ -119,11 +119,11 @@ def _federate(args: argparse.Namespace, dask_client: Client, run_dir: Path, info
                     meta={"model": model.name, "strategy": strategy}) as on_record:
         federate(info.url, model, rounds=rounds, strategy=registry.STRATEGIES[strategy](),
                  partition=PARTITION, dask_client=dask_client, out=str(run_dir),
-                 on_record=on_record, **options)
-    from pipeline import rundir  # the engine writes no config.toml; the report reads one
-
-    rundir.write_config(run_dir, {"store": info.url, "model": "mlp", "hidden": hidden, "l2": 1e-4, "rounds": rounds,
-                                  "strategy": strategy, "partition": PARTITION, **options})
+                 on_record=on_record, **options,
+                 # the report rebuilds the model from config.toml, so name it as the CLI would
+                 config={"store": info.url, "model": "mlp", "hidden": hidden, "l2": 1e-4,
+                         "rounds": rounds, "strategy": strategy, "partition": PARTITION,
+                         **options})
     return run_dir
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -57,7 +57,8 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
              eval_every: int = 1, workers: int | None = None, batch_clients: bool = True,
              dask_client: Client | None = None, scheduler: str | None = None,
              out: str | None = None, checkpoint_every: int = 0, resume: bool = False,
-             on_record: Callable[[dict], None] | None = None) -> FederatedRun:
+             on_record: Callable[[dict], None] | None = None,
+             config: Mapping[str, object] | None = None) -> FederatedRun:
     """Federated training of ``model`` on the clients of a partition of a fedpipe store.
 
     Parameters
@@ -104,6 +105,9 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         Continue from ``out/checkpoint.npz``; ends bit-identical to an uninterrupted run.
     on_record : callable, optional
         Called with each round's metrics record after it is appended to ``metrics.jsonl``.
+    config : mapping, optional
+        Resolved options written to ``config.toml`` (the CLI passes its arguments); without it
+        the run records the settings it was called with.
 
     Returns
     -------
@@ -132,7 +136,9 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
                       int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
                       stages, uuid.uuid4().hex[:12])
     run_dir = rundir.prepare(out, resume=resume) if out is not None else None
-    if run_dir is not None:
+    if run_dir is not None and config is not None:
+        rundir.write_config(run_dir, config)
+    elif run_dir is not None:
         rundir.write_config(run_dir, fed_state.run_config(
             store_url=str(store_url), model=model.name, partition=partition,
             strategy=strategy.name, mu=strategy.mu, rounds=rounds, local_epochs=local_epochs,
