@@ -28,7 +28,7 @@ from pipeline.train_records import (
     start_state,
 )
 from tasks import reduce
-from tasks.optimizers import Optimizer
+from tasks.optimizers import Optimizer, apply_updates
 
 KIND = "mini-batch"
 Piece = tuple[int, np.ndarray]  # (chunk index, rows of that chunk)
@@ -129,5 +129,5 @@ def _one_epoch(engine, optimizer, params, state, counts, batch_size, seed, epoch
         loss, grad = batch_gradient(engine, params, pieces)
         check_finite(loss, "epoch", epoch, engine.run_dir)
         updates, state = optimizer.update(grad, state, params)
-        params = reduce.apply_updates(params, updates)
+        params = apply_updates(params, updates)
     return params, state

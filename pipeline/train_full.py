@@ -16,8 +16,7 @@ from pipeline.train_records import (
     save_state,
     start_state,
 )
-from tasks import reduce
-from tasks.optimizers import Optimizer
+from tasks.optimizers import Optimizer, apply_updates
 
 
 def run_full_batch(engine: Engine, optimizer: Optimizer, iterations: int, seed: int,
@@ -44,7 +43,7 @@ def run_full_batch(engine: Engine, optimizer: Optimizer, iterations: int, seed: 
         if t == iterations:
             break
         updates, state = optimizer.update(result.grad, state, params)
-        params = reduce.apply_updates(params, updates)
+        params = apply_updates(params, updates)
         if checkpoint_every and (t + 1) % checkpoint_every == 0:
             save_state(engine, "iteration", t + 1, params, state, seed, kind="full-batch")
     save_state(engine, "iteration", records[-1]["iteration"] if records else start, params,

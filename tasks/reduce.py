@@ -171,7 +171,3 @@ def finish_metrics(sums: Sequence[float], task: str, prefix: str = "test") -> di
         metrics[f"{prefix}_accuracy"] = s["correct"] / n
     return metrics
 
-
-def apply_updates(params: np.ndarray, updates: np.ndarray) -> np.ndarray:
-    """``params + updates`` (optax's ``apply_updates`` for one flat vector)."""
-    return params + updates
