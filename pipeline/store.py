@@ -9,6 +9,7 @@ manifest and the store first: a missing chunk is a :class:`StoreError`, never ze
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import uuid
@@ -210,6 +211,14 @@ def read_raw_chunk(group: zarr.Group, info: StoreInfo, ref: ChunkRef) -> tuple[n
     return out[0], out[1]
 
 
+@functools.lru_cache(maxsize=8)
+def _opened(url: str, content_hash: str) -> zarr.Group:
+    # Opening parses the root metadata (every partition's manifest): once per worker process
+    # and store version, not once per chunk. Child arrays and chunk files are still looked up
+    # fresh on every read, so a rewritten partition is seen.
+    return open_group(url)
+
+
 def _split_key(ref: ChunkRef) -> int:
     # Top-level chunks use their index; client chunks a stable hash so clients' masks differ.
     return ref.index if not ref.prefix else zlib.crc32(f"{ref.prefix}:{ref.index}".encode())
@@ -253,7 +262,7 @@ def read_chunk(
     if split not in SPLITS:
         raise ValidationError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     info = info or read_info(url)
-    X, y = read_raw_chunk(group if group is not None else open_group(url), info, ref)
+    X, y = read_raw_chunk(group if group is not None else _opened(url, info.content_hash), info, ref)
     X = apply_preprocess(X, info)
     if split == "all":
         return X, y
