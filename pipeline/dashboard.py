@@ -77,10 +77,7 @@ def collect_runs(events: Any) -> dict[str, dict[str, Any]]:
         if kind == "start":
             run["meta"] = msg.get("meta", {})
         elif kind == "record":
-            record = dict(msg.get("record", {}))
-            # Normalised per-client rows spare the page from knowing every engine's spelling.
-            record["client_rows"] = client_rows(record)
-            run["records"].append(record)
+            run["records"].append(msg.get("record", {}))
         elif kind == "end":
             run["status"] = msg.get("status", "finished")
     return runs
@@ -165,7 +162,9 @@ class Publisher:
         self._send({"type": "start", "meta": info})
 
     def __call__(self, record: Mapping[str, Any]) -> None:
-        self._send({"type": "record", "record": record})
+        # Normalised per-client rows, worked out once here on the driver: the page polls every
+        # second and the scheduler's event loop should not redo them for every record each time.
+        self._send({"type": "record", "record": {**record, "client_rows": client_rows(record)}})
         self.count += 1
         # Engines close their own client when they return, before close() could be called:
         # a run that reached its total says so with its last record.
