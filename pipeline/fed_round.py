@@ -119,7 +119,8 @@ def _sum_leaves(dask_client: Client, futures: Sequence[Future], timeout: float |
     the bits are those of the tree.
     """
     if len(futures) <= GATHER_AT_MOST:
-        wait(futures, timeout=timeout)  # client-side wait: no extra round trip
+        if timeout is not None:  # gather has no timeout; without one it waits by itself
+            wait(futures, timeout=timeout)  # (one hand-off to the client's loop fewer)
         return aggregate.add_reports(*dask_client.gather(list(futures)))
     root = tree_sum(dask_client, futures, fan_in=FAN_IN, key_prefix=f"sum-{what}",
                     add=aggregate.add_reports)
