@@ -132,8 +132,8 @@ def check_model(model: Model, X: np.ndarray, y: np.ndarray, seed: int = 0,
     central finite differences (a random direction plus up to ``max_coords`` coordinates,
     relative tolerance ``rtol``) for the loss and for the penalty; sums over uneven chunks (one
     empty) equal the whole-array result; float32 input gives the float64 answer; inputs are
-    not mutated; ``predict`` has one entry per row (int64 classes or float64 values);
-    ``unpack`` covers every parameter, in order.
+    not mutated; ``predict`` has one entry per row (int64 classes or float64 values); the
+    optional ``loss_and_predict`` agrees with both; ``unpack`` covers every parameter, in order.
 
     Use a few dozen rows: every finite difference costs two ``loss_and_grad`` calls.
 
@@ -162,8 +162,22 @@ def check_model(model: Model, X: np.ndarray, y: np.ndarray, seed: int = 0,
         _fail(f"{model.name}: float32 input is not computed in float64")
 
     _check_predict(model, params, X)
+    _check_loss_and_predict(model, params, X, y)
     _check_unpack_penalty(model, params)
     _check_gradient(_penalty_as_loss(model), params, X, y, rng, rtol, max_coords)
+
+
+def _check_loss_and_predict(model: Model, params: np.ndarray, X: np.ndarray,
+                            y: np.ndarray) -> None:
+    """The optional fused evaluation agrees with ``loss_and_grad`` and ``predict``."""
+    fused = getattr(model, "loss_and_predict", None)
+    if fused is None:
+        return
+    loss, pred = fused(params, X, y)
+    if not np.isclose(loss, _call(model, params, X, y)[0], rtol=1e-12):
+        _fail(f"{model.name}: loss_and_predict's loss differs from loss_and_grad's")
+    if not np.array_equal(pred, model.predict(params, X)):
+        _fail(f"{model.name}: loss_and_predict's predictions differ from predict's")
 
 
 def _penalty_as_loss(model: Model) -> Model:

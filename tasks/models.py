@@ -53,6 +53,11 @@ class Model(NamedTuple):
         Named arrays (``coef``, ``intercept``, ``W0``, ``b0``, ...) whose sizes add to ``n_params``.
     task : str
         ``"regression"``, ``"binary"`` or ``"multiclass"``.
+    loss_and_predict : Callable[[ndarray, ndarray, ndarray], tuple[float, ndarray]] or None
+        Optional ``loss_and_predict(p, X, y) -> (loss_sum, predict(p, X))`` from one forward
+        pass. Evaluation uses it when given: test metrics need the loss and the predictions,
+        not the gradient, and on a GLM the gradient and a second ``X @ w`` are two thirds of
+        the work. Without it, evaluation calls ``loss_and_grad`` and ``predict``.
     """
 
     name: str
@@ -63,6 +68,8 @@ class Model(NamedTuple):
     penalty: Callable[[np.ndarray], tuple[float, np.ndarray]]
     unpack: Callable[[np.ndarray], dict[str, np.ndarray]]
     task: str
+    loss_and_predict: Callable[[np.ndarray, np.ndarray, np.ndarray],
+                               tuple[float, np.ndarray]] | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -224,9 +231,14 @@ def linear(n_features: int, l2: float = 0.0, l1: float = 0.0, intercept: bool = 
         w, b = split(params)
         return _as_float(X) @ w + b
 
+    def loss_and_predict(params, X, y):
+        pred = predict(params, X)
+        r = pred - np.asarray(y, dtype=np.float64).reshape(-1)
+        return 0.5 * float(r @ r), pred
+
     penalty = _make_penalty(n_params, [slice(0, n_w)], l2, l1)
     return Model("linear", n_params, _zeros_init(n_params), loss_and_grad, predict, penalty,
-                 unpack, "regression")
+                 unpack, "regression", loss_and_predict)
 
 
 def logistic(n_features: int, l2: float = 0.0, intercept: bool = True, l1: float = 0.0) -> Model:
@@ -254,15 +266,18 @@ def logistic(n_features: int, l2: float = 0.0, intercept: bool = True, l1: float
     _check_reg(l2, l1)
     n_w, n_params, split, unpack = _glm_layout(n_features, 1, intercept)
 
-    def loss_and_grad(params, X, y):
-        X = _as_float(X)
+    def margin_loss(params, X, y):
         w, b = split(params)
         y = np.asarray(y, dtype=np.float64).reshape(-1)
         if y.size and (y.min() < 0 or y.max() > 1):
             raise ValueError(f"logistic labels must be 0/1, got {y.min()}..{y.max()}")
-        z = X @ w
+        z = _as_float(X) @ w
         z += b
-        loss = _softplus_sum(z) - float(y @ z)
+        return z, y, _softplus_sum(z) - float(y @ z)
+
+    def loss_and_grad(params, X, y):
+        X = _as_float(X)
+        z, y, loss = margin_loss(params, X, y)
         r = _sigmoid(z)
         r -= y
         grad = np.empty(n_params)
@@ -275,9 +290,13 @@ def logistic(n_features: int, l2: float = 0.0, intercept: bool = True, l1: float
         w, b = split(params)
         return ((_as_float(X) @ w + b) > 0).astype(np.int64)
 
+    def loss_and_predict(params, X, y):
+        z, _, loss = margin_loss(params, X, y)
+        return loss, (z > 0).astype(np.int64)
+
     penalty = _make_penalty(n_params, [slice(0, n_w)], l2, l1)
     return Model("logistic", n_params, _zeros_init(n_params), loss_and_grad, predict, penalty,
-                 unpack, "binary")
+                 unpack, "binary", loss_and_predict)
 
 
 def softmax(n_features: int, n_classes: int, l2: float = 0.0, intercept: bool = True,
@@ -320,9 +339,16 @@ def softmax(n_features: int, n_classes: int, l2: float = 0.0, intercept: bool = 
         W, b = split(params)
         return np.argmax(_as_float(X) @ W + b, axis=1).astype(np.int64)
 
+    def loss_and_predict(params, X, y):
+        W, b = split(params)
+        Z = _as_float(X) @ W
+        Z += b
+        pred = np.argmax(Z, axis=1).astype(np.int64)  # before Z is overwritten below
+        return _log_softmax_grad(Z, _labels(y)), pred
+
     penalty = _make_penalty(n_params, [slice(0, n_w)], l2, l1)
     return Model("softmax", n_params, _zeros_init(n_params), loss_and_grad, predict, penalty,
-                 unpack, "multiclass")
+                 unpack, "multiclass", loss_and_predict)
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,10 +472,20 @@ def mlp(n_features: int, n_outputs: int, hidden: Sequence[int] = (256, 128),
         return loss, _mlp_backward(layers, wb, acts, D, n_params), X.shape[0]
 
     def predict(params, X):
-        out = _mlp_forward(_mlp_weights(layers, params), _as_float(X))[-1]
+        return _outputs(_mlp_forward(_mlp_weights(layers, params), _as_float(X))[-1])
+
+    def _outputs(out):
         if classify:
             return np.argmax(out, axis=1).astype(np.int64)
         return out[:, 0] if n_outputs == 1 else out
+
+    def loss_and_predict(params, X, y):
+        out = _mlp_forward(_mlp_weights(layers, params), _as_float(X))[-1]
+        pred = _outputs(out)
+        if classify:  # argmax made its own array before the loss overwrites ``out``
+            return _log_softmax_grad(out, _labels(y)), pred
+        out = out - np.asarray(y, dtype=np.float64).reshape(out.shape)
+        return 0.5 * float(np.vdot(out, out)), pred
 
     def unpack(params):
         out = {}
@@ -459,7 +495,8 @@ def mlp(n_features: int, n_outputs: int, hidden: Sequence[int] = (256, 128),
 
     penalty = _make_penalty(n_params, [w for w, _, _ in layers], l2, l1)
     name = "mlp-" + "-".join(str(s) for s in sizes)
-    return Model(name, n_params, init, loss_and_grad, predict, penalty, unpack, task)
+    return Model(name, n_params, init, loss_and_grad, predict, penalty, unpack, task,
+                 loss_and_predict)
 
 
 def pack(model: Model, arrays: dict[str, np.ndarray]) -> np.ndarray:

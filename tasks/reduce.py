@@ -126,9 +126,14 @@ def _eval_slice(model: Any, params: np.ndarray, X: np.ndarray, y: np.ndarray) ->
     out = np.zeros(len(EVAL_FIELDS))
     if len(y) == 0:
         return out
-    loss_sum, _, n = model.loss_and_grad(params, X, y)
+    fused = getattr(model, "loss_and_predict", None)  # a user's model may not have it
+    if fused is not None:
+        loss_sum, pred = fused(params, X, y)
+        n = X.shape[0]
+    else:
+        loss_sum, _, n = model.loss_and_grad(params, X, y)
+        pred = model.predict(params, X)
     out[0], out[1] = loss_sum, n
-    pred = model.predict(params, X)
     if model.task == "regression":
         y = np.asarray(y, dtype=np.float64).reshape(pred.shape)
         out[3] = np.sum((pred - y) ** 2)

@@ -255,6 +255,21 @@ def test_check_model_catches_bad_predictions_and_unpack():
         check_model(_broken(unpack=lambda p: {"coef": p[:D]}), *_data("binary"))
 
 
+def test_check_model_catches_a_fused_evaluation_that_disagrees():
+    base = M.logistic(D)
+
+    def slightly_off(p, X, y):
+        loss, pred = base.loss_and_predict(p, X, y)
+        return loss * (1 + 1e-6), pred
+
+    with pytest.raises(AssertionError, match="loss_and_predict's loss"):
+        check_model(_broken(loss_and_predict=slightly_off), *_data("binary"))
+    flipped = _broken(loss_and_predict=lambda p, X, y: (base.loss_and_predict(p, X, y)[0],
+                                                        1 - base.predict(p, X)))
+    with pytest.raises(AssertionError, match="predictions"):
+        check_model(flipped, *_data("binary"))
+
+
 # ---- the math learns (small real data sets) ------------------------------------------------
 
 

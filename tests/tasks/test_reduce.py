@@ -31,3 +31,20 @@ def test_sliced_sums_equal_whole_chunk(monkeypatch, model):
     np.testing.assert_allclose(reduce.eval_sums(model, params, (X, y)), whole_eval, rtol=1e-12)
     again = reduce.chunk_loss_and_grad(model, params, (X.copy(), y.copy()))
     assert again[1].tobytes() == grad.tobytes()  # a fixed order: same bits every time
+
+
+@pytest.mark.parametrize("model, labels", [
+    (models.linear(4, l2=0.1), None), (models.logistic(4), 2), (models.softmax(4, 3), 3),
+    (models.mlp(4, 3, hidden=(6,)), 3), (models.mlp(4, 1, hidden=(6,), task="regression"), None),
+])
+def test_fused_evaluation_equals_loss_and_grad_plus_predict(model, labels):
+    # The one-forward-pass path (loss_and_predict) gives the metrics' sums of the general one.
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((57, 4))
+    y = rng.standard_normal(57) if labels is None else rng.integers(0, labels, 57)
+    params = model.init(0) + 0.3 * rng.standard_normal(model.n_params)
+    fused = reduce.eval_sums(model, params, (X, y))
+    general = reduce.eval_sums(model._replace(loss_and_predict=None), params, (X, y))
+    np.testing.assert_allclose(fused, general, rtol=1e-12)
+    assert fused[1] == 57 and (labels is None or 0 < fused[2] <= 57)
+    assert labels is not None or fused[3] > 0  # regression fills the squared-error sum
