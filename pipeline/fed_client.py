@@ -2,8 +2,8 @@
 
 These functions run inside tasks placed by ``client-<id>`` resources. They read a client's rows
 through the worker's :class:`pipeline.placement.ClientCache` (the rows never leave the worker),
-call the pure NumPy client code of :mod:`tasks.local` and :mod:`tasks.aggregate`, and return
-only model-sized reports. Per-client state (SCAFFOLD's ``c_i``) stays in the same cache.
+call the pure NumPy client code of :mod:`tasks.local`, :mod:`tasks.reduce` and
+:mod:`tasks.aggregate`, and return only model-sized reports. Per-client state (SCAFFOLD's ``c_i``) stays in the same cache.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import cloudpickle
 import numpy as np
 
 from pipeline import placement
-from tasks import aggregate, local
+from tasks import aggregate, local, reduce
 from tasks.aggregate import Stage
 from tasks.models import Model
 
@@ -101,16 +101,21 @@ def train_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: n
 
 
 def eval_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np.ndarray) -> dict:
-    """Test-row sums of the given clients of this worker (their rows never leave it)."""
+    """Test-row sums of the given clients of this worker (their rows never leave it).
+
+    Each client's packet is ``{"sums": reduce.eval_sums(...)}``, the data-parallel engine's
+    vector of :data:`tasks.reduce.EVAL_FIELDS`, so clients add up in any order to the round's
+    test metrics; its record holds the same metrics of its own rows (none without test rows).
+    """
     spec = unpack(spec)
     reports = []
     for client in clients:
         (_, _, X, y), _ = placement.client_rows(spec.url, spec.partition, client,
                                                 test_fraction=spec.test_fraction,
                                                 seed=spec.seed, run=spec.token)
-        sums = local.evaluate_sums(spec.model, params, X, y)
-        record = {f"test_{k}": v for k, v in local.metrics_from_sums(sums, spec.model.task).items()}
-        reports.append(aggregate.client_report(client, sums, record))
+        sums = reduce.eval_sums(spec.model, params, (X, y))
+        record = reduce.finish_metrics(sums, spec.model.task)
+        reports.append(aggregate.client_report(client, {"sums": sums}, record))
     return aggregate.add_reports(*reports)
 
 

@@ -22,7 +22,7 @@ from pipeline import placement
 from pipeline.errors import TrainingError
 from pipeline.fed_client import ClientSpec, eval_group, pack_spec, train_group
 from pipeline.graph import tree_sum
-from tasks import aggregate, local, sampling
+from tasks import aggregate, reduce, sampling
 
 log = logging.getLogger("fedpipe")
 
@@ -203,8 +203,8 @@ def evaluate(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[st
                                deadline, r, "eval")
     if report is None:
         return {"eval_dropped": dropped}
-    metrics = local.metrics_from_sums(report["packet"], spec.model.task)
-    out: dict[str, Any] = {f"test_{k}": v for k, v in metrics.items()}
+    # The data-parallel engine's metrics of the summed sums: same names, same formulas.
+    out: dict[str, Any] = reduce.finish_metrics(report["packet"]["sums"], spec.model.task)
     out["eval_clients"] = report["clients"]
     if dropped:
         out["eval_dropped"] = dropped

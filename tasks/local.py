@@ -1,7 +1,9 @@
-"""What a federated client computes on its own rows: local training and local evaluation.
+"""What a federated client computes on its own rows: local training.
 
 Pure NumPy on concrete arrays. The randomness of a client's round (its mini-batch order) comes
 from ``(seed, round, client)`` only, so any worker that runs the task gets the same result.
+A client's test metrics are the data-parallel engine's: :func:`tasks.reduce.eval_sums` of its
+test rows, added over clients and finished by :func:`tasks.reduce.finish_metrics`.
 """
 
 from __future__ import annotations
@@ -114,28 +116,3 @@ def local_train(model: Model, params: np.ndarray, X: np.ndarray, y: np.ndarray, 
     metrics = {"train_loss": loss_sum / max(seen, 1), "n": float(n), "steps": float(steps)}
     return LocalResult(packet, metrics, new_control)
 
-
-def evaluate_sums(model: Model, params: np.ndarray, X: np.ndarray, y: np.ndarray) -> Packet:
-    """Test-row sums of one client: ``loss_sum``, ``n`` and ``correct`` (classification).
-
-    Sums, not means, so clients add up to the global test metrics in any order of reduction.
-    """
-    if len(y) == 0:
-        return {"loss_sum": np.asarray(0.0), "n": np.asarray(0.0), "correct": np.asarray(0.0)}
-    loss_sum, _, n = model.loss_and_grad(params, X, y)
-    correct = 0.0
-    if model.task != "regression":
-        correct = float(np.sum(model.predict(params, X) == np.asarray(y).reshape(-1)))
-    return {"loss_sum": np.asarray(float(loss_sum)), "n": np.asarray(float(n)),
-            "correct": np.asarray(correct)}
-
-
-def metrics_from_sums(sums: Packet, task: str) -> dict[str, float]:
-    """``loss`` (mean) and, for classification, ``accuracy`` from :func:`evaluate_sums` output."""
-    n = float(sums["n"])
-    if n == 0:
-        return {"n": 0.0}
-    out = {"loss": float(sums["loss_sum"]) / n, "n": n}
-    if task != "regression":
-        out["accuracy"] = float(sums["correct"]) / n
-    return out

@@ -12,9 +12,10 @@ from test_federate_support import partitioned_store
 from pipeline import placement, store
 from pipeline.errors import TrainingError, ValidationError
 from pipeline.federate import federate
-from tasks import aggregate, models
+from tasks import aggregate, models, reduce
 
 SOURCE = "synthetic:classification?n_samples=800&n_features=5&n_classes=3&seed=1"
+REGRESSION = "synthetic:regression?n_samples=400&n_features=5&seed=2"
 N_CLIENTS = 8
 
 
@@ -83,6 +84,43 @@ def test_resume_ends_bit_identical(fed_store, dask_client, tmp_path, strategy):
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
     assert json.loads(lines[-1])["test_loss"] == whole.history[-1]["test_loss"]
+
+
+def _client_test_rows(url: str, client: str) -> tuple[np.ndarray, np.ndarray]:
+    info = store.read_info(url)
+    parts = [store.read_chunk(url, ref, split="test", test_fraction=0.2, seed=0, info=info)
+             for ref in store.chunk_refs(info, partition="fed", client=client)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _test_metrics(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k.startswith("test_")}
+
+
+def test_regression_run_reports_the_data_parallel_test_metrics(dask_client, tmp_path):
+    url = partitioned_store(str(tmp_path / "reg.zarr"), source=REGRESSION, clients=N_CLIENTS,
+                            chunk_rows=50, name="fed")
+    model = models.linear(5)
+    run = federate(url, model, rounds=2, lr=0.1, dask_client=dask_client)
+    assert all({"test_loss", "test_rmse", "test_r2"} <= set(r) for r in run.history)
+    # The serial reference: the data-parallel engine's sums of each client's own test rows.
+    sums = {c: reduce.eval_sums(model, run.params, _client_test_rows(url, c))
+            for c in map(str, range(N_CLIENTS))}
+    record = run.history[-1]
+    for client, client_sums in sums.items():
+        expected = reduce.finish_metrics(client_sums, model.task)
+        assert set(expected) == {"test_loss", "test_rmse", "test_r2"}
+        assert _test_metrics(record["clients"][client]) == pytest.approx(expected, rel=1e-12)
+    total = reduce.finish_metrics(reduce.add_sums(*sums.values()), model.task)
+    assert _test_metrics(record) == pytest.approx(total, rel=1e-12)
+
+
+def test_no_test_rows_means_no_test_metrics(fed_store, dask_client):
+    # As `fedpipe train --test-fraction 0`: no test_* entry, not a test_loss of 0/0.
+    run = federate(fed_store, _model(), rounds=1, test_fraction=0.0, dask_client=dask_client)
+    record = run.history[0]
+    assert record["aggregated"] == N_CLIENTS and not _test_metrics(record)
+    assert not any(_test_metrics(rec) for rec in record["clients"].values())
 
 
 def _marker(url: str, client: str) -> np.ndarray:

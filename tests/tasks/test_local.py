@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from tasks import models
-from tasks.local import client_rng, evaluate_sums, local_train, metrics_from_sums, round_lr
+from tasks import models, reduce
+from tasks.local import client_rng, local_train, round_lr
 
 
 @pytest.fixture
@@ -72,15 +72,24 @@ def test_scaffold_control_variate_option_two(data):
     np.testing.assert_allclose(out.packet["control"], out.control - ci)
 
 
-def test_evaluate_sums_and_metrics(data):
+@pytest.mark.parametrize("model", [models.logistic(4), models.linear(4)], ids=["binary", "linear"])
+def test_client_test_sums_add_up_and_an_empty_client_has_no_metrics(data, model):
+    # Federated evaluation: each client sends reduce.eval_sums of its test rows; the round's
+    # metrics are finish_metrics of their sum, whatever the clients and their order.
     X, y = data
-    model = models.logistic(4)
+    y = y if model.task != "regression" else X @ np.array([1.0, -2.0, 0.5, 0.0])
     p = model.init(0) + 0.3
-    sums = evaluate_sums(model, p, X, y)
-    metrics = metrics_from_sums(sums, model.task)
-    assert metrics["n"] == 120
-    assert metrics["accuracy"] == pytest.approx(np.mean(model.predict(p, X) == y))
-    assert metrics_from_sums(evaluate_sums(model, p, X[:0], y[:0]), "binary") == {"n": 0.0}
+    parts = [reduce.eval_sums(model, p, (X[s], y[s])) for s in (slice(0, 50), slice(50, 50),
+                                                                   slice(50, 120))]
+    np.testing.assert_array_equal(parts[1], np.zeros(len(reduce.EVAL_FIELDS)))
+    assert reduce.finish_metrics(parts[1], model.task) == {}
+    whole = reduce.finish_metrics(reduce.eval_sums(model, p, (X, y)), model.task)
+    for order in (parts, parts[::-1]):
+        assert reduce.finish_metrics(reduce.add_sums(*order), model.task) == pytest.approx(whole)
+    if model.task == "regression":
+        assert set(whole) == {"test_loss", "test_rmse", "test_r2"}
+    else:
+        assert whole["test_accuracy"] == pytest.approx(np.mean(model.predict(p, X) == y))
 
 
 def test_round_lr_takes_a_constant_or_a_schedule():
