@@ -3,7 +3,8 @@
 These functions run inside tasks placed by ``client-<id>`` resources. They read a client's rows
 through the worker's :class:`pipeline.placement.ClientCache` (the rows never leave the worker),
 call the pure NumPy client code of :mod:`tasks.local`, :mod:`tasks.reduce` and
-:mod:`tasks.aggregate`, and return only model-sized reports. Per-client state (SCAFFOLD's ``c_i``) stays in the same cache.
+:mod:`tasks.aggregate`, and return only model-sized reports. Per-client state (SCAFFOLD's
+``c_i``) stays in the same cache.
 """
 
 from __future__ import annotations
