@@ -240,6 +240,13 @@ def worker_cache(worker: Worker | None = None) -> ClientCache:
     return cache
 
 
+def _stack(chunks: list[tuple[np.ndarray, np.ndarray]], n_features: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    if not chunks:
+        return np.zeros((0, n_features)), np.zeros(0)
+    return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
+
+
 def client_rows(url: str, partition: str, client: str, *, test_fraction: float,
                 seed: int, run: str = "") -> tuple[tuple[np.ndarray, ...], bool]:
     """A client's train and test rows on this worker, read from the store on first use.
@@ -258,14 +265,12 @@ def client_rows(url: str, partition: str, client: str, *, test_fraction: float,
         group = store.open_group(url)
         cache.info[(url, run)] = (store.read_info(url), group)
     info, group = cache.info[(url, run)]
-    refs = store.chunk_refs(info, partition=partition, client=client)
-    parts = {}
-    for split in ("train", "test"):
-        chunks = [store.read_chunk(url, ref, split=split, test_fraction=test_fraction,
-                                   seed=seed, info=info, group=group) for ref in refs]
-        parts[split] = (np.concatenate([c[0] for c in chunks]) if chunks else
-                        np.zeros((0, info.n_features)),
-                        np.concatenate([c[1] for c in chunks]) if chunks else np.zeros(0))
-    cache.rows[key] = (*parts["train"], *parts["test"])
+    sides: tuple[list, list] = ([], [])  # each chunk read once, then split both ways
+    for ref in store.chunk_refs(info, partition=partition, client=client):
+        X, y = store.read_chunk(url, ref, info=info, group=group)
+        for side, rows in zip(sides, store.split_rows(X, y, ref, test_fraction=test_fraction,
+                                                      seed=seed), strict=True):
+            side.append(rows)
+    cache.rows[key] = tuple(part for side in sides for part in _stack(side, info.n_features))
     cache.reads += 1
     return cache.rows[key], True

@@ -266,9 +266,19 @@ def read_chunk(
     X = apply_preprocess(X, info)
     if split == "all":
         return X, y
+    train, test = split_rows(X, y, ref, test_fraction=test_fraction, seed=seed)
+    return test if split == "test" else train
+
+
+def split_rows(X: np.ndarray, y: np.ndarray, ref: ChunkRef, *, test_fraction: float,
+               seed: int) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """``((X_train, y_train), (X_test, y_test))`` of a chunk read with ``split="all"``.
+
+    The rows :func:`read_chunk` keeps for each side, from one read: a caller that needs both
+    sides decompresses the chunk once.
+    """
     mask = split_math.test_mask(len(y), _split_key(ref), test_fraction, seed)
-    keep = mask if split == "test" else ~mask
-    return X[keep], y[keep]
+    return (X[~mask], y[~mask]), (X[mask], y[mask])
 
 
 def stats_arrays(info: StoreInfo) -> dict[str, np.ndarray]:
