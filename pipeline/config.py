@@ -21,6 +21,7 @@ the real defaults; :func:`resolve` fills the gaps from the file, then from those
 from __future__ import annotations
 
 import argparse
+import importlib
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,10 @@ from pipeline.errors import ConfigError
 
 # Options that shape the terminal output or the config itself, never the run: not saved.
 NOT_SAVED = frozenset({"config", "json", "verbose", "quiet", "help", "func", "command"})
+# A run started from Python may hold settings no option expresses (a schedule function, a model
+# of your own): its config.toml names them under this key, and --config refuses the file rather
+# than run something else (pipeline.repeat writes it).
+NOT_REPEATABLE = "not_repeatable"
 _SPEC = "_fedpipe_config_spec"
 
 
@@ -102,7 +107,15 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 
 
 def check_values(values: Mapping[str, Any], spec: Mapping[str, argparse.Action], source: object = "config") -> dict[str, Any]:
-    """Convert file values as the command line would, or raise :class:`ConfigError` naming the key."""
+    """Convert file values as the command line would, or raise :class:`ConfigError` naming the key.
+
+    A file listing settings under :data:`NOT_REPEATABLE` is refused, naming them.
+    """
+    if NOT_REPEATABLE in values:
+        settings = values[NOT_REPEATABLE]
+        named = "; ".join(map(str, settings)) if isinstance(settings, list) else str(settings)
+        raise ConfigError(f"{source} cannot repeat its run ({named}); to run it anyway, remove "
+                          f"its '{NOT_REPEATABLE}' key and give those settings yourself")
     out = {}
     for key, value in values.items():
         action = spec.get(key)
@@ -170,6 +183,35 @@ def to_dict(args: argparse.Namespace) -> dict[str, Any]:
         if k not in NOT_SAVED and not k.startswith("_") and getattr(args, k, None) is not None
         and not callable(getattr(args, k))
     }
+
+
+def command_values(command: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`to_dict` gives for ``fedpipe COMMAND`` run with the options ``values``.
+
+    ``values`` use the options' ``dest`` names; the others take the command's defaults. This is
+    how a run started from Python writes its ``config.toml`` in the CLI's own schema.
+
+    Raises
+    ------
+    ConfigError
+        A key the command does not have, or a value its option would refuse.
+    """
+    spec = _command_spec(command)
+    given = check_values({k: v for k, v in values.items() if v is not None}, spec,
+                         f"fedpipe {command} options")
+    resolved = {dest: given.get(dest, action.fedpipe_default)  # type: ignore[attr-defined]
+                for dest, action in spec.items()}
+    return to_dict(argparse.Namespace(**resolved, **{_SPEC: spec}))
+
+
+def _command_spec(command: str) -> dict[str, argparse.Action]:
+    # Imported here: the command modules import the engines, which import this module.
+    from pipeline.cli import _Parser, common_options
+
+    parser = _Parser(prog="fedpipe")
+    importlib.import_module(f"pipeline.cli_{command}").register(
+        parser.add_subparsers(dest="command"), [common_options()])
+    return getattr(parser.parse_args([command]), _SPEC)
 
 
 def save(args: argparse.Namespace, run_dir: str | Path) -> Path:

@@ -25,11 +25,6 @@ from tasks.models import Model
 log = logging.getLogger("fedpipe")
 
 
-def run_config(*, store_url: str, **settings: object) -> dict:
-    """The resolved settings of a run, as ``config.toml`` records them."""
-    return {"command": "federate", "store": store_url, **settings}
-
-
 def initial_state(model: Model, strategy: Strategy, stages: Sequence[Stage],
                    seed: int) -> ServerState:
     """Round-0 state: the model's initial params, fresh optimizer and stage states."""

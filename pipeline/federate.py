@@ -25,7 +25,7 @@ from typing import NamedTuple
 import numpy as np
 from distributed import Client
 
-from pipeline import fed_state, placement, rundir, store
+from pipeline import fed_state, placement, repeat, rundir, store
 from pipeline.errors import ValidationError
 from pipeline.fed_client import ClientSpec
 from pipeline.fed_round import Sampling, ServerState, evaluate, train_round
@@ -37,6 +37,7 @@ __all__ = ["ClientSpec", "FederatedRun", "Sampling", "ServerState", "federate"]
 
 # How long a task may wait for its client's worker when no --deadline bounds the round.
 DEFAULT_NO_WORKER_TIMEOUT = 60.0
+RETRIES = 1  # a round short of min_clients is retried this often; the CLI has no option for it
 
 
 class FederatedRun(NamedTuple):
@@ -52,7 +53,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
              local_epochs: int = 1, batch_size: int = 32,
              lr: float | Callable[[int], float] = 0.1, partition: str | None = None,
              fraction: float | None = None, clients_per_round: int | None = None,
-             min_clients: int = 1, deadline: float | None = None, retries: int = 1,
+             min_clients: int = 1, deadline: float | None = None, retries: int = RETRIES,
              stages: Sequence[Stage] | None = None, seed: int = 0, test_fraction: float = 0.2,
              eval_every: int = 1, workers: int | None = None, batch_clients: bool = True,
              dask_client: Client | None = None, scheduler: str | None = None,
@@ -106,8 +107,13 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     on_record : callable, optional
         Called with each round's metrics record after it is appended to ``metrics.jsonl``.
     config : mapping, optional
-        Resolved options written to ``config.toml`` (the CLI passes its arguments); without it
-        the run records the settings it was called with.
+        Resolved options written to ``config.toml`` (the CLI passes its arguments). Without
+        it, ``config.toml`` holds the ``fedpipe federate`` options that repeat this call, read
+        off the model and strategy (:mod:`pipeline.repeat`). Settings no option expresses (a
+        model of your own or with an L1 penalty, a schedule function as ``lr``, ``stages``,
+        non-default strategy hyperparameters, another ``retries``) are left out and named
+        under ``not_repeatable`` with one logged warning; ``fedpipe federate --config`` then
+        refuses the file in one line instead of running something else.
 
     Returns
     -------
@@ -131,24 +137,24 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     if resume and out is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
     strategy = strategy or aggregate.fedavg()
-    stages = tuple(stages) if stages is not None else aggregate.default_chain()
+    chain = tuple(stages) if stages is not None else aggregate.default_chain()
     spec = ClientSpec(str(store_url), partition, float(test_fraction), int(seed), model,
                       int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
-                      stages, uuid.uuid4().hex[:12])
+                      chain, uuid.uuid4().hex[:12])
     run_dir = rundir.prepare(out, resume=resume) if out is not None else None
-    if run_dir is not None and config is not None:
-        rundir.write_config(run_dir, config)
-    elif run_dir is not None:
-        rundir.write_config(run_dir, fed_state.run_config(
-            store_url=str(store_url), model=model.name, partition=partition,
-            strategy=strategy.name, mu=strategy.mu, rounds=rounds, local_epochs=local_epochs,
-            batch_size=batch_size, lr=lr if not callable(lr) else "schedule",
-            fraction=fraction, clients_per_round=clients_per_round, min_clients=min_clients,
-            deadline=deadline, seed=seed, test_fraction=test_fraction, eval_every=eval_every,
-            workers=workers, scheduler=scheduler, stages=[s.name for s in stages]))
+    if run_dir is not None:
+        rundir.write_config(run_dir, config if config is not None else repeat.federate_config(
+            store_url, model, info, strategy=strategy, stages=stages, lr=lr,
+            retries=retries, default_retries=RETRIES, partition=partition, rounds=rounds,
+            local_epochs=local_epochs, batch_size=batch_size, fraction=fraction,
+            clients_per_round=clients_per_round, min_clients=min_clients, deadline=deadline,
+            seed=seed, test_fraction=test_fraction, eval_every=eval_every, out=out,
+            checkpoint_every=checkpoint_every, resume=resume,
+            # a dask_client given overrides these; the result does not depend on the cluster
+            **({} if dask_client is not None else {"workers": workers, "scheduler": scheduler})))
     with _cluster(dask_client, scheduler, workers, client_rows) as (dc, groups):
         placement.set_no_workers_timeout(dc, deadline or DEFAULT_NO_WORKER_TIMEOUT)
-        state = fed_state.initial_state(model, strategy, stages, seed)
+        state = fed_state.initial_state(model, strategy, chain, seed)
         if resume:
             state = fed_state.resume(dc, run_dir, spec, groups, state)
         state, history = _loop(dc, spec, groups, clients, state, sampling_, strategy, rounds,

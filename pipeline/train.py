@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from distributed import Client
 
-from pipeline import cluster, rundir
+from pipeline import cluster, repeat, rundir
 from pipeline.errors import ValidationError
 from pipeline.minibatch import run_epochs
 from pipeline.store import StoreInfo, read_info
@@ -70,6 +70,8 @@ __all__ = [
 
 log = logging.getLogger("fedpipe")
 
+FAN_IN = 8  # inputs per add task of the reduction tree; the CLI has no option for it
+
 
 class FitResult(NamedTuple):
     """What :func:`fit` returns: flat parameters, named arrays, the metric records, the summary."""
@@ -99,7 +101,7 @@ def fit(
     resume: bool = False,
     tol: float | None = None,
     cache: str = "auto",
-    fan_in: int = 8,
+    fan_in: int = FAN_IN,
     chunks_per_task: int = 1,
     on_record: OnRecord | None = None,
     workers: int | None = None,
@@ -152,7 +154,13 @@ def fit(
         Cluster to start (LocalCluster workers and threads per worker) or to join (scheduler
         address) when no ``dask_client`` is given.
     config : mapping, optional
-        Resolved options written to ``config.toml`` (the CLI passes its arguments).
+        Resolved options written to ``config.toml`` (the CLI passes its arguments). Without
+        it, ``config.toml`` holds the ``fedpipe train`` options that repeat this call, read off
+        the model and optimizer (:mod:`pipeline.repeat`). Settings no option expresses (a model
+        of your own, a learning-rate schedule, non-default optimizer hyperparameters, another
+        ``fan_in``) are left out and named under ``not_repeatable`` with one logged warning;
+        ``fedpipe train --config`` then refuses the file in one line instead of running
+        something else.
 
     Returns
     -------
@@ -165,8 +173,15 @@ def fit(
     run_dir = rundir.prepare(out, resume) if out is not None else None
     if resume and run_dir is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
-    if run_dir is not None and config is not None:
-        rundir.write_config(run_dir, config)
+    if run_dir is not None:
+        rundir.write_config(run_dir, config if config is not None else repeat.fit_config(
+            store, model, optimizer, info, fan_in=fan_in, default_fan_in=FAN_IN,
+            iterations=iterations, epochs=epochs, batch_size=batch_size, tol=tol, seed=seed,
+            test_fraction=test_fraction, cache=cache, chunks_per_task=chunks_per_task,
+            checkpoint_every=checkpoint_every, resume=resume, out=out,
+            # a dask_client given overrides these; the result does not depend on the cluster
+            **({} if dask_client is not None else
+               {"workers": workers, "threads": threads, "scheduler": scheduler})))
     connection = (nullcontext(dask_client) if dask_client is not None
                   else cluster.connect(workers, threads, scheduler))
     with connection as dc:

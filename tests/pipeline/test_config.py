@@ -124,3 +124,28 @@ def test_fedpipe_train_repeats_a_run_from_its_config(small_store, tmp_path, caps
         assert (one.params[name] == two.params[name]).all()
     assert rundir.load_run(again).config["out"] == str(again)  # the flag won over the file
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "s.zarr", "--model", "mlp", "--hidden", "8,4", "--optimizer", "adam", "--lr", "0.5",
+     "--epochs", "2", "--batch-size", "16", "--workers", "2"],
+    ["federate", "s.zarr", "--model", "softmax", "--rounds", "3", "--strategy", "fedprox",
+     "--mu", "0.2", "--fraction", "0.5", "--partition", "p"],
+])
+def test_command_values_are_what_the_cli_saves(argv) -> None:
+    from pipeline.cli import build_parser
+
+    args = config.resolve(build_parser().parse_args(argv))
+    given = {k: v for k, v in vars(args).items() if f"--{k.replace('_', '-')}" in argv}
+    assert config.command_values(argv[0], {"store": "s.zarr", **given}) == config.to_dict(args)
+    with pytest.raises(ConfigError, match="'rounds_'"):
+        config.command_values(argv[0], {"rounds_": 3})
+
+
+def test_a_file_naming_settings_it_lacks_is_refused_in_one_line(tmp_path) -> None:
+    rundir.write_config(tmp_path, {"store": "s.zarr", "iterations": 3, config.NOT_REPEATABLE: [
+        "model: 'mine' is not a model --model builds", "fan_in: 4"]})
+    path = tmp_path / rundir.CONFIG
+    with pytest.raises(ConfigError, match=r"cannot repeat its run.*'mine'.*fan_in: 4") as info:
+        resolve(["--config", str(path)])
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
