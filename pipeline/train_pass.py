@@ -81,7 +81,7 @@ def block_tasks(engine: Engine, split: str, func: Callable, params: Any,
 
     In memory mode the task takes the loaded block; when streaming it reads the block's
     chunks itself one at a time (:func:`stream_block`), so a worker holds at most one chunk
-    per thread.
+    per thread, on the block's home worker (:func:`pipeline.train_data.block_homes`).
     """
     data, dc, token = engine.data, engine.dask_client, uuid.uuid4().hex
     if data.mode == "memory":
@@ -90,8 +90,9 @@ def block_tasks(engine: Engine, split: str, func: Callable, params: Any,
                           key=(f"{group}-{token}", b)) for b, block in enumerate(blocks)]
     return [
         dc.submit(stream_block, func, engine.model_future, params, data.url, refs, split,
-                  data.test_fraction, data.seed, data.info, key=(f"{group}-{token}", b))
-        for b, refs in enumerate(data.blocks)
+                  data.test_fraction, data.seed, data.info, key=(f"{group}-{token}", b),
+                  workers=home or None, allow_other_workers=True)
+        for b, (refs, home) in enumerate(zip(data.blocks, data.homes, strict=True))
     ]
 
 

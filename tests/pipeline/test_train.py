@@ -72,6 +72,22 @@ def test_bit_identical_whatever_the_workers_and_cache(store):
     assert runs[0] == runs[1] == runs[2] == runs[3]
 
 
+@pytest.mark.parametrize("cache", ["memory", "stream"])
+def test_blocks_spread_over_the_workers(dask_client, store, cache):
+    # Two blocks of three chunks on two workers: each worker gets one, every pass. (Left to
+    # itself the scheduler sometimes put both on one worker: that worker did the pass alone.)
+    with get_task_stream(dask_client) as stream:
+        fit(store, models.softmax(5, 3), optimizers.sgd(0.1), iterations=15, cache=cache,
+            chunks_per_task=3, dask_client=dask_client)
+    by_task: dict = {}
+    for t in stream.data:
+        key = t["key"] if isinstance(t["key"], tuple) else (t["key"], None)
+        if key[0].split("-")[0] in ("grad", "load"):
+            by_task.setdefault(key[0], set()).add(t["worker"])
+    assert len(by_task) >= 6  # every pass (and the loads) seen
+    assert all(len(workers) == 2 for workers in by_task.values())
+
+
 def test_task_groups_read_like_the_algorithm(dask_client, store):
     with get_task_stream(dask_client) as stream:
         fit(store, models.softmax(5, 3), optimizers.sgd(0.1), iterations=2,
