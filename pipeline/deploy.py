@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import ConfigError, ValidationError
+from pipeline.placement import resource_name
 from pipeline.tls import TLSFiles
 
 API_VERSION = "kubernetes.dask.org/v1"
@@ -75,11 +76,6 @@ class Placement:
 def is_dns_label(text: str) -> bool:
     """Whether ``text`` is a lowercase RFC 1123 label (a valid resource name or label value)."""
     return bool(_DNS_LABEL.match(text))
-
-
-def client_resource(client_id: str) -> str:
-    """The worker resource that pins a client's tasks: ``client-<id>``."""
-    return f"client-{client_id}"
 
 
 def parse_clients(text: str | Sequence[str]) -> list[str]:
@@ -254,7 +250,7 @@ def _client_group(pod: _PodOptions, client_id: str, where: Placement) -> dict[st
             "cluster": pod.name,
             # One worker per client: a second one would hold half the client's state and its
             # scale-down would retire one of them (see docs/kubernetes.md, "Scaling").
-            "worker": _worker(pod, 1, "client", [f"{client_resource(client_id)}=1"], where,
+            "worker": _worker(pod, 1, "client", [f"{resource_name(client_id)}=1"], where,
                               client_id),
         },
     }
