@@ -17,6 +17,7 @@ import numpy as np
 from distributed import span
 
 from pipeline.graph import tree_sum
+from pipeline.store import split_row_counts
 from pipeline.train_data import send_params, stream_chunk
 from pipeline.train_pass import Engine, Pass, full_pass
 from pipeline.train_records import (
@@ -60,18 +61,15 @@ def epoch_batches(counts: list[int], batch_size: int, seed: int, epoch: int) -> 
 
 
 def train_row_counts(engine: Engine) -> list[int]:
-    """Training rows per chunk, counted on the workers (one small result per chunk)."""
-    dc, data = engine.dask_client, engine.data
-    if data.mode == "memory":
-        per_block = dc.gather([dc.submit(reduce.block_row_counts, f) for f in data.train])
-        return [n for block in per_block for n in block]
-    return dc.gather([
-        dc.submit(stream_chunk, _count, None, None, data.url, ref, "train", data.test_fraction,
-                  data.seed, data.info) for ref in data.refs])
+    """Training rows per chunk, from the store's metadata and the split mask (no task, no read).
 
-
-def _count(model, params, chunk) -> int:
-    return reduce.row_count(chunk)
+    Counting on the workers would read every chunk when streaming, a whole extra pass over
+    the data before the first batch; the metadata gives the same counts (see
+    :func:`pipeline.store.split_row_counts`).
+    """
+    data = engine.data
+    return [split_row_counts(data.info, ref, test_fraction=data.test_fraction, seed=data.seed)[0]
+            for ref in data.refs]
 
 
 def batch_gradient(engine: Engine, params: np.ndarray, pieces: list[Piece]):

@@ -224,6 +224,33 @@ def _split_key(ref: ChunkRef) -> int:
     return ref.index if not ref.prefix else zlib.crc32(f"{ref.prefix}:{ref.index}".encode())
 
 
+def chunk_row_count(info: StoreInfo, ref: ChunkRef) -> int:
+    """Rows of one chunk as stored, from the metadata alone (no read).
+
+    Every array is cut in chunks of ``info.chunk_rows`` rows, the last one shorter: the
+    top-level arrays hold ``info.n_rows`` rows, a client's arrays its ``n_rows``.
+    """
+    total = info.n_rows
+    if ref.prefix:
+        name, _, client = ref.prefix.removeprefix("partitions/").rpartition("/")
+        total = info.partitions[name]["clients"][client]["n_rows"]
+    return max(0, min(info.chunk_rows, total - ref.index * info.chunk_rows))
+
+
+def split_row_counts(info: StoreInfo, ref: ChunkRef, *, test_fraction: float,
+                     seed: int) -> tuple[int, int]:
+    """``(train, test)`` rows of a chunk: the lengths :func:`read_chunk` gives, without reading.
+
+    The split mask depends only on the chunk's row count, its key, the fraction and the seed,
+    so the driver can size each side (e.g. to plan mini-batches) without a pass over the data.
+    """
+    n = chunk_row_count(info, ref)
+    if test_fraction == 0:  # as pipeline.train_data.effective_split: every row, no mask drawn
+        return n, 0
+    n_test = int(split_math.test_mask(n, _split_key(ref), test_fraction, seed).sum())
+    return n - n_test, n_test
+
+
 def read_chunk(
     url: str,
     ref: ChunkRef,
