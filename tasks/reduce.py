@@ -106,11 +106,6 @@ def block_batch_loss_and_grad(model: Any, params: np.ndarray, block: Sequence[Ch
     return batch_loss_and_grad(model, params, block[index], rows)
 
 
-def block_row_counts(block: Sequence[Chunk]) -> list[int]:
-    """Rows of each chunk of a block."""
-    return [row_count(chunk) for chunk in block]
-
-
 def eval_sums(model: Any, params: np.ndarray, data: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
     """Sums that metrics are made of, for one chunk: see :data:`EVAL_FIELDS`.
 
@@ -141,11 +136,6 @@ def _eval_slice(model: Any, params: np.ndarray, X: np.ndarray, y: np.ndarray) ->
     else:
         out[2] = np.count_nonzero(pred.reshape(-1) == np.asarray(y).reshape(-1))
     return out
-
-
-def row_count(data: tuple[np.ndarray, np.ndarray]) -> int:
-    """Number of rows of a loaded chunk."""
-    return len(data[1])
 
 
 def objective(loss_sum: float, grad_sum: np.ndarray, n: int, model: Any, params: np.ndarray):
