@@ -8,11 +8,52 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Sequence
-from typing import Any
-
-from distributed import Client, Future
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tasks.reduce import add_sums
+
+if TYPE_CHECKING:  # pipeline.stats builds its tree without a cluster: no distributed import
+    from distributed import Client, Future
+
+T = TypeVar("T")
+
+
+def fold_tree(
+    leaves: Sequence[T], fan_in: int, node: Callable[[int, int, list[T]], T], min_levels: int = 0
+) -> T:
+    """Fold ``leaves`` with a fixed-order fan-in tree; return the root.
+
+    Level ``l`` calls ``node(l, j, group)`` on the ``j``-th run of ``fan_in`` consecutive items
+    of level ``l - 1`` (the leaves for ``l = 0``), until one item is left, and for at least
+    ``min_levels`` levels. The grouping depends only on ``len(leaves)`` and ``fan_in``, which
+    is what makes a floating-point reduction bit-identical whatever runs the nodes.
+
+    Parameters
+    ----------
+    leaves : sequence
+        The inputs, in the order that defines the reduction.
+    fan_in : int
+        Items per node (>= 2).
+    node : callable
+        ``node(level, index, group) -> item``: builds one node (a future, a graph key, ...).
+    min_levels : int
+        Levels built even when a single leaf is left (1 reduces a lone leaf once too).
+
+    Returns
+    -------
+    The item of the last level's only node (the lone leaf when no level is built).
+    """
+    if fan_in < 2:
+        raise ValueError(f"fan_in must be at least 2, got {fan_in}")
+    if not leaves:
+        raise ValueError("a reduction tree needs at least one leaf")
+    items = list(leaves)
+    level = 0
+    while len(items) > 1 or level < min_levels:
+        items = [node(level, j, items[i : i + fan_in])
+                 for j, i in enumerate(range(0, len(items), fan_in))]
+        level += 1
+    return items[0]
 
 
 def tree_sum(
@@ -43,24 +84,18 @@ def tree_sum(
     -------
     distributed.Future
     """
-    if fan_in < 2:
-        raise ValueError(f"fan_in must be at least 2, got {fan_in}")
     if not futures:
         raise ValueError("tree_sum needs at least one future")
     name = f"{key_prefix}-{uuid.uuid4().hex}"  # fresh keys: never reuse a stale result
-    level_items = list(futures)
-    level = 0
-    while len(level_items) > 1:
-        level_items = [
-            dask_client.submit(add, *level_items[i : i + fan_in], key=(name, level, i // fan_in))
-            for i in range(0, len(level_items), fan_in)
-        ]
-        level += 1
-    return level_items[0]
+
+    def node(level: int, index: int, group: list[Future]) -> Future:
+        return dask_client.submit(add, *group, key=(name, level, index))
+
+    return fold_tree(futures, fan_in, node)
 
 
 def tree_depth(n_leaves: int, fan_in: int = 8) -> int:
-    """Number of add levels :func:`tree_sum` builds for ``n_leaves`` inputs."""
+    """Number of add levels :func:`tree_sum` (:func:`fold_tree`) builds for ``n_leaves`` inputs."""
     depth = 0
     while n_leaves > 1:
         n_leaves = -(-n_leaves // fan_in)

@@ -15,6 +15,7 @@ import dask
 import dask.threaded
 import numpy as np
 
+from pipeline.graph import fold_tree
 from pipeline.store import ChunkRef, StoreInfo, chunk_refs, open_group, read_info, read_raw_chunk
 from tasks import stats as stats_math
 
@@ -42,20 +43,17 @@ def tree_reduce(
 ) -> tuple[dict, Any]:
     """Add a fan-in tree over ``leaves`` to a graph; returns ``(graph, root_key)``.
 
-    ``combine`` receives a list of at most ``fan_in`` partial results.
+    The tree is :func:`pipeline.graph.fold_tree`'s (the grouping :func:`~pipeline.graph.tree_sum`
+    submits), written as graph keys ``(name, level, j)``. ``combine`` receives a list of at most
+    ``fan_in`` partial results; a lone leaf still goes through it once.
     """
     graph = dict(leaves)
-    level_keys = list(leaves)
-    level = 0
-    while len(level_keys) > 1 or level == 0:
-        groups = [level_keys[i : i + fan_in] for i in range(0, len(level_keys), fan_in)]
-        level_keys = []
-        for j, group in enumerate(groups):
-            key = (name, level, j)
-            graph[key] = (combine, list(group))
-            level_keys.append(key)
-        level += 1
-    return graph, level_keys[0]
+
+    def node(level: int, index: int, group: list) -> tuple:
+        graph[(name, level, index)] = (combine, group)
+        return (name, level, index)
+
+    return graph, fold_tree(list(leaves), fan_in, node, min_levels=1)
 
 
 def _run(graph: dict, key: Any, dask_client: Any | None) -> Any:
