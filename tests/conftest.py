@@ -1,4 +1,4 @@
-"""Shared fixtures: small real zarr stores on disk under pytest's ``tmp_path``."""
+"""Shared fixtures: small real zarr stores on disk under pytest's ``tmp_path``, and a cluster."""
 
 from __future__ import annotations
 
@@ -6,8 +6,20 @@ import itertools
 from collections.abc import Callable
 
 import pytest
+from distributed import Client, LocalCluster
 
 from pipeline.ingest import ingest
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """A real two-worker cluster (in-process workers, one thread each), one per test module.
+
+    Modules that need other workers (client resources, processes) define their own.
+    """
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
+        yield dask_client
 
 
 @pytest.fixture

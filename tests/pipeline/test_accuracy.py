@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import r2_score
 
@@ -13,13 +12,6 @@ from pipeline.ingest import ingest
 from pipeline.store import chunk_refs, read_chunk, read_info
 from pipeline.train import fit
 from tasks.lbfgs import lbfgs
-
-
-@pytest.fixture(scope="module")
-def dask_client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
-        yield dask_client
 
 
 def _store(tmp_path, name: str, chunk_rows: int = 50) -> str:

@@ -2,18 +2,10 @@
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster
 
 from pipeline.cluster import connect, dashboard_link, peak_worker_memory
 from pipeline.graph import tree_depth, tree_sum
 from tasks.reduce import add_sums
-
-
-@pytest.fixture(scope="module")
-def dask_client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
-        yield dask_client
 
 
 def _leaves(dask_client, n):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import get_task_stream
 
 from pipeline.minibatch import epoch_batches, train_row_counts
 from pipeline.partition import partition
@@ -16,13 +16,6 @@ from tasks import models, optimizers
 
 # 650 rows in chunks of 100: the last chunk is short, as are the clients' last chunks.
 SOURCE = "synthetic:classification?n_samples=650&n_features=5&n_classes=3&seed=0"
-
-
-@pytest.fixture(scope="module")
-def dask_client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
-        yield dask_client
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from distributed import Client, LocalCluster, get_task_stream
+from distributed import get_task_stream
 
 from pipeline import rundir
 from pipeline.cluster import connect
@@ -17,13 +17,6 @@ from pipeline.store import chunk_refs, read_chunk, read_info
 from pipeline.train import fit
 from tasks import models, optimizers, reduce
 from tasks.lbfgs import lbfgs
-
-
-@pytest.fixture(scope="module")
-def dask_client():
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
-        yield dask_client
 
 
 @pytest.fixture
