@@ -9,7 +9,7 @@ The problem is the issue's: FedAvg of a logistic regression on ``make_classifica
 
 * ``speed``: for 100 and 1,000 clients, the median per-round wall time of ``federate`` (2 worker
   processes, one batched task per worker per round, evaluation only after the last round) and of
-  a serial loop over the same clients calling the same ``tasks.local.local_train`` on rows held
+  a serial loop over the same clients calling the same ``fedpipe.tasks.local.local_train`` on rows held
   in memory, with default BLAS threads and with one (as each worker has), one round of each
   run between federated rounds (same machine load); the ratio to the faster serial loop is
   what to read (the machine is shared). Round 0 (rows read from the store into the workers'
@@ -38,12 +38,12 @@ import time
 
 import numpy as np
 import psutil
-
-from pipeline import placement, store
-from pipeline.federate import federate
-from pipeline.ingest import ingest_arrays
-from pipeline.partition import partition
-from tasks import local, models
+from fedpipe.data import store
+from fedpipe.data.ingest import ingest_arrays
+from fedpipe.data.partition import partition
+from fedpipe.engine import placement
+from fedpipe.engine.federate import federate
+from fedpipe.tasks import local, models
 
 LR, BATCH, EPOCHS, TEST_FRACTION, SEED = 0.1, 256, 1, 0.2, 0
 
@@ -218,8 +218,8 @@ def memory(workdir: str, n_rows: int, clients: int, checkpoints: tuple[int, int]
 
 def digits(workdir: str, rounds: int) -> dict:
     """Test accuracy every 5 rounds of FedAvg, FedProx and FedAdam on non-IID digits."""
-    from pipeline.ingest import ingest
-    from tasks import aggregate
+    from fedpipe.data.ingest import ingest
+    from fedpipe.tasks import aggregate
 
     url = os.path.join(workdir, "digits.zarr")
     ingest("sklearn:digits", url, standardize=True, progress=False, overwrite=True)

@@ -2,7 +2,7 @@
 
 Run ``python -m benchmarks.bench_ingest [--quick]`` from the repository root; prints one JSON
 object. Part 1 writes the same in-memory synthetic array (>= 1 GB by default) with
-``pipeline.ingest.ingest_arrays`` (validation, checksums, content hash, statistics tree) and
+``fedpipe.data.ingest.ingest_arrays`` (validation, checksums, content hash, statistics tree) and
 with a bare ``zarr`` write using the same chunks and codecs, alternating, in one run; the
 ratio is what to read, since the machine may be shared. Part 2 writes a CSV (>= 2 GB by
 default) to a temporary directory and ingests it in a child process that reports its own
@@ -27,8 +27,7 @@ GB = 1e9
 
 def _raw_zarr_write(X: np.ndarray, y: np.ndarray, path: str, rows: int) -> None:
     import zarr
-
-    from pipeline.store import codecs
+    from fedpipe.data.store import codecs
 
     group = zarr.open_group(path, mode="w", zarr_format=3)
     group.create_array("X", data=X, chunks=(rows, X.shape[1]), compressors=codecs())
@@ -36,7 +35,7 @@ def _raw_zarr_write(X: np.ndarray, y: np.ndarray, path: str, rows: int) -> None:
 
 
 def _ingest_write(X: np.ndarray, y: np.ndarray, path: str, rows: int) -> None:
-    from pipeline.ingest import ingest_arrays
+    from fedpipe.data.ingest import ingest_arrays
 
     ingest_arrays(X, y, path, chunk_rows=rows, overwrite=True, progress=False)
 
@@ -90,7 +89,7 @@ def _write_csv(path: str, n_rows: int, n_features: int) -> int:
 # the child reads its own high-water mark, VmHWM, where /proc has it.
 CHILD = """
 import json, resource, sys, time
-from pipeline.ingest import ingest
+from fedpipe.data.ingest import ingest
 start = time.perf_counter()
 if sys.argv[1] != "--import-only":
     ingest(sys.argv[1], sys.argv[2], chunk_rows=int(sys.argv[3]), progress=False)

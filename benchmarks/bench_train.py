@@ -57,7 +57,7 @@ def make_store(workdir: str, n_rows: int, chunk_rows: int, seed: int = 0,
     and labels drawn from a logistic model's own probabilities, an easier problem (lbfgs
     converges in 6 iterations, dask-ml's line search backtracks less).
     """
-    from pipeline.ingest import ingest_arrays
+    from fedpipe.data.ingest import ingest_arrays
 
     if problem == "classification":
         from sklearn.datasets import make_classification
@@ -75,16 +75,16 @@ def make_store(workdir: str, n_rows: int, chunk_rows: int, seed: int = 0,
 
 
 def _connect(workers: int = 2):
-    from pipeline.cluster import connect
+    from fedpipe.cluster import connect
 
     return connect(workers=workers, threads=1, processes=True, dashboard_address=":0")
 
 
 def _fit(url: str, dask_client, optimizer, iterations: int, **kwargs):
     """fedpipe's fit; by default with two block tasks (one per worker) of consecutive chunks."""
-    from pipeline.store import read_info
-    from pipeline.train import fit
-    from tasks import models
+    from fedpipe.data.store import read_info
+    from fedpipe.engine.train import fit
+    from fedpipe.tasks import models
 
     kwargs.setdefault("chunks_per_task", -(-read_info(url).n_chunks // 2))
     return fit(url, models.logistic(N_FEATURES, l2=kwargs.pop("l2", 0.0)), optimizer,
@@ -104,8 +104,8 @@ class NumpyLoop:
     """One full-batch iteration as a single-process NumPy loop over in-memory chunks."""
 
     def __init__(self, url: str, lr: float) -> None:
-        from pipeline.store import chunk_refs, read_chunk, read_info
-        from tasks import models, optimizers
+        from fedpipe.data.store import chunk_refs, read_chunk, read_info
+        from fedpipe.tasks import models, optimizers
 
         self.chunks = [read_chunk(url, r) for r in chunk_refs(read_info(url))]
         self.model, self.opt = models.logistic(N_FEATURES), optimizers.sgd(lr)
@@ -114,7 +114,7 @@ class NumpyLoop:
 
     def step(self, sliced: bool = False) -> float:
         """One full-batch step; ``sliced`` uses fedpipe's own per-chunk function (row slices)."""
-        from tasks import reduce
+        from fedpipe.tasks import reduce
 
         start = time.perf_counter()
         if sliced:
@@ -133,9 +133,8 @@ def interleaved_iterations(url: str, dask_client, iterations: int, lr: float) ->
     The NumPy iterations run from ``on_record``, which the engine leaves out of its own
     iteration times; the medians of both series are compared, and their paired ratios.
     """
+    from fedpipe.tasks import optimizers
     from threadpoolctl import threadpool_limits
-
-    from tasks import optimizers
 
     loop = NumpyLoop(url, lr)
     loop.step()  # warm
@@ -183,8 +182,7 @@ def dask_ml_iteration_seconds(url: str, dask_client, iterations: int) -> dict:
     except ImportError:
         return {"skipped": "dask-ml is not installed (pip install dask-ml)"}
     import dask.array as da
-
-    from pipeline.store import open_store
+    from fedpipe.data.store import open_store
 
     data = open_store(url)
     X, y = dask_client.persist([data.X.astype(np.float64), data.y])
@@ -205,11 +203,10 @@ def dask_ml_iteration_seconds(url: str, dask_client, iterations: int) -> dict:
 
 def lbfgs_time_to_sklearn(url: str, dask_client, max_iterations: int) -> dict:
     """Wall time of fedpipe's L-BFGS to reach sklearn's test log-loss, vs sklearn's fit."""
+    from fedpipe.data.store import chunk_refs, read_chunk, read_info
+    from fedpipe.tasks.lbfgs import lbfgs
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import log_loss
-
-    from pipeline.store import chunk_refs, read_chunk, read_info
-    from tasks.lbfgs import lbfgs
 
     refs = chunk_refs(read_info(url))
     train = [read_chunk(url, r, split="train") for r in refs]
@@ -261,7 +258,7 @@ def lbfgs_repeats(url: str, dask_client, max_iterations: int, repeats: int) -> d
 
 
 def _read_only(url: str, ref, info) -> int:
-    from pipeline.store import read_chunk
+    from fedpipe.data.store import read_chunk
 
     X, _ = read_chunk(url, ref, info=info)
     return X.shape[0]
@@ -269,8 +266,8 @@ def _read_only(url: str, ref, info) -> int:
 
 def streaming_vs_reading(url: str, dask_client, iterations: int, lr: float) -> dict:
     """Streaming passes against reading the same chunks, interleaved (one read between passes)."""
-    from pipeline.store import chunk_refs, read_info
-    from tasks import optimizers
+    from fedpipe.data.store import chunk_refs, read_info
+    from fedpipe.tasks import optimizers
 
     info = read_info(url)
     refs = chunk_refs(info)
@@ -293,7 +290,7 @@ def streaming_vs_reading(url: str, dask_client, iterations: int, lr: float) -> d
 
 def scaling(workdir: str, sizes: list[int], iterations: int) -> list[dict]:
     """Per-iteration streaming time and peak worker RSS, one fresh cluster per size."""
-    from tasks import optimizers
+    from fedpipe.tasks import optimizers
 
     rows = []
     for n_rows in sizes:

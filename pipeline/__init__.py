@@ -1,5 +1,59 @@
-"""fedpipe's orchestration layer: zarr storage, Dask graphs, training loops, rounds and the CLI."""
+"""fedpipe: distributed and federated learning on zarr stores and Dask.
 
-from pipeline.errors import ConfigError, FedpipeError, StoreError, TrainingError, ValidationError
+``import fedpipe as fp`` gives the whole user API in one flat namespace::
 
-__all__ = ["FedpipeError", "ValidationError", "StoreError", "ConfigError", "TrainingError"]
+    fp.ingest, fp.open_store, fp.partition, fp.fit, fp.federate, fp.load_run, fp.connect
+    fp.models, fp.optimizers, fp.schedules, fp.strategies, fp.stages
+
+The folder ``pipeline/`` of the repository is installed as ``fedpipe`` and ``tasks/`` (the pure
+NumPy math) as ``fedpipe.tasks``. Names resolve lazily (PEP 562) so that a worker unpickling
+``fedpipe.tasks.models`` or a ``fedpipe --help`` does not import the whole orchestration layer.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from fedpipe.errors import (  # noqa: F401  (re-exported: fp.ValidationError, ...)
+    ConfigError,
+    FedpipeError,
+    StoreError,
+    TrainingError,
+    ValidationError,
+)
+
+# public name -> (module, attribute or None for the module itself); the one table of the face.
+_EXPORTS: dict[str, tuple[str, str | None]] = {
+    "ingest": ("fedpipe.data.ingest", "ingest"),
+    "open_store": ("fedpipe.data.store", "open_store"),
+    "read_info": ("fedpipe.data.store", "read_info"),
+    "partition": ("fedpipe.data.partition", "partition"),
+    "fit": ("fedpipe.engine.train", "fit"),
+    "federate": ("fedpipe.engine.federate", "federate"),
+    "load_run": ("fedpipe.rundir", "load_run"),
+    "connect": ("fedpipe.cluster", "connect"),
+    "models": ("fedpipe.tasks.models", None),
+    "optimizers": ("fedpipe.tasks.optimizers", None),
+    "schedules": ("fedpipe.tasks.schedules", None),
+    "strategies": ("fedpipe.tasks.aggregate", None),
+    "stages": ("fedpipe.tasks.aggregate", None),
+}
+
+__all__ = sorted([*_EXPORTS, "FedpipeError", "ValidationError", "StoreError", "ConfigError",
+                  "TrainingError"])
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'fedpipe' has no attribute {name!r}") from None
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value  # resolve once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

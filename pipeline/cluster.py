@@ -15,8 +15,7 @@ from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
-
-from pipeline.errors import TrainingError, ValidationError
+from fedpipe.errors import TrainingError, ValidationError
 
 log = logging.getLogger("fedpipe")
 

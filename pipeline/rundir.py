@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-
-from pipeline.errors import ValidationError
+from fedpipe.errors import ValidationError
 
 PARAMS = "params.npz"
 METRICS = "metrics.jsonl"

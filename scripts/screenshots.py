@@ -20,10 +20,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fedpipe.data.store import read_info
+from fedpipe.engine import placement
 from playwright.sync_api import sync_playwright
-
-from pipeline import placement
-from pipeline.store import read_info
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = "/usr/bin/chromium"
@@ -37,7 +36,7 @@ ROUNDS = 25
 
 def fedpipe(*argv: str) -> list[str]:
     """The command line of the installed ``fedpipe`` next to this Python."""
-    return [sys.executable, "-m", "pipeline.cli", *argv]
+    return [sys.executable, "-m", "fedpipe.cli.main", *argv]
 
 
 def prepare_store(work: Path) -> tuple[str, list[list[str]]]:

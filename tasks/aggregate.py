@@ -21,8 +21,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tasks import optimizers
-from tasks.optimizers import Optimizer, State
+from . import optimizers
+from .optimizers import Optimizer, State
 
 Packet = dict[str, np.ndarray]
 StageState = dict[str, np.ndarray]

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from tasks.models import TASKS, Model
-from tasks.optimizers import Optimizer, apply_updates
-from tasks.schedules import Schedule
+from .models import TASKS, Model
+from .optimizers import Optimizer, apply_updates
+from .schedules import Schedule
 
 # --------------------------------------------------------------------------------------------
 # models
@@ -126,7 +126,7 @@ def _check_unpack_penalty(model, params) -> None:
 
 def check_model(model: Model, X: np.ndarray, y: np.ndarray, seed: int = 0,
                 rtol: float = 1e-5, max_coords: int = 40) -> None:
-    """Check that ``model`` honours the :class:`~tasks.models.Model` contract on ``(X, y)``.
+    """Check that ``model`` honours the :class:`~fedpipe.tasks.models.Model` contract on ``(X, y)``.
 
     Checks: ``init`` is deterministic float64 of length ``n_params``; the gradient equals
     central finite differences (a random direction plus up to ``max_coords`` coordinates,

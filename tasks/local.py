@@ -2,8 +2,8 @@
 
 Pure NumPy on concrete arrays. The randomness of a client's round (its mini-batch order) comes
 from ``(seed, round, client)`` only, so any worker that runs the task gets the same result.
-A client's test metrics are the data-parallel engine's: :func:`tasks.reduce.eval_sums` of its
-test rows, added over clients and finished by :func:`tasks.reduce.finish_metrics`.
+A client's test metrics are the data-parallel engine's: :func:`fedpipe.tasks.reduce.eval_sums` of its
+test rows, added over clients and finished by :func:`fedpipe.tasks.reduce.finish_metrics`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tasks.models import Model
+from .models import Model
 
 Packet = dict[str, np.ndarray]
 

@@ -4,10 +4,10 @@
 ``apply_updates(params, updates) = params + updates``. State is a ``dict`` of NumPy arrays (a
 0-d int64 ``"step"`` included), so it saves with ``np.savez`` and a reloaded state continues
 identically. ``update`` never mutates its arguments. ``lr`` is a float or a
-:data:`tasks.schedules.Schedule` evaluated at ``state["step"]`` (0 for the first update).
+:data:`fedpipe.tasks.schedules.Schedule` evaluated at ``state["step"]`` (0 for the first update).
 
 Every update is ``-lr(step) * direction`` where the direction does not depend on the rate; the
-conformance check :func:`tasks.checks.check_optimizer` relies on it.
+conformance check :func:`fedpipe.tasks.checks.check_optimizer` relies on it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tasks.schedules import Schedule, as_schedule
+from .schedules import Schedule, as_schedule
 
 State = dict[str, np.ndarray]
 

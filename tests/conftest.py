@@ -7,8 +7,7 @@ from collections.abc import Callable
 
 import pytest
 from distributed import Client, LocalCluster
-
-from pipeline.ingest import ingest
+from fedpipe.data.ingest import ingest
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,7 @@ def small_store(tmp_path) -> Callable[..., str]:
 
     The default is a 3-class synthetic problem of 600 rows x 5 features in 6 chunks of 100
     rows. Each call writes a fresh store under ``tmp_path``; extra keywords go to
-    :func:`pipeline.ingest.ingest` (``standardize=True``, ``dtype="float32"``, ...).
+    :func:`fedpipe.data.ingest.ingest` (``standardize=True``, ``dtype="float32"``, ...).
     """
     counter = itertools.count()
 

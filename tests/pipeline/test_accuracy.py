@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from fedpipe.cli import registry
+from fedpipe.data.ingest import ingest
+from fedpipe.data.store import chunk_refs, read_chunk, read_info
+from fedpipe.engine.train import fit
+from fedpipe.tasks.lbfgs import lbfgs
 from sklearn.linear_model import LinearRegression, LogisticRegression
 from sklearn.metrics import r2_score
-
-from pipeline import registry
-from pipeline.ingest import ingest
-from pipeline.store import chunk_refs, read_chunk, read_info
-from pipeline.train import fit
-from tasks.lbfgs import lbfgs
 
 
 def _store(tmp_path, name: str, chunk_rows: int = 50) -> str:

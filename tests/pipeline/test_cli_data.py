@@ -1,4 +1,4 @@
-"""``fedpipe ingest / info / partition`` through ``pipeline.cli.main``: exit codes, one-line errors."""
+"""``fedpipe ingest / info / partition`` through ``fedpipe.cli.main.main``: exit codes, one-line errors."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
-
-from pipeline.cli import main
-from pipeline.store import chunk_key
+from fedpipe.cli.main import main
+from fedpipe.data.store import chunk_key
 
 
 def _json(capsys) -> dict:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 
 import pytest
-
-from pipeline import config, rundir
-from pipeline.cli import _Parser
-from pipeline.errors import ConfigError
+from fedpipe import rundir
+from fedpipe.cli import config
+from fedpipe.cli.main import _Parser
+from fedpipe.errors import ConfigError
 
 
 def _hidden(text: str) -> tuple[int, ...]:
@@ -108,7 +108,7 @@ def test_required_option_may_come_from_the_file(tmp_path) -> None:
 
 
 def test_fedpipe_train_repeats_a_run_from_its_config(small_store, tmp_path, capsys) -> None:
-    from pipeline.cli import main
+    from fedpipe.cli.main import main
 
     store = small_store()
     first = tmp_path / "first"
@@ -133,7 +133,7 @@ def test_fedpipe_train_repeats_a_run_from_its_config(small_store, tmp_path, caps
      "--mu", "0.2", "--fraction", "0.5", "--partition", "p"],
 ])
 def test_command_values_are_what_the_cli_saves(argv) -> None:
-    from pipeline.cli import build_parser
+    from fedpipe.cli.main import build_parser
 
     args = config.resolve(build_parser().parse_args(argv))
     given = {k: v for k, v in vars(args).items() if f"--{k.replace('_', '-')}" in argv}

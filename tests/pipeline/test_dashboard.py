@@ -11,15 +11,15 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-from pipeline import placement, registry
-from pipeline.dashboard import Publisher, install_page, monitoring
-from pipeline.federate import federate
-from pipeline.ingest import ingest
-from pipeline.partition import partition
-from pipeline.progress import chain
-from pipeline.store import read_info
-from pipeline.train import fit
+from fedpipe.cli import registry
+from fedpipe.data.ingest import ingest
+from fedpipe.data.partition import partition
+from fedpipe.data.store import read_info
+from fedpipe.engine import placement
+from fedpipe.engine.federate import federate
+from fedpipe.engine.train import fit
+from fedpipe.monitor.dashboard import Publisher, install_page, monitoring
+from fedpipe.monitor.progress import chain
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [

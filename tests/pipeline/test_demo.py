@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.cli import main
+from fedpipe.cli.main import main
 
 
 def test_quick_demo_end_to_end(tmp_path, capsys) -> None:

@@ -20,10 +20,10 @@ import dask
 import pytest
 import yaml
 from distributed import Client
-
-from pipeline import deploy, kube, tls
-from pipeline.cli import main
-from pipeline.errors import ConfigError
+from fedpipe.cli.main import main
+from fedpipe.deploy import kube, tls
+from fedpipe.deploy import render as deploy
+from fedpipe.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 pytestmark = pytest.mark.slow

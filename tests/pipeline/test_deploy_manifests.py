@@ -18,10 +18,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
-
-from pipeline import deploy
-from pipeline.cli import main
-from pipeline.errors import ConfigError, ValidationError
+from fedpipe.cli.main import main
+from fedpipe.deploy import render as deploy
+from fedpipe.errors import ConfigError, ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -332,8 +331,8 @@ def test_prod_network_policy_selects_the_scheduler_pod():
 HEAVY = ("dask_kubernetes", "kr8s", "cryptography")
 _IMPORT_PROBE = """
 import sys
-import pipeline.cli_deploy, pipeline.cli_federate, pipeline.cli_train
-from pipeline.cli import main
+import fedpipe.cli.deploy, fedpipe.cli.federate, fedpipe.cli.train
+from fedpipe.cli.main import main
 try:
     main(["--help"])
 except SystemExit:

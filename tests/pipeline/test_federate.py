@@ -7,12 +7,12 @@ import time
 
 import numpy as np
 import pytest
+from fedpipe.data import store
+from fedpipe.engine import placement
+from fedpipe.engine.federate import federate
+from fedpipe.errors import TrainingError, ValidationError
+from fedpipe.tasks import aggregate, models, reduce
 from test_federate_support import partitioned_store
-
-from pipeline import placement, store
-from pipeline.errors import TrainingError, ValidationError
-from pipeline.federate import federate
-from tasks import aggregate, models, reduce
 
 SOURCE = "synthetic:classification?n_samples=800&n_features=5&n_classes=3&seed=1"
 REGRESSION = "synthetic:regression?n_samples=400&n_features=5&seed=2"
@@ -207,7 +207,7 @@ def test_partition_that_does_not_match_the_store(fed_store, dask_client, tmp_pat
 
 
 def test_cli_federate_writes_the_run_directory(tmp_path, capsys):
-    from pipeline.cli import main
+    from fedpipe.cli.main import main
 
     path = partitioned_store(str(tmp_path / "s.zarr"), source=SOURCE, clients=4, chunk_rows=100,
                              name="p")
@@ -253,7 +253,7 @@ def test_fewer_workers_than_client_resources(fed_store):
 def test_scheme_iid_from_an_earlier_runs_config_file_is_not_an_error():
     import argparse
 
-    from pipeline.cli_federate import _check_partition_options
+    from fedpipe.cli.federate import _check_partition_options
 
     args = argparse.Namespace(clients=None, scheme="iid", alpha=None)
     _check_partition_options(args, set())  # RUN_DIR/config.toml of a run on a named partition

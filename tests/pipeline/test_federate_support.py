@@ -1,6 +1,6 @@
 """Helpers for the federated tests: partitioned stores (no tests in this module).
 
-``partitioned_store`` uses :func:`pipeline.partition.partition` when it exists and otherwise
+``partitioned_store`` uses :func:`fedpipe.data.partition.partition` when it exists and otherwise
 writes an IID partition with the store's own layout helpers, so the federated tests do not
 depend on the order in which the modules land.
 """
@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 import zarr
-
-from pipeline import store
-from pipeline.ingest import ingest
+from fedpipe.data import store
+from fedpipe.data.ingest import ingest
 
 
 def partitioned_store(path: str, *, source: str, clients: int, chunk_rows: int = 100,
@@ -20,7 +19,7 @@ def partitioned_store(path: str, *, source: str, clients: int, chunk_rows: int =
     """Ingest ``source`` at ``path`` and partition it among ``clients`` clients as ``name``."""
     ingest(source, path, chunk_rows=chunk_rows, progress=False, **ingest_options)
     try:
-        from pipeline.partition import partition
+        from fedpipe.data.partition import partition
     except ImportError:
         if scheme != "iid":
             raise
@@ -32,7 +31,7 @@ def partitioned_store(path: str, *, source: str, clients: int, chunk_rows: int =
 
 
 def write_iid_partition(url: str, *, clients: int, name: str, seed: int = 0) -> None:
-    """Stand-in for ``pipeline.partition``: shuffled rows split into near-equal client shares."""
+    """Stand-in for ``fedpipe.data.partition``: shuffled rows split into near-equal client shares."""
     info = store.read_info(url)
     group = zarr.open_group(url, mode="r+", zarr_format=3)
     X, y = group["X"][:], group["y"][:]

@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from pipeline.cluster import connect, dashboard_link, peak_worker_memory
-from pipeline.graph import tree_depth, tree_sum
-from tasks.reduce import add_sums
+from fedpipe.cluster import connect, dashboard_link, peak_worker_memory
+from fedpipe.engine.graph import tree_depth, tree_sum
+from fedpipe.tasks.reduce import add_sums
 
 
 def _leaves(dask_client, n):

@@ -8,11 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 from distributed import Client, LocalCluster
-
-from pipeline.errors import FedpipeError, ValidationError
-from pipeline.ingest import ingest
-from pipeline.stats import compute_stats
-from pipeline.store import open_store, read_info, verify_store
+from fedpipe.data.ingest import ingest
+from fedpipe.data.stats import compute_stats
+from fedpipe.data.store import open_store, read_info, verify_store
+from fedpipe.errors import FedpipeError, ValidationError
 
 
 def _frame(n: int = 500, seed: int = 0) -> pd.DataFrame:
@@ -62,9 +61,9 @@ def test_synthetic_sources(tmp_path):
 
 @pytest.mark.parametrize("kind", ["csv", "parquet", "npz"])
 def test_file_sources_keep_rows_and_map_labels(tmp_path, kind, monkeypatch):
-    import pipeline.ingest
+    import fedpipe.data.ingest
 
-    monkeypatch.setattr(pipeline.ingest, "WRITE_BYTES", 1)  # stream: one chunk per batch
+    monkeypatch.setattr(fedpipe.data.ingest, "WRITE_BYTES", 1)  # stream: one chunk per batch
     frame = _frame()
     path = tmp_path / f"d.{kind}"
     if kind == "csv":
@@ -84,7 +83,7 @@ def test_file_sources_keep_rows_and_map_labels(tmp_path, kind, monkeypatch):
 
 
 def test_rechunk_regroups_irregular_batches_into_whole_chunks():
-    from pipeline.ingest import _rechunk
+    from fedpipe.data.ingest import _rechunk
 
     sizes = [3, 10, 1, 7, 0, 9]
     start = np.cumsum([0, *sizes])
@@ -198,7 +197,7 @@ def test_progress_bar_does_not_break_ingest(tmp_path, capsys):
 
 
 def test_ingest_arrays_from_memory(tmp_path):
-    from pipeline.ingest import ingest_arrays
+    from fedpipe.data.ingest import ingest_arrays
 
     X = np.arange(40.0).reshape(20, 2)
     y = np.array([2.5] * 10 + [-1.0] * 10)

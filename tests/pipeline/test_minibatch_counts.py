@@ -6,13 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 from distributed import get_task_stream
-
-from pipeline.minibatch import epoch_batches, train_row_counts
-from pipeline.partition import partition
-from pipeline.store import chunk_refs, read_chunk, read_info, split_row_counts
-from pipeline.train import fit
-from pipeline.train_data import load_data
-from tasks import models, optimizers
+from fedpipe.data.partition import partition
+from fedpipe.data.store import chunk_refs, read_chunk, read_info, split_row_counts
+from fedpipe.engine.minibatch import epoch_batches, train_row_counts
+from fedpipe.engine.train import fit
+from fedpipe.engine.train_data import load_data
+from fedpipe.tasks import models, optimizers
 
 # 650 rows in chunks of 100: the last chunk is short, as are the clients' last chunks.
 SOURCE = "synthetic:classification?n_samples=650&n_features=5&n_classes=3&seed=0"

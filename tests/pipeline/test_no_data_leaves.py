@@ -20,11 +20,11 @@ import signal
 import numpy as np
 import pytest
 from distributed.diagnostics.plugin import SchedulerPlugin
+from fedpipe.data import store
+from fedpipe.engine import placement
+from fedpipe.engine.federate import federate
+from fedpipe.tasks import models
 from test_federate_support import partitioned_store
-
-from pipeline import placement, store
-from pipeline.federate import federate
-from tasks import models
 
 N_FEATURES, N_CLIENTS = 20, 6
 SOURCE = (f"synthetic:classification?n_samples=4800&n_features={N_FEATURES}"

@@ -6,10 +6,8 @@ import os
 
 import numpy as np
 import pytest
-
-from pipeline.errors import StoreError, ValidationError
-from pipeline.partition import partition
-from pipeline.store import (
+from fedpipe.data.partition import partition
+from fedpipe.data.store import (
     ChunkRef,
     chunk_key,
     chunk_refs,
@@ -18,7 +16,8 @@ from pipeline.store import (
     read_info,
     verify_store,
 )
-from tasks import partition as part_math
+from fedpipe.errors import StoreError, ValidationError
+from fedpipe.tasks import partition as part_math
 
 
 def _client_rows(store: str, name: str, k: int):

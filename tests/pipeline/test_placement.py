@@ -6,10 +6,10 @@ import time
 
 import pytest
 from distributed import wait
+from fedpipe.data import store
+from fedpipe.engine import placement
+from fedpipe.errors import TrainingError
 from test_federate_support import partitioned_store
-
-from pipeline import placement, store
-from pipeline.errors import TrainingError
 
 
 def test_assign_clients_is_deterministic_and_balanced_by_rows():

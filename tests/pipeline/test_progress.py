@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import io
 
-from rich.console import Console
-
-from pipeline.progress import (
+from fedpipe.monitor.progress import (
     ProgressBar,
     chain,
     client_rows,
@@ -16,6 +14,7 @@ from pipeline.progress import (
     step_of,
     steps_done,
 )
+from rich.console import Console
 
 
 def test_bar_shows_count_and_loss() -> None:

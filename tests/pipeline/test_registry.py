@@ -2,13 +2,12 @@
 
 import numpy as np
 import pytest
-
-from pipeline import registry
-from pipeline.errors import ValidationError
-from tasks import optimizers
-from tasks.checks import check_model, check_optimizer
-from tasks.lbfgs import LBFGS
-from tasks.optimizers import Optimizer
+from fedpipe.cli import registry
+from fedpipe.errors import ValidationError
+from fedpipe.tasks import optimizers
+from fedpipe.tasks.checks import check_model, check_optimizer
+from fedpipe.tasks.lbfgs import LBFGS
+from fedpipe.tasks.optimizers import Optimizer
 
 REGRESSION = {"n_features": 4, "task": "regression", "classes": None}
 BINARY = {"n_features": 4, "task": "binary", "classes": ["no", "yes"]}

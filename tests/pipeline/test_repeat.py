@@ -6,14 +6,16 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+from fedpipe import rundir
+from fedpipe.cli import config, repeat
+from fedpipe.cli.main import main
+from fedpipe.data import store
+from fedpipe.engine import placement
+from fedpipe.engine.federate import federate
+from fedpipe.engine.train import fit
+from fedpipe.tasks import aggregate, models, optimizers, schedules
+from fedpipe.tasks.lbfgs import lbfgs
 from test_federate_support import partitioned_store
-
-from pipeline import config, placement, repeat, rundir, store
-from pipeline.cli import main
-from pipeline.federate import federate
-from pipeline.train import fit
-from tasks import aggregate, models, optimizers, schedules
-from tasks.lbfgs import lbfgs
 
 SOURCE = "synthetic:classification?n_samples=600&n_features=5&n_classes=3&seed=1"
 INFO = SimpleNamespace(n_features=5, task="multiclass", classes=[0, 1, 2])

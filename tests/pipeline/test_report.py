@@ -9,11 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pipeline import report, rundir
-from pipeline.cli import main
-from pipeline.ingest import ingest
-from tasks import models
+from fedpipe import rundir
+from fedpipe.cli.main import main
+from fedpipe.data.ingest import ingest
+from fedpipe.monitor import report
+from fedpipe.tasks import models
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -108,8 +108,8 @@ def test_cli_report_and_compare(tmp_path, capsys) -> None:
 def test_report_option_helpers(tmp_path) -> None:
     import argparse
 
-    from pipeline import cli_report
-    from pipeline.errors import ValidationError
+    from fedpipe.cli import report as cli_report
+    from fedpipe.errors import ValidationError
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--out")

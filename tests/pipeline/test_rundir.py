@@ -5,9 +5,8 @@ import tomllib
 
 import numpy as np
 import pytest
-
-from pipeline import rundir
-from pipeline.errors import ValidationError
+from fedpipe import rundir
+from fedpipe.errors import ValidationError
 
 
 def test_round_trip(tmp_path):

@@ -7,10 +7,8 @@ import os
 import dask.array as da
 import numpy as np
 import pytest
-
-from pipeline.errors import StoreError
-from pipeline.ingest import ingest
-from pipeline.store import (
+from fedpipe.data.ingest import ingest
+from fedpipe.data.store import (
     ChunkRef,
     chunk_key,
     chunk_refs,
@@ -19,7 +17,8 @@ from pipeline.store import (
     read_info,
     verify_store,
 )
-from tasks import split
+from fedpipe.errors import StoreError
+from fedpipe.tasks import split
 
 
 def _chunk_file(store: str, prefix: str, name: str, index: int) -> str:

@@ -8,15 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from distributed import get_task_stream
-
-from pipeline import rundir
-from pipeline.cluster import connect
-from pipeline.errors import StoreError, TrainingError, ValidationError
-from pipeline.minibatch import epoch_batches
-from pipeline.store import chunk_refs, read_chunk, read_info
-from pipeline.train import fit
-from tasks import models, optimizers, reduce
-from tasks.lbfgs import lbfgs
+from fedpipe import rundir
+from fedpipe.cluster import connect
+from fedpipe.data.store import chunk_refs, read_chunk, read_info
+from fedpipe.engine.minibatch import epoch_batches
+from fedpipe.engine.train import fit
+from fedpipe.errors import StoreError, TrainingError, ValidationError
+from fedpipe.tasks import models, optimizers, reduce
+from fedpipe.tasks.lbfgs import lbfgs
 
 
 @pytest.fixture
@@ -252,10 +251,10 @@ def test_each_iteration_is_a_span(dask_client, store):
 
 
 def test_split_modules_keep_the_public_names():
-    import pipeline.train as train
-    from pipeline import train_data, train_pass, train_records
+    import fedpipe.engine.train as train
+    from fedpipe.engine import train_data, train_pass, train_records
 
-    assert train.fit.__module__ == "pipeline.train" and train.FitResult._fields[0] == "params"
+    assert train.fit.__module__ == "fedpipe.engine.train" and train.FitResult._fields[0] == "params"
     for name in train.__all__:
         assert hasattr(train, name), name
     assert train.choose_cache is train_data.choose_cache

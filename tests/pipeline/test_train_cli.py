@@ -14,11 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from distributed import Client, LocalCluster
-
-from pipeline import rundir
-from pipeline.cli import main
-from pipeline.train import fit
-from tasks import models, optimizers
+from fedpipe import rundir
+from fedpipe.cli.main import main
+from fedpipe.engine.train import fit
+from fedpipe.tasks import models, optimizers
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +70,7 @@ def test_killed_run_resumes_to_the_uninterrupted_params(small_store, tmp_path, d
     args = ["train", store, "--model", "softmax", "--optimizer", "momentum", "--lr", "0.1",
             "--iterations", "60", "--workers", "1", "--threads", "1", "--out", str(out),
             "--checkpoint-every", "5", "-q"]
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args],
+    proc = subprocess.Popen([sys.executable, "-m", "fedpipe.cli.main", *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120

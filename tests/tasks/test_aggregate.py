@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from tasks import aggregate, optimizers
-from tasks.aggregate import (
+from fedpipe.tasks import aggregate, optimizers
+from fedpipe.tasks.aggregate import (
     RejectedUpdate,
     Stage,
     add_packets,

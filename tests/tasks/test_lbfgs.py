@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from tasks import lbfgs
+from fedpipe.tasks import lbfgs
 
 
 def _bfgs_inverse(s_hist, y_hist):

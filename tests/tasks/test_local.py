@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from tasks import models, reduce
-from tasks.local import client_rng, local_train, round_lr
+from fedpipe.tasks import models, reduce
+from fedpipe.tasks.local import client_rng, local_train, round_lr
 
 
 @pytest.fixture

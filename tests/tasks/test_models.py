@@ -2,10 +2,9 @@
 
 import numpy as np
 import pytest
-
-from tasks import models as M
-from tasks import optimizers as opt
-from tasks.checks import check_model
+from fedpipe.tasks import models as M
+from fedpipe.tasks import optimizers as opt
+from fedpipe.tasks.checks import check_model
 
 N, D, K = 40, 5, 3
 

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-
-from tasks import optimizers as opt
-from tasks.checks import check_optimizer
+from fedpipe.tasks import optimizers as opt
+from fedpipe.tasks.checks import check_optimizer
 
 EPS = 1e-8
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tasks import partition as P
+from fedpipe.tasks import partition as P
 
 
 def _labels(n=3000, k=5, seed=0):

@@ -2,8 +2,7 @@
 
 import numpy as np
 import pytest
-
-from tasks import models, reduce
+from fedpipe.tasks import models, reduce
 
 
 @pytest.mark.parametrize("n_rows,slice_bytes", [(0, 80), (1, 80), (37, 80), (37, 10**9), (5, 1)])

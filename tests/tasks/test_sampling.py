@@ -1,8 +1,7 @@
 """Client sampling: a pure function of (seed, round)."""
 
 import pytest
-
-from tasks.sampling import sample_clients, sample_size
+from fedpipe.tasks.sampling import sample_clients, sample_size
 
 CLIENTS = [str(i) for i in range(100)]
 

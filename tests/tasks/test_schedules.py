@@ -4,8 +4,7 @@ import math
 
 import numpy as np
 import pytest
-
-from tasks import schedules as sch
+from fedpipe.tasks import schedules as sch
 
 STEPS = np.arange(0, 200)
 

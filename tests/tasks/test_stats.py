@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from tasks import split
-from tasks import stats as S
+from fedpipe.tasks import split
+from fedpipe.tasks import stats as S
 
 
 def _data(seed=0):

@@ -1,0 +1,134 @@
+"""``fedpipe deploy render|up``: Kubernetes manifests and the launcher (see docs/kubernetes.md)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from fedpipe.deploy import kube, tls
+from fedpipe.deploy import render as deploy
+from fedpipe.errors import ConfigError
+
+
+def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Add ``deploy`` with its two actions to the ``fedpipe`` parser."""
+    parser = subparsers.add_parser(
+        "deploy", help="Kubernetes manifests (render) or a live cluster (up) via dask-kubernetes"
+    )
+    actions = parser.add_subparsers(dest="deploy_action", required=True,
+                                    parser_class=type(parser))
+    render = actions.add_parser("render", parents=[*parents, _cluster_options()],
+                                help="write DaskCluster + one DaskWorkerGroup per client as YAML")
+    render.add_argument("--out", type=Path, help="directory for cluster.yaml (default: stdout)")
+    render.add_argument("--tls", action="store_true",
+                        help="tls:// + require-encryption; cert material from --tls-dir")
+    render.add_argument("--tls-dir", type=Path,
+                        help="ca.crt/tls.crt/tls.key to use, generated there if absent "
+                             "(default OUT/tls)")
+    render.add_argument("--tls-secret", metavar="NAME",
+                        help="like --tls, but mount an existing Secret NAME (created out of band "
+                             "with ca.crt, tls.crt, tls.key) and write no key material")
+    render.set_defaults(func=run_render)
+    up = actions.add_parser("up", parents=[*parents, _cluster_options()],
+                            help="create the cluster with dask_kubernetes.operator.KubeCluster")
+    up.add_argument("--adapt", metavar="MIN,MAX",
+                    help="autoscale the server group (refused with client groups)")
+    up.set_defaults(func=run_up)
+
+
+def _cluster_options() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(add_help=False)
+    options.add_argument("--clients", default="",
+                         help="client ids, comma separated (e.g. 0,1,2); empty: no client groups")
+    options.add_argument("--image", default=None,
+                         help=f"image with a tag or digest (default {deploy.default_image()})")
+    options.add_argument("--namespace", default=None, help="Kubernetes namespace")
+    options.add_argument("--name", default="fedpipe", help="DaskCluster name (default fedpipe)")
+    options.add_argument("--server-workers", type=int, default=1,
+                         help="replicas of the server worker group (default 1)")
+    options.add_argument("--threads", type=int, default=2, help="threads per worker (default 2)")
+    options.add_argument("--memory", default="4Gi", help="memory per worker (default 4Gi)")
+    options.add_argument("--data-path", default="/data",
+                         help="mount path of each client's data volume (default /data)")
+    options.add_argument("--node-label", metavar="KEY",
+                         help="client groups get nodeSelector KEY=<client id>")
+    options.add_argument("--taint", metavar="KEY",
+                         help="client groups tolerate the taint KEY=<client id>:NoSchedule")
+    return options
+
+
+def _render_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "name": args.name,
+        "server_workers": args.server_workers,
+        "threads": args.threads,
+        "memory": args.memory,
+        "data_path": args.data_path,
+        "node_label": args.node_label,
+        "taint_key": args.taint,
+    }
+
+
+def run_render(args: argparse.Namespace) -> dict[str, Any]:
+    """Render the manifests; with ``--tls`` also the Secret (its own file, mode 0600)."""
+    options = _render_options(args)
+    secret, tls_dir = None, None
+    if args.tls and args.tls_secret:
+        raise ConfigError("--tls and --tls-secret: give one (generate material, or reference it)")
+    if args.tls_secret:
+        options["tls_secret"] = args.tls_secret
+    if args.tls:
+        tls_dir = args.tls_dir or (args.out / "tls" if args.out else None)
+        if tls_dir is None:
+            raise ConfigError("--tls needs --out or --tls-dir (where the certificates go)")
+        files = _tls_files(tls_dir, args.name, args.namespace)
+        options["tls_secret"] = f"{args.name}-tls"
+        secret = deploy.tls_secret(files, options["tls_secret"], args.namespace)
+    resources = deploy.render(args.clients, args.image, args.namespace, **options)
+    summary: dict[str, Any] = {
+        "resources": [f"{r['kind']}/{r['metadata']['name']}" for r in resources],
+        "clients": deploy.parse_clients(args.clients),
+        "tls_dir": str(tls_dir) if tls_dir else None,
+    }
+    if args.out is None:
+        sys.stdout.write(deploy.dump(resources + ([secret] if secret else [])))
+        return summary
+    summary["files"] = [str(p) for p in deploy.write_manifests(resources, args.out, secret)]
+    if not args.json and not args.quiet:
+        print(f"wrote {', '.join(summary['files'])}", file=sys.stderr)
+    return summary
+
+
+def _tls_files(directory: Path, name: str, namespace: str | None) -> tls.TLSFiles:
+    if all((directory / f).is_file() for f in (tls.CA_CERT, tls.CERT, tls.KEY)):
+        return tls.load(directory)
+    hosts = [f"{name}-scheduler", "localhost", "127.0.0.1"]
+    if namespace:
+        hosts += [f"{name}-scheduler.{namespace}", f"{name}-scheduler.{namespace}.svc"]
+    return tls.generate(directory, hosts=hosts)
+
+
+def run_up(args: argparse.Namespace) -> dict[str, Any]:
+    """Create the cluster; it keeps running after this command exits."""
+    adapt = None
+    if args.adapt:
+        try:
+            low, high = (int(v) for v in args.adapt.split(","))
+        except ValueError:
+            raise ConfigError(f"--adapt {args.adapt!r}: expected MIN,MAX (two integers)") from None
+        adapt = (low, high)
+    cluster = kube.up(args.clients, args.image, args.namespace, adapt=adapt,
+                      **_render_options(args))
+    summary = {
+        "name": args.name,
+        "namespace": args.namespace,
+        "scheduler_address": cluster.scheduler_address,
+        "groups": [f"{args.name}-client-{c}" for c in deploy.parse_clients(args.clients)],
+    }
+    if not args.json and not args.quiet:
+        print(f"cluster {args.name} is up at {cluster.scheduler_address}; "
+              f"connect with --kubernetes {args.namespace + '/' if args.namespace else ''}"
+              f"{args.name}; delete with kubectl delete daskcluster {args.name}", file=sys.stderr)
+    return summary

@@ -1,0 +1,286 @@
+"""Names of CLI and config choices mapped to fedpipe objects, in one place.
+
+The Python API takes objects (``optimizers.adam(1e-2)``); only the CLI and config files speak in
+names. Every lookup here turns a bad name or value into a one-line
+:class:`~fedpipe.errors.ValidationError` that names the flag and the valid choices.
+
+* ``MODELS``: name -> ``factory(n_features, n_classes, task, hidden, l2, l1) -> Model``; each
+  factory rejects a task it cannot fit (softmax on a regression store).
+* ``OPTIMIZERS``: name -> ``factory(lr) -> Optimizer`` (``lr`` a float or a schedule); ``lbfgs``
+  gives :class:`fedpipe.tasks.lbfgs.LBFGS` settings, which the engine recognises instead.
+* ``SCHEDULES``: name -> ``factory(lr, total_steps, **params) -> Schedule``; a spec string reads
+  ``"cosine"`` or ``"step:every=10,factor=0.5"``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from fedpipe.errors import ValidationError
+from fedpipe.tasks import models, optimizers, schedules
+from fedpipe.tasks.lbfgs import LBFGS, lbfgs
+from fedpipe.tasks.models import Model
+from fedpipe.tasks.optimizers import Optimizer
+from fedpipe.tasks.schedules import Schedule
+
+DEFAULT_HIDDEN = (256, 128)
+
+# --------------------------------------------------------------------------------------------
+# models
+
+
+def _require(name: str, task: str, allowed: Sequence[str], hint: str) -> None:
+    if task not in allowed:
+        raise ValidationError(f"--model {name} does not fit a {task} store ({hint})")
+
+
+def _linear(n_features, n_classes, task, hidden, l2, l1) -> Model:
+    _require("linear", task, ("regression",), "use logistic, softmax or mlp for classes")
+    return models.linear(n_features, l2=l2, l1=l1)
+
+
+def _logistic(n_features, n_classes, task, hidden, l2, l1) -> Model:
+    _require("logistic", task, ("binary",),
+             "logistic is binary: use softmax or mlp" if task == "multiclass" else
+             "use linear or mlp for regression")
+    return models.logistic(n_features, l2=l2, l1=l1)
+
+
+def _softmax(n_features, n_classes, task, hidden, l2, l1) -> Model:
+    _require("softmax", task, ("binary", "multiclass"), "use linear or mlp for regression")
+    return models.softmax(n_features, n_classes, l2=l2, l1=l1)
+
+
+def _mlp(n_features, n_classes, task, hidden, l2, l1) -> Model:
+    n_outputs = 1 if task == "regression" else n_classes
+    return models.mlp(n_features, n_outputs, hidden=hidden, task=task, l2=l2, l1=l1)
+
+
+ModelFactory = Callable[[int, int, str, tuple[int, ...], float, float], Model]
+
+MODELS: dict[str, ModelFactory] = {
+    "linear": _linear,
+    "logistic": _logistic,
+    "softmax": _softmax,
+    "mlp": _mlp,
+}
+
+
+def parse_hidden(hidden: str | Sequence[int] | None) -> tuple[int, ...]:
+    """``"256,128"`` or ``[256, 128]`` -> ``(256, 128)``; ``None`` gives the default (256, 128)."""
+    if hidden is None:
+        return DEFAULT_HIDDEN
+    parts = hidden.split(",") if isinstance(hidden, str) else list(hidden)
+    if isinstance(hidden, str):
+        parts = [p for p in parts if p.strip()]  # "" means no hidden layer
+    try:
+        sizes = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        raise ValidationError(f"--hidden must be comma-separated integers, got {hidden!r}") from None
+    if any(s < 1 for s in sizes):
+        raise ValidationError(f"--hidden layer widths must be >= 1, got {hidden!r}")
+    return sizes
+
+
+def _is_number(value: Any) -> bool:
+    """A finite real number (bools are not learning rates)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _field(info: Any, key: str) -> Any:
+    return info[key] if isinstance(info, Mapping) else getattr(info, key)
+
+
+def make_model(name: str, info: Any, hidden: str | Sequence[int] | None = None,
+               l2: float = 0.0, l1: float = 0.0) -> Model:
+    """The model called ``name`` sized for a store.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`MODELS`.
+    info : StoreInfo or mapping
+        Anything with ``n_features``, ``task`` and ``classes`` (list of labels, or None).
+    hidden : str or sequence of int, optional
+        MLP hidden widths (``"256,128"``); ignored by the linear models.
+    l2, l1 : float
+        Penalty weights (>= 0).
+
+    Raises
+    ------
+    ValidationError
+        Unknown name, a model that does not fit the store's task, or a bad value.
+    """
+    if name not in MODELS:
+        raise ValidationError(f"unknown --model {name!r}; choose from {', '.join(MODELS)}")
+    task = _field(info, "task")
+    classes = _field(info, "classes")
+    n_classes = len(classes) if classes else 1
+    if task != "regression" and n_classes < 2:
+        raise ValidationError(f"a {task} store needs at least 2 classes, it has {n_classes}")
+    for flag, value in (("--l2", l2), ("--l1", l1)):
+        if not _is_number(value) or value < 0:
+            raise ValidationError(f"{flag} must be a number >= 0, got {value!r}")
+    try:
+        return MODELS[name](int(_field(info, "n_features")), n_classes, task,
+                            parse_hidden(hidden), float(l2), float(l1))
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            raise
+        raise ValidationError(f"--model {name}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# schedules
+
+
+def _cosine(lr: float, total_steps: int | None, total: int | None = None,
+            final: float = 0.0) -> Schedule:
+    steps = total if total is not None else total_steps
+    if steps is None:
+        raise ValidationError("--schedule cosine needs the number of steps: give "
+                              "cosine:total=N or train for a fixed number of iterations/epochs")
+    return schedules.cosine(lr, int(steps), final=final)
+
+
+ScheduleFactory = Callable[..., Schedule]
+
+SCHEDULES: dict[str, ScheduleFactory] = {
+    "constant": lambda lr, total_steps: schedules.constant(lr),
+    "step": lambda lr, total_steps, every=10, factor=0.5: schedules.step_decay(lr, every, factor),
+    "exponential": lambda lr, total_steps, rate=0.96, decay_steps=1:
+        schedules.exponential(lr, rate, decay_steps),
+    "inverse-time": lambda lr, total_steps, decay=1.0, decay_steps=1:
+        schedules.inverse_time(lr, decay, decay_steps),
+    "cosine": _cosine,
+}
+
+
+def _number(text: str) -> int | float:
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _schedule_params(spec: str, factory: ScheduleFactory) -> dict[str, int | float]:
+    name, _, rest = spec.partition(":")
+    allowed = [p for p in inspect.signature(factory).parameters if p not in ("lr", "total_steps")]
+    params = {}
+    for item in filter(None, (p.strip() for p in rest.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in allowed:
+            raise ValidationError(f"--schedule {spec!r}: {name} takes "
+                                  f"{', '.join(f'{a}=' for a in allowed) or 'no parameters'}")
+        try:
+            params[key] = _number(value.strip())
+        except ValueError:
+            raise ValidationError(f"--schedule {spec!r}: {key} must be a number") from None
+    return params
+
+
+def parse_schedule(spec: str, lr: float, total_steps: int | None = None) -> Schedule:
+    """A schedule from a spec like ``"cosine"`` or ``"step:every=10,factor=0.5"``.
+
+    ``total_steps`` (the run's number of updates) is what ``cosine`` decays over unless the
+    spec gives ``total=N``.
+
+    Raises
+    ------
+    ValidationError
+        Unknown name or parameter, or a value the schedule rejects.
+    """
+    name = spec.partition(":")[0].strip().replace("_", "-")
+    if name not in SCHEDULES:
+        raise ValidationError(f"unknown --schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+    factory = SCHEDULES[name]
+    try:
+        return factory(lr, total_steps, **_schedule_params(spec, factory))
+    except ValueError as exc:
+        if isinstance(exc, ValidationError):
+            raise
+        raise ValidationError(f"--schedule {spec!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# optimizers
+
+OptimizerFactory = Callable[[float | Schedule], Optimizer | LBFGS]
+
+OPTIMIZERS: dict[str, OptimizerFactory] = {
+    "sgd": optimizers.sgd,
+    "momentum": optimizers.momentum,
+    "nesterov": optimizers.nesterov,
+    "adagrad": optimizers.adagrad,
+    "rmsprop": optimizers.rmsprop,
+    "adam": optimizers.adam,
+    "adamw": optimizers.adamw,
+    "yogi": optimizers.yogi,
+    "lbfgs": lambda lr: lbfgs(),  # step lengths come from its line search, not from lr
+}
+
+
+def make_optimizer(name: str, lr: float, schedule: str | Schedule | None = None,
+                   total_steps: int | None = None) -> Optimizer | LBFGS:
+    """The optimizer called ``name`` with learning rate ``lr`` and an optional schedule.
+
+    Parameters
+    ----------
+    name : str
+        A key of :data:`OPTIMIZERS`.
+    lr : float
+        Base learning rate (> 0), the schedule's value at step 0.
+    schedule : str or Schedule, optional
+        A spec for :func:`parse_schedule` or a schedule function (then ``lr`` is unused).
+    total_steps : int, optional
+        Number of updates of the run (for ``cosine``).
+
+    Raises
+    ------
+    ValidationError
+        Unknown name, ``lr <= 0``, a bad schedule, or a schedule given to ``lbfgs``.
+    """
+    if name not in OPTIMIZERS:
+        raise ValidationError(f"unknown --optimizer {name!r}; choose from {', '.join(OPTIMIZERS)}")
+    if not _is_number(lr) or not lr > 0:
+        raise ValidationError(f"--lr must be a positive number, got {lr!r}")
+    if name == "lbfgs":
+        if schedule not in (None, "constant"):
+            raise ValidationError("--optimizer lbfgs takes no --schedule (its line search "
+                                  "chooses each step)")
+        return OPTIMIZERS[name](lr)
+    rate = schedule if callable(schedule) else parse_schedule(schedule or "constant", float(lr),
+                                                               total_steps)
+    try:
+        return OPTIMIZERS[name](rate)
+    except ValueError as exc:
+        raise ValidationError(f"--optimizer {name}: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# federated strategies (STRATEGIES) are registered below by the federated engine.
+
+from fedpipe.tasks import aggregate as _aggregate  # noqa: E402  (kept next to the map it serves)
+
+
+def _server(factory: Callable[..., Any]) -> Callable[..., Any]:
+    # None keeps the strategy's own default server step size (1.0 for averaging, 1e-2 adaptive).
+    return lambda server_lr=None, mu=0.0: factory(**({} if server_lr is None else
+                                                     {"server_lr": server_lr}))
+
+
+STRATEGIES: dict[str, Callable[..., Any]] = {
+    "fedavg": _server(_aggregate.fedavg),
+    "fedprox": lambda server_lr=None, mu=0.01: _aggregate.fedprox(
+        mu, **({} if server_lr is None else {"server_lr": server_lr})),
+    "fedavgm": _server(_aggregate.fedavgm),
+    "fedadam": _server(_aggregate.fedadam),
+    "fedyogi": _server(_aggregate.fedyogi),
+    "fedadagrad": _server(_aggregate.fedadagrad),
+    "scaffold": _server(_aggregate.scaffold),
+}
+"""Federated strategies: name -> ``factory(server_lr=None, mu=...) -> fedpipe.tasks.aggregate.Strategy``."""

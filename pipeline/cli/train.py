@@ -1,0 +1,95 @@
+"""``fedpipe train``: data-parallel training of one model on one store.
+
+Names given on the command line become objects here (model, optimizer, schedule) through
+:mod:`fedpipe.cli.registry`; :func:`fedpipe.engine.train.fit` only sees objects.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from fedpipe.cli import config, registry
+from fedpipe.cli import report as cli_report
+from fedpipe.data import store
+from fedpipe.deploy import kube
+from fedpipe.engine.train import CACHE_MODES, fit
+from fedpipe.errors import ValidationError
+from fedpipe.monitor.dashboard import monitoring
+
+
+def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
+    """Add ``train`` to the ``fedpipe`` parser."""
+    p = subparsers.add_parser("train", parents=parents,
+                              help="data-parallel training: one gradient task per chunk")
+    p.add_argument("store", help="store path or fsspec URL")
+    model = p.add_argument_group("model")
+    model.add_argument("--model", required=True, help=", ".join(registry.MODELS))
+    model.add_argument("--hidden", help="MLP hidden widths (default 256,128)")
+    model.add_argument("--l2", type=float, default=0.0, help="L2 penalty (default 0)")
+    model.add_argument("--l1", type=float, default=0.0, help="L1 penalty (default 0)")
+    opt = p.add_argument_group("optimizer")
+    opt.add_argument("--optimizer", default="sgd", help=", ".join(registry.OPTIMIZERS))
+    opt.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    opt.add_argument("--schedule", help="constant (default), step, exponential, inverse-time, "
+                                        "cosine; parameters as step:every=10,factor=0.5")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--iterations", type=int, help="full-batch iterations")
+    length.add_argument("--epochs", type=int, help="mini-batch epochs")
+    opt.add_argument("--batch-size", type=int, help="rows per mini-batch step (with --epochs)")
+    opt.add_argument("--tol", type=float, help="stop when the loss changes by at most this "
+                                               "(relative)")
+    run = p.add_argument_group("cluster and run directory")
+    run.add_argument("--workers", type=int, help="LocalCluster workers")
+    run.add_argument("--threads", type=int, help="threads per worker")
+    run.add_argument("--scheduler", help="address of a running scheduler")
+    run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
+                     help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
+    run.add_argument("--cache", default="auto", choices=CACHE_MODES,
+                     help="keep chunks in worker memory or stream them (default auto)")
+    run.add_argument("--chunks-per-task", type=int, default=1,
+                     help="consecutive chunks per gradient task (default 1)")
+    run.add_argument("--test-fraction", type=float, default=0.2,
+                     help="held-out share of rows (default 0.2; 0 trains on every row)")
+    run.add_argument("--out", help="run directory")
+    run.add_argument("--checkpoint-every", type=int, help="iterations (epochs) between checkpoints")
+    run.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
+    run.add_argument("--seed", type=int, default=0, help="default 0")
+    cli_report.add_report_option(p)
+    config.add_config_option(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+    """Run ``fedpipe train``; returns the summary (printed with ``--json``)."""
+    args = config.resolve(args)
+    cli_report.check_report_option(args)
+    if args.iterations is None and args.epochs is None:
+        raise ValidationError("give --iterations N or --epochs E")
+    info = store.read_info(args.store)
+    model = registry.make_model(args.model, info, hidden=args.hidden, l2=args.l2, l1=args.l1)
+    total = args.iterations if args.iterations is not None else args.epochs
+    optimizer = registry.make_optimizer(args.optimizer, args.lr, args.schedule,
+                                        total_steps=_total_steps(args, info))
+    unit = "iteration" if args.iterations is not None else "epoch"
+    with monitoring(args, None, mode="train", total=total, unit=unit,
+                    meta={"model": f"{model.name} on {args.store}"}) as on_record:
+        result = fit(
+            args.store, model, optimizer, iterations=args.iterations, epochs=args.epochs,
+            batch_size=args.batch_size, out=args.out, seed=args.seed,
+            test_fraction=args.test_fraction, checkpoint_every=args.checkpoint_every,
+            resume=args.resume, tol=args.tol, cache=args.cache,
+            chunks_per_task=args.chunks_per_task, workers=args.workers,
+            threads=args.threads,
+            scheduler=kube.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,
+            config=config.to_dict(args))
+    return cli_report.report_at_end(args, result.summary)
+
+
+def _total_steps(args: argparse.Namespace, info: store.StoreInfo) -> int | None:
+    """Optimizer updates in the whole run, for schedules that decay to a horizon (cosine)."""
+    if args.iterations is not None:
+        return args.iterations
+    rows = info.n_rows * (1.0 - args.test_fraction)
+    batch = args.batch_size or info.chunk_rows
+    return args.epochs * max(1, -(-int(rows) // batch)) if args.epochs else None

@@ -1,0 +1,290 @@
+"""Ingest a source into a checked zarr v3 store, streaming, atomically, with progress.
+
+Rows arrive in batches from :mod:`fedpipe.data.sources`, are validated, regrouped into whole row
+chunks and written one chunk at a time, so memory is bounded by a few chunks whatever the
+source size. Everything is written under a temporary name beside STORE and moved into place
+only after the last attribute is written; on any error the temporary store is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import zarr
+from fedpipe.data import sources as sources_mod
+from fedpipe.data import stats as stats_mod
+from fedpipe.data.store import (
+    FORMAT_VERSION,
+    StoreInfo,
+    chunk_key,
+    content_hash,
+    open_group,
+    read_info,
+    row_array,
+    staged,
+)
+from fedpipe.errors import ValidationError
+from fedpipe.tasks import stats as stats_math
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+log = logging.getLogger("fedpipe")
+
+DTYPES = ("float32", "float64")
+IMPUTE = ("none", "mean", "median")
+TASKS = ("regression", "binary", "multiclass")
+MAX_CLASSES = 50  # inferring the task: integer targets with at most this many values are classes
+MAX_LABELS = 100_000  # distinct labels tracked while streaming (an explicit task may use many)
+CHUNK_BYTES = 8 << 20
+# In-memory sources are written several whole chunks per zarr call, so zarr compresses them
+# concurrently. Streamed sources go one chunk at a time: a parsed CSV batch costs several
+# times its size in memory, and the point of streaming is a small, bounded footprint.
+WRITE_BYTES = 64 << 20
+
+
+def ingest(
+    source: str,
+    store: str,
+    *,
+    target: str | None = None,
+    chunk_rows: int | None = None,
+    dtype: str = "float64",
+    impute: str = "none",
+    standardize: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    task: str | None = None,
+) -> StoreInfo:
+    """Validate ``source`` and write it as a fedpipe store at ``store``.
+
+    Parameters
+    ----------
+    source : str
+        ``sklearn:NAME``, ``synthetic:classification?...``, ``synthetic:regression?...``,
+        or a path to an ``.npz`` (arrays ``X``, ``y``), ``.csv`` or ``.parquet`` file.
+    store : str
+        Local path or fsspec URL (``memory://...``) of the zarr store to create.
+    target : str, optional
+        Label column of a CSV/Parquet source (default: a column named target, y or label).
+    chunk_rows : int, optional
+        Rows per chunk; by default about 8 MiB of float64 features per chunk.
+    dtype : {"float32", "float64"}
+        Storage type of ``X``.
+    impute : {"none", "mean", "median"}
+        With ``"none"`` a NaN or inf is an error; otherwise it is stored as NaN and replaced
+        when read (median: approximate, from a 1024-bin histogram).
+    standardize : bool
+        Standardise features when read, with the stored statistics.
+    overwrite : bool
+        Replace an existing store.
+    progress : bool
+        Show a progress bar on stderr.
+    task : {"regression", "binary", "multiclass"}, optional
+        Override the task known to the source or inferred from ``y``.
+
+    Returns
+    -------
+    StoreInfo
+        Metadata of the new store.
+    """
+    _check_options(chunk_rows, dtype, impute, task)
+    src = sources_mod.open_source(source, target=target)
+    return _ingest_source(src, store, chunk_rows=chunk_rows, dtype=dtype, impute=impute,
+                          standardize=standardize, overwrite=overwrite, progress=progress, task=task)
+
+
+def ingest_arrays(
+    X: np.ndarray,
+    y: np.ndarray,
+    store: str,
+    *,
+    feature_names: list[str] | None = None,
+    task: str | None = None,
+    chunk_rows: int | None = None,
+    dtype: str = "float64",
+    impute: str = "none",
+    standardize: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> StoreInfo:
+    """Write in-memory arrays ``X`` (rows x features) and ``y`` as a fedpipe store.
+
+    Same checks and options as :func:`ingest`; ``feature_names`` default to ``x0, x1, ...``
+    and the task is inferred from ``y`` unless given.
+    """
+    _check_options(chunk_rows, dtype, impute, task)
+    src = sources_mod.from_arrays("arrays", X, y, feature_names, None)
+    return _ingest_source(src, store, chunk_rows=chunk_rows, dtype=dtype, impute=impute,
+                          standardize=standardize, overwrite=overwrite, progress=progress, task=task)
+
+
+def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwrite, progress,
+                   task) -> StoreInfo:
+    n_features = len(src.feature_names)
+    rows = chunk_rows or int(np.clip(CHUNK_BYTES // (8 * max(n_features, 1)), 1024, 1 << 20))
+    with staged(store, overwrite=overwrite) as tmp:
+        meta = _write_rows(src, tmp, rows, dtype, impute, progress)
+        partials = meta.pop("partials")
+        meta["task"], meta["classes"] = _decide_task(src, meta.pop("labels"), task)
+        _write_labels(tmp, meta, rows)
+        meta.update(feature_names=src.feature_names, chunk_rows=rows, dtype=dtype,
+                    preprocess={"impute": impute, "standardize": bool(standardize)},
+                    partitions={}, stats=None, source=src.name, format=FORMAT_VERSION)
+        group = open_group(tmp, mode="r+")
+        group.attrs["fedpipe"] = meta
+        if impute == "median":  # the histograms need min/max first: a second pass over the store
+            stats = stats_mod.compute_stats(tmp, median=True)
+        else:
+            stats = stats_mod.merge_partials(partials)
+        group.attrs["fedpipe"] = {**meta, "stats": stats_mod.stats_to_json(stats)}
+    info = read_info(store)
+    log.debug("ingested %s: %d rows x %d features in %d chunks -> %s",
+             src.name, info.n_rows, info.n_features, info.n_chunks, store)
+    return info
+
+
+def _check_options(chunk_rows, dtype, impute, task) -> None:
+    if chunk_rows is not None and (not isinstance(chunk_rows, int | np.integer) or chunk_rows <= 0):
+        raise ValidationError(f"--chunk-rows must be a positive integer, got {chunk_rows}")
+    if dtype not in DTYPES:
+        raise ValidationError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if impute not in IMPUTE:
+        raise ValidationError(f"--impute must be one of {', '.join(IMPUTE)}, got {impute!r}")
+    if task is not None and task not in TASKS:
+        raise ValidationError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+
+
+def _rechunk(batches: Iterator, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+    """Regroup batches of any size into blocks of exactly ``rows`` rows (the last may be short)."""
+    xs, ys, held, units = [], [], 0, 0
+    for X, y, step in batches:
+        xs.append(X)
+        ys.append(y)
+        held += len(y)
+        units += step
+        while held >= rows:
+            X_all, y_all = _join(xs), _join(ys)
+            yield X_all[:rows], y_all[:rows], units
+            held, units = held - rows, 0
+            # Keep only a non-empty remainder, so aligned batches are never copied.
+            xs, ys = ([X_all[rows:]], [y_all[rows:]]) if held else ([], [])
+    if held:
+        yield _join(xs), _join(ys), units
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _check_batch(src, X: np.ndarray, y: np.ndarray, first_row: int, impute: str) -> np.ndarray:
+    bad_y = ~np.isfinite(y)
+    if bad_y.any():
+        row = first_row + int(np.argmax(bad_y))
+        raise ValidationError(f"source {src.name}: target is missing or infinite at row {row}")
+    bad = ~np.isfinite(X)
+    if not bad.any():
+        return X
+    if impute == "none":
+        r, c = np.argwhere(bad)[0]
+        kind = "NaN" if np.isnan(X[r, c]) else "inf"
+        raise ValidationError(
+            f"source {src.name}: column {src.feature_names[c]!r} has {kind} at row {first_row + r}"
+            " (use --impute mean|median)")
+    return np.where(bad, np.nan, X)  # inf is treated as missing when imputing
+
+
+def _progress(enabled: bool, total: int) -> Progress:
+    columns = [TextColumn("ingest"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn()]
+    # stderr, so that --json keeps stdout to one line.
+    return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
+
+
+def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: bool) -> dict:
+    """Stream rows into X and the raw labels into ``_labels``; returns partial metadata."""
+    group = zarr.open_group(url, mode="w", zarr_format=3)
+    nf = len(src.feature_names)
+    # A streamed source grows the arrays chunk by chunk; a known length saves the resizes.
+    known = src.n_rows or 0
+    X_arr = row_array(group, "X", n_cols=nf, rows=rows, dtype=dtype, length=known)
+    lab = row_array(group, "_labels", n_cols=None, rows=rows, dtype="float64", length=known)
+    hx = hashlib.sha256()
+    partials: list = []  # per-chunk column statistics, taken while the rows are in memory
+    labels: set[float] | None = set()
+    n = 0
+    pending = None  # the previous block's write, overlapped with checking/hashing the next
+    with ThreadPoolExecutor(1, thread_name_prefix="fedpipe-write") as writer, \
+            _progress(progress, src.progress_total) as bar:
+        task_id = bar.add_task("ingest", total=src.progress_total)
+        block = rows * max(1, WRITE_BYTES // (rows * 8 * max(nf, 1))) if src.in_memory else rows
+        for X, y, units in _rechunk(src.batches(block), block):
+            X = _check_batch(src, X, y, n, impute).astype(dtype, copy=False)
+            if pending is not None:
+                pending.result()
+            if n + len(y) > known:
+                X_arr.resize((n + len(y), nf))
+                lab.resize((n + len(y),))
+            pending = writer.submit(_write_block, X_arr, lab, n, X, y)
+            hx.update(np.ascontiguousarray(X))
+            partials += [stats_math.chunk_stats(X[i : i + rows]) for i in range(0, len(y), rows)]
+            if labels is not None:
+                labels.update(np.unique(y).tolist())
+                labels = labels if len(labels) <= MAX_LABELS else None
+            n += len(y)
+            bar.update(task_id, advance=units)
+        if pending is not None:
+            pending.result()
+    if n == 0:
+        raise ValidationError(f"source {src.name} has no rows")
+    n_chunks = -(-n // rows)
+    manifest = {"X": [chunk_key("", "X", i) for i in range(n_chunks)]}
+    return {"n_rows": n, "n_features": nf, "n_chunks": n_chunks, "manifest": manifest,
+            "labels": labels, "x_digest": hx.hexdigest(), "partials": partials}
+
+
+def _write_block(X_arr, lab, start: int, X: np.ndarray, y: np.ndarray) -> None:
+    X_arr[start : start + len(y)] = X
+    lab[start : start + len(y)] = y
+
+
+def _decide_task(src, labels: set[float] | None, task: str | None) -> tuple[str, list | None]:
+    """Task from the override, the source, or y: few integer values means classification."""
+    integer = labels is not None and all(float(v).is_integer() for v in labels)
+    task = task or src.task
+    if task is None:
+        if not integer or len(labels) > MAX_CLASSES:
+            task = "regression"
+        else:
+            task = "binary" if len(labels) <= 2 else "multiclass"
+    if task == "regression":
+        return task, None
+    if labels is None:
+        raise ValidationError(f"source {src.name}: task {task} but y has more than {MAX_LABELS} distinct values")
+    if not integer:
+        bad = next(v for v in sorted(labels) if not float(v).is_integer())
+        raise ValidationError(f"source {src.name}: task {task} needs integer labels, found {bad}")
+    if task == "binary" and len(labels) > 2:
+        raise ValidationError(f"source {src.name}: task binary but y has {len(labels)} classes")
+    return task, [int(v) for v in sorted(labels)]
+
+
+def _write_labels(url: str, meta: dict, rows: int) -> None:
+    """Write final ``y`` (class indices or float targets) from ``_labels``, chunk by chunk."""
+    group = zarr.open_group(url, mode="r+", zarr_format=3)
+    raw = group["_labels"]
+    classes = meta["classes"]
+    dtype = "int64" if classes is not None else "float64"
+    y_arr = row_array(group, "y", n_cols=None, rows=rows, dtype=dtype, length=raw.shape[0])
+    hy = hashlib.sha256()
+    lookup = np.asarray(classes, dtype=np.float64) if classes is not None else None
+    for i in range(meta["n_chunks"]):
+        block = raw.blocks[i]
+        out = np.searchsorted(lookup, block).astype(np.int64) if lookup is not None else block
+        y_arr.blocks[i] = out
+        hy.update(np.ascontiguousarray(out))
+    del group["_labels"]
+    meta["manifest"]["y"] = [chunk_key("", "y", i) for i in range(meta["n_chunks"])]
+    meta["content_hash"] = content_hash(bytes.fromhex(meta.pop("x_digest")), hy.digest())

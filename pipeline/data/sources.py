@@ -1,0 +1,245 @@
+"""Data sources for ingest: each yields ``(X, y)`` batches of float64 rows plus a schema.
+
+In-memory sources (``sklearn:NAME``, ``synthetic:...``, ``.npz``) are sliced into batches;
+CSV and Parquet are streamed (``pandas.read_csv(chunksize=)``,
+``pyarrow.parquet.ParquetFile.iter_batches``) so a file larger than memory never is whole.
+Schema problems (a non-numeric column, a missing target, mismatched lengths) are raised as
+:class:`~fedpipe.errors.ValidationError` naming the culprit.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from urllib.parse import parse_qsl
+
+import numpy as np
+from fedpipe.errors import ValidationError
+
+Batches = Iterator[tuple[np.ndarray, np.ndarray]]
+
+SKLEARN = {
+    "digits": ("load_digits", "multiclass"),
+    "wine": ("load_wine", "multiclass"),
+    "breast_cancer": ("load_breast_cancer", "binary"),
+    "diabetes": ("load_diabetes", "regression"),
+    "iris": ("load_iris", "multiclass"),
+}
+SYNTHETIC_PARAMS = {
+    "classification": {"n_samples": 1000, "n_features": 20, "n_classes": 2, "n_informative": 0,
+                       "seed": 0, "class_sep": 1.0},
+    "regression": {"n_samples": 1000, "n_features": 20, "n_informative": 0, "noise": 1.0, "seed": 0},
+}
+TARGET_GUESSES = ("target", "y", "label")
+
+
+@dataclass
+class Source:
+    """A validated source: schema known up front, rows delivered by ``batches()``."""
+
+    name: str
+    feature_names: list[str]
+    task: str | None  # known for sklearn/synthetic; None means "infer from y"
+    n_rows: int | None  # None while streaming an unknown number of rows
+    progress_total: int  # units for the progress bar: rows, or bytes of a streamed file
+    batches: Callable[[int], Iterator[tuple[np.ndarray, np.ndarray, int]]]  # rows -> (X, y, units)
+    in_memory: bool = False  # already whole in memory: larger write blocks cost nothing
+
+
+def open_source(spec: str, *, target: str | None = None) -> Source:
+    """Parse a SOURCE string and check its schema; no rows are read yet for CSV/Parquet."""
+    spec = str(spec)
+    if spec.startswith("sklearn:"):
+        return from_arrays(spec, *_sklearn(spec.split(":", 1)[1]), target)
+    if spec.startswith("synthetic:"):
+        return from_arrays(spec, *_synthetic(spec.split(":", 1)[1]), target)
+    lower = spec.lower()
+    if not os.path.exists(spec):
+        raise ValidationError(f"source {spec} does not exist")
+    if lower.endswith(".npz"):
+        return from_arrays(spec, *_npz(spec), target)
+    if lower.endswith((".csv", ".csv.gz", ".txt")):
+        return _csv(spec, target)
+    if lower.endswith((".parquet", ".pq")):
+        return _parquet(spec, target)
+    raise ValidationError(
+        f"source {spec}: unknown kind (use .npz, .csv, .parquet, sklearn:NAME or synthetic:KIND?...)"
+    )
+
+
+def from_arrays(
+    spec: str, X: np.ndarray, y: np.ndarray, names: list[str] | None, task: str | None,
+    target: str | None = None,
+) -> Source:
+    """A source over in-memory arrays (checked: 2-D X, 1-D y of the same length, numeric)."""
+    if target is not None:
+        raise ValidationError(f"--target applies to CSV/Parquet sources, not {spec}")
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if names is None:
+        names = [f"x{j}" for j in range(X.shape[1])] if X.ndim == 2 else []
+    if X.ndim != 2:
+        raise ValidationError(f"source {spec}: X must be 2-D (rows x features), got shape {X.shape}")
+    if y.ndim != 1:
+        raise ValidationError(f"source {spec}: y must be 1-D, got shape {y.shape}")
+    if len(X) != len(y):
+        raise ValidationError(f"source {spec}: X has {len(X)} rows but y has {len(y)}")
+    for j, name in enumerate(names):
+        if not np.issubdtype(X.dtype, np.number) and not _column_numeric(X[:, j]):
+            raise ValidationError(f"source {spec}: column {name!r} is not numeric")
+    if not np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.bool_):
+        raise ValidationError(f"source {spec}: y is not numeric (dtype {y.dtype})")
+
+    def batches(batch_rows: int):
+        for start in range(0, len(X), batch_rows):
+            stop = min(start + batch_rows, len(X))
+            yield (X[start:stop].astype(np.float64, copy=False),
+                   y[start:stop].astype(np.float64, copy=False), stop - start)
+
+    return Source(spec, list(names), task, len(X), len(X), batches, in_memory=True)
+
+
+def _column_numeric(column: np.ndarray) -> bool:
+    try:
+        column.astype(np.float64)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _sklearn(name: str):
+    if name not in SKLEARN:
+        raise ValidationError(f"unknown sklearn dataset {name!r} (choose from {', '.join(SKLEARN)})")
+    import sklearn.datasets
+
+    loader, task = SKLEARN[name]
+    bunch = getattr(sklearn.datasets, loader)()
+    names = getattr(bunch, "feature_names", None)
+    names = [str(n) for n in names] if names is not None else [f"x{j}" for j in range(bunch.data.shape[1])]
+    return bunch.data, bunch.target, names, task
+
+
+def _synthetic(query: str):
+    kind, _, params = query.partition("?")
+    if kind not in SYNTHETIC_PARAMS:
+        raise ValidationError(f"unknown synthetic kind {kind!r} (choose classification or regression)")
+    values = dict(SYNTHETIC_PARAMS[kind])
+    for key, raw in parse_qsl(params, keep_blank_values=True, strict_parsing=bool(params)):
+        if key not in values:
+            raise ValidationError(f"synthetic:{kind}: unknown parameter {key!r} (known: {', '.join(values)})")
+        try:
+            values[key] = type(values[key])(raw)
+        except ValueError:
+            raise ValidationError(f"synthetic:{kind}: parameter {key}={raw!r} is not a number") from None
+    n, f = values["n_samples"], values["n_features"]
+    if n <= 0 or f <= 0:
+        raise ValidationError(f"synthetic:{kind}: n_samples and n_features must be positive")
+    import sklearn.datasets
+
+    names = [f"x{j}" for j in range(f)]
+    if kind == "regression":
+        X, y = sklearn.datasets.make_regression(
+            n_samples=n, n_features=f, n_informative=values["n_informative"] or max(1, f // 2),
+            noise=values["noise"], random_state=values["seed"])
+        return X, y, names, "regression"
+    k = values["n_classes"]
+    if k < 2:
+        raise ValidationError(f"synthetic:classification: n_classes must be >= 2, got {k}")
+    # make_classification needs n_classes * 2 clusters <= 2 ** n_informative.
+    informative = values["n_informative"] or min(f, max(2, math.ceil(math.log2(2 * k)), f // 2))
+    if 2**informative < 2 * k or informative > f:
+        raise ValidationError(f"synthetic:classification: n_features={f} is too few for n_classes={k}")
+    X, y = sklearn.datasets.make_classification(
+        n_samples=n, n_features=f, n_informative=informative, n_redundant=0,
+        n_classes=k, class_sep=values["class_sep"], random_state=values["seed"])
+    return X, y, names, "binary" if k == 2 else "multiclass"
+
+
+def _npz(path: str):
+    with np.load(path, allow_pickle=False) as data:
+        for key in ("X", "y"):
+            if key not in data:
+                raise ValidationError(f"source {path}: no array {key!r} (has {', '.join(data.files)})")
+        X, y = data["X"], data["y"]
+    names = [f"x{j}" for j in range(X.shape[1])] if X.ndim == 2 else []
+    return X, y, names, None
+
+
+def _pick_target(spec: str, columns: list[str], target: str | None) -> str:
+    if target is not None:
+        if target not in columns:
+            raise ValidationError(f"source {spec}: target column {target!r} not found")
+        return target
+    for guess in TARGET_GUESSES:
+        if guess in columns:
+            return guess
+    raise ValidationError(f"source {spec}: no 'target', 'y' or 'label' column; name it with --target")
+
+
+def _frame_to_arrays(spec: str, frame, target: str, features: list[str]):
+    """Numeric check of one batch (a later batch can still bring a string)."""
+    if len(frame) == 0:
+        return np.empty((0, len(features))), np.empty(0)
+    for name in [*features, target]:
+        kind = frame[name].dtype.kind
+        if kind not in "biuf":
+            raise ValidationError(f"source {spec}: column {name!r} is not numeric")
+    X = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
+    y = frame[target].to_numpy(dtype=np.float64, na_value=np.nan)
+    return X, y
+
+
+def _csv(path: str, target: str | None) -> Source:
+    import pandas as pd
+
+    try:
+        header = pd.read_csv(path, nrows=0)
+    except pd.errors.EmptyDataError:
+        raise ValidationError(f"source {path} is empty") from None
+    columns = [str(c) for c in header.columns]
+    target = _pick_target(path, columns, target)
+    features = [c for c in columns if c != target]
+    if not features:
+        raise ValidationError(f"source {path}: no feature columns besides the target {target!r}")
+
+    def batches(batch_rows: int):
+        with open(path, "rb") as handle:
+            reader = pd.read_csv(handle, chunksize=batch_rows, engine="c", low_memory=False)
+            done = 0
+            for frame in reader:
+                X, y = _frame_to_arrays(path, frame, target, features)
+                position = handle.tell()
+                yield X, y, position - done
+                done = position
+
+    return Source(path, features, None, None, os.path.getsize(path), batches)
+
+
+def _parquet(path: str, target: str | None) -> Source:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:  # pyarrow raises ArrowInvalid for truncated/foreign files
+        raise ValidationError(f"source {path} is not a readable Parquet file ({exc})") from None
+    columns = list(parquet.schema_arrow.names)
+    target = _pick_target(path, columns, target)
+    features = [c for c in columns if c != target]
+    if not features:
+        raise ValidationError(f"source {path}: no feature columns besides the target {target!r}")
+    import pyarrow as pa
+
+    for name in [*features, target]:
+        kind = parquet.schema_arrow.field(name).type
+        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
+            raise ValidationError(f"source {path}: column {name!r} is not numeric ({kind})")
+
+    def batches(batch_rows: int):
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=[*features, target]):
+            frame = batch.to_pandas()
+            X, y = _frame_to_arrays(path, frame, target, features)
+            yield X, y, len(y)
+
+    return Source(path, features, None, parquet.metadata.num_rows, parquet.metadata.num_rows, batches)

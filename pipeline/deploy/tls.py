@@ -1,0 +1,174 @@
+"""TLS material for a fedpipe Dask cluster: a private CA and one certificate it signs.
+
+distributed authenticates both ends of every connection against the cluster CA and does not
+check host names (``check_hostname = False`` in :mod:`distributed.security`), so one
+certificate signed by a dedicated CA serves scheduler, workers and the driver. The CA key never
+leaves the directory it was generated in: only ``ca.crt``, ``tls.crt`` and ``tls.key`` go into
+the Kubernetes Secret.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fedpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from distributed.security import Security
+
+# File names double as the keys of the Kubernetes Secret mounted into the pods.
+CA_CERT = "ca.crt"
+CERT = "tls.crt"
+KEY = "tls.key"
+CA_KEY = "ca.key"  # stays on the machine that generated it; never put into a Secret
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """Paths of the PEM files a cluster member needs.
+
+    Attributes
+    ----------
+    ca : Path
+        CA certificate every member trusts.
+    cert, key : Path
+        Certificate and private key presented by scheduler, workers and driver.
+    """
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def security(self, require_encryption: bool = True) -> Security:
+        """A :class:`distributed.Security` using these files for every role."""
+        from distributed.security import Security
+
+        paths = {"tls_ca_file": str(self.ca)}
+        for role in ("client", "scheduler", "worker"):
+            paths[f"tls_{role}_cert"] = str(self.cert)
+            paths[f"tls_{role}_key"] = str(self.key)
+        return Security(require_encryption=require_encryption, **paths)
+
+
+def load(directory: str | os.PathLike) -> TLSFiles:
+    """Take existing TLS material from ``directory`` (``ca.crt``, ``tls.crt``, ``tls.key``).
+
+    Raises
+    ------
+    ConfigError
+        Naming the first missing file.
+    """
+    root = Path(directory)
+    files = TLSFiles(root / CA_CERT, root / CERT, root / KEY)
+    for path in (files.ca, files.cert, files.key):
+        if not path.is_file():
+            raise ConfigError(f"TLS file {path} is missing (expected {CA_CERT}, {CERT}, {KEY})")
+    return files
+
+
+def generate(
+    directory: str | os.PathLike,
+    hosts: Sequence[str] = ("localhost",),
+    days: int = 365,
+) -> TLSFiles:
+    """Create a CA and a certificate it signs in ``directory`` (keys written with mode 0600).
+
+    Parameters
+    ----------
+    directory : path
+        Created if missing. Existing files of the same names are overwritten.
+    hosts : sequence of str
+        Subject alternative names: DNS names or IP addresses (e.g. the scheduler Service's
+        ``NAME-scheduler.NAMESPACE.svc``). distributed does not check them; they make the
+        certificate honest for tools that do.
+    days : int
+        Validity of both certificates.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpipe-dask-ca")])
+    ca_cert = (
+        _builder(ca_name, ca_name, ca_key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(*_usage(cert_sign=True)), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpipe-dask")])
+    cert = (
+        _builder(name, ca_name, key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(root / CA_KEY, _key_pem(ca_key), private=True)
+    _write(root / KEY, _key_pem(key), private=True)
+    _write(root / CA_CERT, _cert_pem(ca_cert))
+    _write(root / CERT, _cert_pem(cert))
+    return TLSFiles(root / CA_CERT, root / CERT, root / KEY)
+
+
+def _builder(subject, issuer, public_key, now, days):
+    from cryptography import x509
+
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        # A minute of slack: pods on other nodes may have clocks slightly behind ours.
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=days))
+    )
+
+
+def _usage(cert_sign: bool) -> tuple[bool, ...]:
+    # KeyUsage's nine positional flags; a CA only signs certificates and CRLs.
+    return (False, False, False, False, False, cert_sign, cert_sign, False, False)
+
+
+def _san(host: str):
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _cert_pem(cert) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    # Create private keys 0600 from the start rather than chmod afterwards (no readable window).
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    fd = os.open(path, flags, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)

@@ -1,0 +1,223 @@
+"""Federated training: the round loop, on clients pinned to their own workers.
+
+Every round: sample clients by ``(seed, round)`` -> broadcast the global params -> each worker
+trains its resident sampled clients on rows cached on that worker and runs the client part of
+the aggregation chain -> the packets are summed in a fixed order (the driver merges a couple of
+worker reports; a ``sum-…`` tree on the workers adds many) -> the driver runs the server part
+and the server optimizer -> clients evaluate the new params on their test rows. Clients late
+for the deadline, on a dead worker, or with a rejected update are dropped from the round and
+logged. All state of the run sits in one :class:`ServerState` on the driver (what the
+checkpoint writes), except per-client state (SCAFFOLD's ``c_i``), kept on the client's worker.
+
+This module is the loop; :mod:`fedpipe.engine.fed_client` the worker-side tasks,
+:mod:`fedpipe.engine.fed_round` one round on the driver, :mod:`fedpipe.engine.fed_state` checks,
+checkpoint, resume and summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+from distributed import Client
+from fedpipe import rundir
+from fedpipe.cli import repeat
+from fedpipe.data import store
+from fedpipe.engine import fed_state, placement
+from fedpipe.engine.fed_client import ClientSpec
+from fedpipe.engine.fed_round import Sampling, ServerState, evaluate, train_round
+from fedpipe.errors import ValidationError
+from fedpipe.tasks import aggregate
+from fedpipe.tasks.aggregate import Stage, Strategy
+from fedpipe.tasks.models import Model
+
+__all__ = ["ClientSpec", "FederatedRun", "Sampling", "ServerState", "federate"]
+
+# How long a task may wait for its client's worker when no --deadline bounds the round.
+DEFAULT_NO_WORKER_TIMEOUT = 60.0
+RETRIES = 1  # a round short of min_clients is retried this often; the CLI has no option for it
+
+
+class FederatedRun(NamedTuple):
+    """What :func:`federate` returns: final params and state, per-round history, summary."""
+
+    params: np.ndarray
+    state: ServerState
+    history: list[dict]
+    summary: dict
+
+
+def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | None = None,
+             local_epochs: int = 1, batch_size: int = 32,
+             lr: float | Callable[[int], float] = 0.1, partition: str | None = None,
+             fraction: float | None = None, clients_per_round: int | None = None,
+             min_clients: int = 1, deadline: float | None = None, retries: int = RETRIES,
+             stages: Sequence[Stage] | None = None, seed: int = 0, test_fraction: float = 0.2,
+             eval_every: int = 1, workers: int | None = None, batch_clients: bool = True,
+             dask_client: Client | None = None, scheduler: str | None = None,
+             out: str | None = None, checkpoint_every: int = 0, resume: bool = False,
+             on_record: Callable[[dict], None] | None = None,
+             config: Mapping[str, object] | None = None) -> FederatedRun:
+    """Federated training of ``model`` on the clients of a partition of a fedpipe store.
+
+    Parameters
+    ----------
+    store_url : str
+        fedpipe zarr store holding the partition.
+    model : fedpipe.tasks.models.Model
+        The model (built for the store's features and classes).
+    rounds : int
+        Rounds to run (a resumed run continues up to this number).
+    strategy : fedpipe.tasks.aggregate.Strategy, optional
+        ``fedavg()`` (default), ``fedprox(mu)``, ``fedavgm``, ``fedadam``, ``fedyogi``,
+        ``fedadagrad`` or ``scaffold``.
+    local_epochs, batch_size, lr
+        Client training: epochs of mini-batch SGD, batch size, step size (float or a schedule
+        evaluated at the round number).
+    partition : str, optional
+        Partition name; default the store's only partition.
+    fraction, clients_per_round : optional
+        Clients sampled per round (a share in (0, 1] or a number); default all.
+    min_clients : int
+        Fewest accepted updates a round needs; fewer -> retried ``retries`` times, then
+        :class:`TrainingError`.
+    deadline : float, optional
+        Seconds a round waits for its clients; late ones are dropped and logged.
+    stages : sequence of Stage, optional
+        Aggregation chain; default ``(validate(), weighted_mean())``.
+    seed, test_fraction
+        Run seed (sampling, batch order) and the share of each client's rows held out.
+    eval_every : int
+        Evaluate on the clients' test rows every this many rounds (and after the last one).
+    workers : int, optional
+        Simulation workers (default 2) when fedpipe starts its own cluster.
+    batch_clients : bool
+        One task per worker per round (True) or one per client (False); the same result.
+    dask_client, scheduler : optional
+        Use this client's cluster, or connect to a scheduler address; either way the workers
+        must carry ``client-<id>`` resources (they are discovered, no cluster is started).
+    out : str, optional
+        Run directory (``metrics.jsonl``, ``params.npz``, ``summary.json``, checkpoints).
+    checkpoint_every : int
+        Write ``checkpoint.npz`` every this many rounds (0: only at the end).
+    resume : bool
+        Continue from ``out/checkpoint.npz``; ends bit-identical to an uninterrupted run.
+    on_record : callable, optional
+        Called with each round's metrics record after it is appended to ``metrics.jsonl``.
+    config : mapping, optional
+        Resolved options written to ``config.toml`` (the CLI passes its arguments). Without
+        it, ``config.toml`` holds the ``fedpipe federate`` options that repeat this call, read
+        off the model and strategy (:mod:`fedpipe.cli.repeat`). Settings no option expresses (a
+        model of your own or with an L1 penalty, a schedule function as ``lr``, ``stages``,
+        non-default strategy hyperparameters, another ``retries``) are left out and named
+        under ``not_repeatable`` with one logged warning; ``fedpipe federate --config`` then
+        refuses the file in one line instead of running something else.
+
+    Returns
+    -------
+    FederatedRun
+
+    References
+    ----------
+    McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
+    AISTATS 2017 (FederatedAveraging, the loop this runs).
+    """
+    info = store.read_info(store_url)
+    partition = fed_state.resolve_partition(info, partition)
+    client_rows = {str(c): int(m["n_rows"])
+                   for c, m in info.partitions[partition]["clients"].items()}
+    clients = placement.sort_clients(list(client_rows))
+    fed_state.check_partition(info, partition, client_rows)
+    sampling_ = fed_state.check_sampling(len(clients), fraction, clients_per_round,
+                                         min_clients, deadline, retries)
+    fed_state.check_positive(rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
+                             eval_every=eval_every)
+    if resume and out is None:
+        raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
+    strategy = strategy or aggregate.fedavg()
+    chain = tuple(stages) if stages is not None else aggregate.default_chain()
+    spec = ClientSpec(str(store_url), partition, float(test_fraction), int(seed), model,
+                      int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
+                      chain, uuid.uuid4().hex[:12])
+    run_dir = rundir.prepare(out, resume=resume) if out is not None else None
+    if run_dir is not None:
+        rundir.write_config(run_dir, config if config is not None else repeat.federate_config(
+            store_url, model, info, strategy=strategy, stages=stages, lr=lr,
+            retries=retries, default_retries=RETRIES, partition=partition, rounds=rounds,
+            local_epochs=local_epochs, batch_size=batch_size, fraction=fraction,
+            clients_per_round=clients_per_round, min_clients=min_clients, deadline=deadline,
+            seed=seed, test_fraction=test_fraction, eval_every=eval_every, out=out,
+            checkpoint_every=checkpoint_every, resume=resume,
+            # a dask_client given overrides these; the result does not depend on the cluster
+            **({} if dask_client is not None else {"workers": workers, "scheduler": scheduler})))
+    with _cluster(dask_client, scheduler, workers, client_rows) as (dc, groups):
+        placement.set_no_workers_timeout(dc, deadline or DEFAULT_NO_WORKER_TIMEOUT)
+        state = fed_state.initial_state(model, strategy, chain, seed)
+        if resume:
+            state = fed_state.resume(dc, run_dir, spec, groups, state)
+        state, history = _loop(dc, spec, groups, clients, state, sampling_, strategy, rounds,
+                               eval_every, batch_clients, run_dir, checkpoint_every, on_record)
+        if run_dir is not None:
+            fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
+    summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
+    if run_dir is not None:
+        rundir.write_params(run_dir, model.unpack(state.params))
+        rundir.write_summary(run_dir, summary)
+    return FederatedRun(state.params, state, history, summary)
+
+
+def _loop(dc: Client, spec: ClientSpec, groups, clients, state: ServerState,
+          sampling_: Sampling, strategy: Strategy, rounds: int, eval_every: int,
+          batch_clients: bool, run_dir, checkpoint_every: int,
+          on_record) -> tuple[ServerState, list[dict]]:
+    history: list[dict] = []
+    while state.round < rounds:
+        r, start = state.round, time.perf_counter()
+        with _span(f"round-{r}"):
+            state, record = train_round(dc, spec, groups, clients, state, sampling_,
+                                        strategy.server_optimizer, batch_clients)
+            if (r + 1) % eval_every == 0 or r + 1 == rounds:
+                evaluation = evaluate(dc, spec, groups, state.params, r, sampling_.deadline)
+                for client, rec in evaluation.pop("eval_clients", {}).items():
+                    record["clients"].setdefault(client, {}).update(rec)
+                record.update(evaluation)
+        record["seconds"] = time.perf_counter() - start
+        history.append(record)
+        if run_dir is not None:
+            rundir.append_metrics(run_dir, record)
+            if checkpoint_every and state.round % checkpoint_every == 0 and state.round < rounds:
+                fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
+        if on_record is not None:
+            on_record(record)
+    return state, history
+
+
+@contextlib.contextmanager
+def _span(name: str) -> Iterator[None]:
+    # distributed.span groups a round's tasks on the dashboard; harmless without one.
+    from distributed import span
+
+    with span(name):
+        yield
+
+
+@contextlib.contextmanager
+def _cluster(dask_client: Client | None, scheduler: str | None, workers: int | None,
+             client_rows: dict[str, int]) -> Iterator[tuple[Client, list[list[str]]]]:
+    """The cluster to run on and the client groups that share a worker."""
+    if dask_client is not None:
+        yield dask_client, placement.discover(dask_client, list(client_rows))
+        return
+    if scheduler is not None:
+        from fedpipe.cluster import connect
+
+        with connect(scheduler=scheduler) as dc:
+            yield dc, placement.discover(dc, list(client_rows))
+        return
+    groups = placement.assign_clients(client_rows, min(workers or 2, len(client_rows)))
+    with placement.simulation_cluster(groups) as dc:
+        yield dc, placement.discover(dc, list(client_rows))

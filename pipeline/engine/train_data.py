@@ -1,0 +1,138 @@
+"""Where the training rows live: kept in worker memory (``load-…`` tasks) or streamed from zarr.
+
+:func:`choose_cache` decides, :func:`load_data` submits the loads, and the worker-side functions
+(:func:`read_block`, :func:`stream_block`, :func:`stream_chunk`) read, check and split chunks
+with :func:`fedpipe.data.store.read_chunk`. Parameters travel to the workers with
+:func:`send_params`. Nothing here knows about models' arithmetic or the training loops.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+from distributed import Client, Future
+from fedpipe import cluster
+from fedpipe.data.store import ChunkRef, StoreInfo, chunk_refs, read_chunk
+from fedpipe.tasks import reduce
+from fedpipe.tasks.models import Model
+
+CACHE_MODES = ("auto", "memory", "stream")
+# Keep data in worker memory when it takes at most this share of the cluster's memory limit:
+# the rest is headroom for gradients, temporaries and Dask's own bookkeeping.
+MEMORY_SHARE = 0.5
+# Parameters up to this size travel inside each task; larger ones are scattered once per pass.
+INLINE_PARAM_BYTES = 256 * 1024
+
+
+class Data(NamedTuple):
+    """Where the rows live: loaded block futures (``memory``) or chunk references (``stream``).
+
+    A *block* is ``chunks_per_task`` consecutive chunks handled by one task (1 by default:
+    one task per chunk); ``blocks[b]`` lists its chunk references, ``train[b]``/``test[b]``
+    the future of its loaded chunks, ``homes[b]`` the worker its tasks prefer (see
+    :func:`block_homes`).
+    """
+
+    url: str
+    info: StoreInfo
+    refs: list[ChunkRef]
+    blocks: list[list[ChunkRef]]
+    mode: str
+    train: list[Future] | None
+    test: list[Future] | None
+    test_fraction: float
+    seed: int
+    homes: list[list[str]]
+
+
+def choose_cache(dask_client: Client, info: StoreInfo, cache: str = "auto") -> str:
+    """``memory`` when the rows fit in the cluster (see :data:`MEMORY_SHARE`), else ``stream``."""
+    if cache != "auto":
+        return cache
+    data_bytes = info.n_rows * (info.n_features + 1) * 8  # float64 after read_chunk
+    return "memory" if data_bytes <= MEMORY_SHARE * cluster.cluster_memory(dask_client) else "stream"
+
+
+def load_data(dask_client: Client, url: str, info: StoreInfo, mode: str,
+              test_fraction: float, seed: int, chunks_per_task: int = 1) -> Data:
+    """Submit ``load-…`` tasks (one per block and split) in memory mode; nothing when streaming."""
+    refs = chunk_refs(info)
+    blocks = [refs[i:i + chunks_per_task] for i in range(0, len(refs), chunks_per_task)]
+    homes = block_homes(dask_client, len(blocks))
+    train = test = None
+    if mode == "memory":
+        token = uuid.uuid4().hex
+        train = _load(dask_client, url, info, blocks, homes, "train", test_fraction, seed, token)
+        if test_fraction > 0:
+            test = _load(dask_client, url, info, blocks, homes, "test", test_fraction, seed,
+                         token)
+    return Data(url, info, refs, blocks, mode, train, test, test_fraction, seed, homes)
+
+
+def block_homes(dask_client: Client, n_blocks: int) -> list[list[str]]:
+    """The worker each block's tasks prefer: block ``b`` on worker ``b mod W`` (by address).
+
+    Given nothing to go on (no data dependency), the scheduler sometimes sent both blocks of
+    a two-worker pass to the same worker, which then read and computed the whole pass alone
+    (2x the time); round robin spreads the blocks evenly. The restriction is loose
+    (``allow_other_workers``), so a block whose worker is gone runs elsewhere.
+    """
+    workers = sorted(dask_client.scheduler_info(n_workers=-1)["workers"])
+    return [[workers[b % len(workers)]] if workers else [] for b in range(n_blocks)]
+
+
+def _load(dask_client, url, info, blocks, homes, split, test_fraction, seed,
+          token) -> list[Future]:
+    return [
+        dask_client.submit(read_block, url, block, split, test_fraction, seed, info,
+                           key=(f"load-{split}-{token}", b), workers=home or None,
+                           allow_other_workers=True)
+        for b, (block, home) in enumerate(zip(blocks, homes, strict=True))
+    ]
+
+
+def read_block(url: str, refs: list[ChunkRef], split: str, test_fraction: float, seed: int,
+               info: StoreInfo) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Worker side of loading: the chunks of one block, read, checked and split."""
+    split = effective_split(split, test_fraction)
+    return tuple(read_chunk(url, ref, split=split, test_fraction=test_fraction, seed=seed,
+                            info=info) for ref in refs)
+
+
+def effective_split(split: str, test_fraction: float) -> str:
+    # With no test rows, "train" is every row: skip building the mask and copying the chunk.
+    return "all" if split == "train" and test_fraction == 0 else split
+
+
+def send_params(dask_client: Client, params: np.ndarray) -> np.ndarray | Future:
+    """Ship the parameters once per pass: inline when small, one broadcast scatter when large."""
+    if params.nbytes <= INLINE_PARAM_BYTES:
+        return params
+    [future] = dask_client.scatter([params], broadcast=True, hash=False)
+    return future
+
+
+def stream_block(func: Callable, model: Model, params: np.ndarray, url: str,
+                 refs: list[ChunkRef], split: str, test_fraction: float, seed: int,
+                 info: StoreInfo):
+    """Worker side of streaming: ``func`` on each chunk read from zarr, results added in order.
+
+    Each chunk is dropped once ``func`` is done with it; since a block function adds its
+    chunks' results left to right, this equals ``func`` on the whole block, bit for bit.
+    """
+    split = effective_split(split, test_fraction)
+    return reduce.add_sums(*(
+        func(model, params, (read_chunk(url, ref, split=split, test_fraction=test_fraction,
+                                        seed=seed, info=info),))
+        for ref in refs))
+
+
+def stream_chunk(func: Callable, model: Model, params: np.ndarray, url: str, ref: ChunkRef,
+                 split: str, test_fraction: float, seed: int, info: StoreInfo, *extra: Any):
+    """Worker side of streaming one chunk for a mini-batch piece: read it, call ``func``."""
+    chunk = read_chunk(url, ref, split=effective_split(split, test_fraction),
+                       test_fraction=test_fraction, seed=seed, info=info)
+    return func(model, params, chunk, *extra)
