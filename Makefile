@@ -1,18 +1,25 @@
-# Two entry points: `make demo` and `make test`. Both create .venv if missing and install
-# the project into it; a stamp file keeps repeat runs fast.
+# Two entry points: `make demo` and `make test`. Both install from the lock file (uv.lock) into
+# .venv with uv, pinned below; `make lock` is the one command that updates the lock.
 PYTHON ?= python3
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-dev
+# uv uses this machine's Python and never downloads one; the lock is never re-resolved here.
+export UV_PYTHON := $(PYTHON)
+export UV_PYTHON_DOWNLOADS := never
+SYNC := $(UV) sync --frozen --quiet
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test chaos lint bench lock clean
 
-$(BIN)/python:
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet uv==$(UV_VERSION)
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+$(STAMP): $(UV) pyproject.toml uv.lock
+	$(SYNC) --extra dev
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -25,10 +32,15 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+bench: $(UV)
+	$(SYNC) --extra dev --extra bench
+	rm -f $(STAMP)  # the bench extra is not part of the test environment
 	for b in bench_ingest bench_train bench_federate; do \
 	  $(BIN)/python -m benchmarks.$$b --out benchmarks/results/$${b#bench_}.json || exit 1; done
 
+# Re-resolve every dependency to its newest allowed version and rewrite uv.lock.
+lock: $(UV)
+	$(UV) lock --upgrade
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) $(TOOLS) .pytest_cache build *.egg-info

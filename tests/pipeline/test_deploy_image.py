@@ -1,19 +1,24 @@
-"""deploy/Dockerfile and deploy/constraints.txt, checked statically (no Docker daemon here)."""
+"""The lock file (uv.lock) is the one source of every install: the environment the tests run in
+equals it, and deploy/Dockerfile installs from it (checked statically: no Docker daemon here)."""
 
 from __future__ import annotations
 
 import re
 import sys
-from importlib.metadata import PackageNotFoundError, distribution, version
+import tomllib
+from importlib.metadata import distributions
 from pathlib import Path
 
 import pytest
-from packaging.requirements import Requirement
+from packaging.markers import Marker
 from packaging.utils import canonicalize_name
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+# The extras `make test` installs (Makefile: `uv sync --frozen --extra dev`).
+TEST_EXTRAS = ("dev",)
 # Dask refuses mismatched versions between driver, scheduler and workers; these above all.
-MUST_PIN = ("dask", "distributed", "numpy", "zarr")
+MUST_LOCK = ("dask", "distributed", "numpy", "zarr", "cloudpickle", "msgpack")
 
 
 def _instructions() -> list[tuple[str, str]]:
@@ -24,15 +29,39 @@ def _instructions() -> list[tuple[str, str]]:
     return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
 
 
-def _pins() -> dict[str, str]:
-    pins = {}
-    for line in (DEPLOY / "constraints.txt").read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, _, pinned = line.partition("==")
-            assert pinned, f"constraints.txt: {line!r} is not an exact pin"
-            pins[canonicalize_name(name)] = pinned
-    return pins
+def _lock() -> dict[str, list[dict]]:
+    packages: dict[str, list[dict]] = {}
+    for pkg in tomllib.loads((ROOT / "uv.lock").read_text())["package"]:
+        packages.setdefault(canonicalize_name(pkg["name"]), []).append(pkg)
+    return packages
+
+
+def _applies(dep: dict, extra: str = "") -> bool:
+    marker = dep.get("marker")
+    return marker is None or Marker(marker).evaluate({"extra": extra})
+
+
+def locked_closure(root: str = "fedpipe", extras: tuple[str, ...] = TEST_EXTRAS) -> dict[str, str]:
+    """``{name: version}`` the lock installs for ``root[extras]`` on this interpreter."""
+    lock = _lock()
+    chosen: dict[str, str] = {}
+    todo: list[tuple[str, str | None, tuple[str, ...]]] = [(root, None, extras)]
+    while todo:
+        name, version, wanted = todo.pop()
+        name = canonicalize_name(name)
+        (pkg,) = [p for p in lock[name] if version in (None, p["version"])]
+        first = name not in chosen
+        chosen[name] = pkg["version"]
+        deps = [d for d in pkg.get("dependencies", []) if _applies(d)] if first else []
+        for extra in wanted:
+            deps += [d for d in pkg.get("optional-dependencies", {}).get(extra, [])
+                     if _applies(d, extra)]
+        todo += [(d["name"], d.get("version"), tuple(d.get("extra", ()))) for d in deps]
+    return chosen
+
+
+def _installed() -> dict[str, str]:
+    return {canonicalize_name(d.metadata["Name"]): d.version for d in distributions()}
 
 
 def test_base_image_is_pinned_and_matches_our_python():
@@ -46,36 +75,42 @@ def test_base_image_is_pinned_and_matches_our_python():
     assert not digest or re.fullmatch(r"sha256:[0-9a-f]{64}", digest), base
 
 
-def test_project_is_installed_with_the_constraints_and_no_stray_cmd():
+def test_image_installs_the_lock_hash_checked_and_has_no_stray_cmd():
     instructions = _instructions()
-    installs = [arg for op, arg in instructions if op == "RUN" and "pip install" in arg]
-    assert installs and all("-c deploy/constraints.txt" in arg for arg in installs)
-    copies = " ".join(arg for op, arg in instructions if op == "COPY")
-    assert "deploy/constraints.txt" in copies
+    runs = " ".join(arg for op, arg in instructions if op == "RUN")
+    assert "uv export --frozen" in runs and "--require-hashes" in runs
+    # Every pip install of a dependency is --no-deps: nothing is resolved outside the lock.
+    installs = re.findall(r"pip install ([^&]*)", runs)
+    assert all("--no-deps" in args for args in installs if not args.startswith("uv=="))
+    assert "uv.lock" in " ".join(arg for op, arg in instructions if op == "COPY")
     # The manifests give each container its command; a CMD/ENTRYPOINT would be run instead
     # of (ENTRYPOINT) or be silently replaced by (CMD) the `dask scheduler/worker` args.
     assert not [op for op, _ in instructions if op in ("CMD", "ENTRYPOINT")]
     assert ("USER", "1000") in instructions
 
 
-@pytest.mark.parametrize("name", MUST_PIN)
-def test_dask_stack_pins_equal_the_tested_versions(name):
-    assert _pins()[name] == version(name), (
-        f"constraints.txt pins {name}=={_pins()[name]} but the tests run {version(name)}: "
-        "regenerate with `.venv/bin/python deploy/pin_constraints.py`"
-    )
+def test_lock_is_current_with_pyproject():
+    # uv records the requirements it resolved; a dependency added to pyproject.toml without
+    # `make lock` would otherwise install nothing new and pass silently.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (root,) = _lock()["fedpipe"]
+    locked = {canonicalize_name(r["name"]) for r in root["metadata"]["requires-dist"]}
+    declared = {canonicalize_name(re.split(r"[\[<>=!~; ]", r, maxsplit=1)[0])
+                for r in project["dependencies"]
+                + [r for extra in project["optional-dependencies"].values() for r in extra]}
+    assert declared == locked, "pyproject.toml and uv.lock disagree: run `make lock`"
 
 
-def test_every_pin_is_installed_at_that_version():
-    stale = {n: (p, version(n)) for n, p in _pins().items() if version(n) != p}
-    assert not stale, f"regenerate deploy/constraints.txt: {stale}"
+@pytest.mark.parametrize("name", MUST_LOCK)
+def test_dask_stack_is_locked(name):
+    assert name in locked_closure(extras=())
 
 
-def test_every_runtime_dependency_is_pinned():
-    try:
-        requires = distribution("fedpipe").requires or []
-    except PackageNotFoundError:
-        pytest.skip("fedpipe is not installed (pip install -e .)")
-    direct = {canonicalize_name(Requirement(r).name) for r in requires
-              if Requirement(r).marker is None}
-    assert direct - set(_pins()) == set(), "regenerate with deploy/pin_constraints.py"
+def test_environment_equals_the_lock():
+    expected, installed = locked_closure(), _installed()
+    installed.pop("fedpipe", None)
+    expected.pop("fedpipe")
+    wrong = {n: (v, installed.get(n)) for n, v in expected.items() if installed.get(n) != v}
+    extra = sorted(set(installed) - set(expected))
+    assert not wrong, f"installed versions differ from uv.lock (run `make test`): {wrong}"
+    assert not extra, f"installed but not in uv.lock: {extra}"
