@@ -11,22 +11,30 @@ from __future__ import annotations
 
 import contextlib
 import io
+import hashlib
 import json
+import logging
 import math
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+
 from fedpipe.errors import ValidationError
+
+log = logging.getLogger("fedpipe")
 
 PARAMS = "params.npz"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CONFIG = "config.toml"
 CHECKPOINT = "checkpoint.npz"
+PREVIOUS_CHECKPOINT = "checkpoint.1.npz"
 _META_KEY = "__meta__"
 
 RunDir = Path  # a run directory is just a path; the functions below are its whole API
@@ -41,30 +49,74 @@ class Run(NamedTuple):
     config: dict[str, Any]
 
 
-def prepare(out: str | os.PathLike[str], resume: bool = False) -> Path:
-    """Create the run directory; without ``resume`` clear the files of an earlier run in it.
+RESULTS = (PARAMS, SUMMARY, METRICS, CHECKPOINT, PREVIOUS_CHECKPOINT)  # what a run must never lose to a later one
+_STAGING = re.compile(r"^\.(?P<name>.+)\.staging-[0-9a-f]{8}$")
+
+
+def prepare(out: str | os.PathLike[str], resume: bool = False, overwrite: bool = False) -> Path:
+    """The directory a run writes into; an earlier run's results are never destroyed early.
 
     Parameters
     ----------
     out : path
         The run directory (created with its parents when missing).
     resume : bool
-        Keep ``checkpoint.npz`` and ``metrics.jsonl`` so the engine can continue the run.
+        Continue the run in ``out`` from its checkpoint (writes in place).
+    overwrite : bool
+        ``out`` holds an earlier run's results and the new run replaces them. The new run then
+        writes into a staging directory beside ``out`` that :func:`publish` swaps into place
+        when it ends, so a run that fails or is killed leaves the earlier results whole.
 
     Returns
     -------
     pathlib.Path
+        Where the run writes: ``out`` itself, or its staging directory.
+
+    Raises
+    ------
+    ValidationError
+        ``out`` is a file, or holds an earlier run's results and neither ``resume`` nor
+        ``overwrite`` was given.
     """
     run_dir = Path(out)
     if run_dir.exists() and not run_dir.is_dir():
         raise ValidationError(f"--out {run_dir} exists and is not a directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        # A fresh run must not inherit another run's history or resume from its checkpoint.
-        for name in (METRICS, CHECKPOINT, SUMMARY, PARAMS):
-            with contextlib.suppress(FileNotFoundError):
-                (run_dir / name).unlink()
-    return run_dir
+    earlier = [name for name in RESULTS if (run_dir / name).exists()]
+    if resume or not earlier:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+    if not overwrite:
+        raise ValidationError(f"--out {run_dir} holds an earlier run ({', '.join(earlier)}); "
+                              "choose another --out, --resume it, or pass --overwrite")
+    for stale in run_dir.parent.glob(f".{run_dir.name}.staging-*"):
+        shutil.rmtree(stale, ignore_errors=True)  # a replacement run that failed or was killed
+    staging = run_dir.parent / f".{run_dir.name}.staging-{os.urandom(4).hex()}"
+    staging.mkdir()
+    return staging
+
+
+def target(run_dir: str | os.PathLike[str]) -> Path:
+    """The directory a run's results end up in (``out``, also while it writes to staging)."""
+    run_dir = Path(run_dir)
+    match = _STAGING.match(run_dir.name)
+    return run_dir if match is None else run_dir.parent / match["name"]
+
+
+def publish(run_dir: str | os.PathLike[str]) -> Path:
+    """Move a finished run from its staging directory over ``out``; returns ``out``.
+
+    A no-op for a run that wrote in place. The earlier run is renamed aside first and removed
+    only once the new one is in place.
+    """
+    run_dir, final = Path(run_dir), target(run_dir)
+    if final == run_dir:
+        return run_dir
+    aside = run_dir.parent / f".{final.name}.replaced-{os.urandom(4).hex()}"
+    os.replace(final, aside)
+    os.replace(run_dir, final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+    return final
 
 
 @contextlib.contextmanager
@@ -201,30 +253,82 @@ def _toml_value(value: Any) -> str:
 def save_checkpoint(
     run_dir: str | os.PathLike[str], arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]
 ) -> Path:
-    """Write ``checkpoint.npz`` (``arrays`` plus ``meta`` as JSON) atomically.
+    """Write ``checkpoint.npz`` (``arrays`` plus ``meta`` as JSON) atomically, keeping the
+    previous one as ``checkpoint.1.npz``.
 
     A crash at any point leaves either the previous checkpoint or the new one, never a mix:
-    the bytes go to a temporary file that is fsynced before ``os.replace`` swaps it in.
+    the bytes go to a temporary file that is fsynced before ``os.replace`` swaps it in. The
+    meta records a SHA-256 digest of the arrays and the run's ``config.toml``, so a checkpoint
+    that was damaged later, or belongs to other settings, is recognised on load.
     """
-    path = Path(run_dir) / CHECKPOINT
+    run_dir = Path(run_dir)
+    path = run_dir / CHECKPOINT
     payload = {k: np.asarray(v) for k, v in arrays.items()}
-    payload[_META_KEY] = np.array(json.dumps(dict(meta), default=_json_default))
+    config = run_dir / CONFIG
+    meta = {**meta, "digest": _digest(payload),
+            "config": config.read_text(encoding="utf-8") if config.exists() else None}
+    payload[_META_KEY] = np.array(json.dumps(meta, default=_json_default))
+    if path.exists():
+        os.replace(path, run_dir / PREVIOUS_CHECKPOINT)
     with _atomic_writer(path) as handle:
         np.savez(handle, **payload)
     return path
 
 
+def _digest(arrays: Mapping[str, np.ndarray]) -> str:
+    sha = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        sha.update(f"{key}:{value.dtype.str}:{value.shape};".encode())
+        sha.update(value.tobytes())
+    return sha.hexdigest()
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """One checkpoint file, or ValueError saying what is wrong with it."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files if k != _META_KEY}
+            meta = json.loads(str(data[_META_KEY]))
+    except Exception as exc:  # zip, npy and JSON errors alike: the file is unreadable
+        raise ValueError(f"unreadable ({type(exc).__name__})") from None
+    if "digest" in meta and meta["digest"] != _digest(arrays):
+        raise ValueError("its arrays do not match their digest")
+    bad = [k for k, v in arrays.items() if v.dtype.kind == "f" and not np.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"non-finite values in {', '.join(sorted(bad))}")
+    return arrays, meta
+
+
 def load_checkpoint(
     run_dir: str | os.PathLike[str],
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """Read ``checkpoint.npz`` back as ``(arrays, meta)``, or ``None`` when there is none."""
-    path = Path(run_dir) / CHECKPOINT
-    if not path.exists():
-        return None
-    with np.load(path, allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files if k != _META_KEY}
-        meta = json.loads(str(data[_META_KEY]))
-    return arrays, meta
+    """The newest valid checkpoint as ``(arrays, meta)``, or ``None`` when there is none.
+
+    ``checkpoint.npz`` is tried first, then the generation before it; a truncated, garbled or
+    non-finite one is skipped with a warning.
+
+    Raises
+    ------
+    ValidationError
+        Checkpoints exist but none is valid (the line names each and why).
+    """
+    problems = []
+    for name in (CHECKPOINT, PREVIOUS_CHECKPOINT):
+        path = Path(run_dir) / name
+        if not path.exists():
+            continue
+        try:
+            loaded = _read_checkpoint(path)
+        except ValueError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        if problems:
+            log.warning("resuming from %s: %s", name, "; ".join(problems))
+        return loaded
+    if problems:
+        raise ValidationError(f"no valid checkpoint in {run_dir} ({'; '.join(problems)})")
+    return None
 
 
 def load_run(run_dir: str | os.PathLike[str]) -> Run:

@@ -108,7 +108,7 @@ def _train(args: argparse.Namespace, dask_client: Client, run_dir: Path, info: S
     with monitoring(args, dask_client, mode="train", total=iterations, unit="iteration",
                     meta={"model": f"{model.name} on {Path(info.url).name}"}) as on_record:
         fit(info.url, model, optimizer, iterations=iterations, dask_client=dask_client,
-            out=run_dir, on_record=on_record, config=config)
+            out=run_dir, overwrite=True, on_record=on_record, config=config)
     return run_dir
 
 
@@ -119,7 +119,7 @@ def _federate(args: argparse.Namespace, dask_client: Client, run_dir: Path, info
     with monitoring(args, dask_client, mode="federate", total=rounds, unit="round",
                     meta={"model": model.name, "strategy": strategy}) as on_record:
         federate(info.url, model, rounds=rounds, strategy=registry.STRATEGIES[strategy](),
-                 partition=PARTITION, dask_client=dask_client, out=str(run_dir),
+                 partition=PARTITION, dask_client=dask_client, out=str(run_dir), overwrite=True,
                  on_record=on_record, **options,
                  # the report rebuilds the model from config.toml, so name it as the CLI would
                  config={"store": info.url, "model": "mlp", "hidden": hidden, "l2": 1e-4,

@@ -60,6 +60,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--out", help="run directory")
     run.add_argument("--checkpoint-every", type=int, default=0, help="rounds between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the earlier run in --out once this one has finished")
     run.add_argument("--seed", type=int, default=0, help="default 0")
     run.add_argument("--test-fraction", type=float, default=0.2, help="default 0.2")
     cli_report.add_report_option(p)
@@ -94,7 +96,7 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
             test_fraction=args.test_fraction, eval_every=args.eval_every, workers=args.workers,
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes),
             out=args.out, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, on_record=on_record,
+            resume=args.resume, overwrite=args.overwrite, on_record=on_record,
             config=config.to_dict(args))  # RUN_DIR/config.toml repeats the run
     return cli_report.report_at_end(args, result.summary)
 

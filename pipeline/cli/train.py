@@ -54,6 +54,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--out", help="run directory")
     run.add_argument("--checkpoint-every", type=int, help="iterations (epochs) between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
+    run.add_argument("--overwrite", action="store_true",
+                     help="replace the earlier run in --out once this one has finished")
     run.add_argument("--seed", type=int, default=0, help="default 0")
     cli_report.add_report_option(p)
     config.add_config_option(p)
@@ -78,7 +80,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             args.store, model, optimizer, iterations=args.iterations, epochs=args.epochs,
             batch_size=args.batch_size, out=args.out, seed=args.seed,
             test_fraction=args.test_fraction, checkpoint_every=args.checkpoint_every,
-            resume=args.resume, tol=args.tol, cache=args.cache,
+            resume=args.resume, overwrite=args.overwrite, tol=args.tol, cache=args.cache,
             chunks_per_task=args.chunks_per_task, workers=args.workers,
             threads=args.threads,
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,

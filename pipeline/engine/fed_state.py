@@ -155,5 +155,5 @@ def summary(history: list[dict], state: ServerState, strategy: Strategy, spec: C
                "n_params": int(state.params.size)}
     summary |= {k: v for k, v in last.items() if k.startswith("test_") or k == "train_loss"}
     if run_dir is not None:
-        summary["run_dir"] = str(run_dir)
+        summary["run_dir"] = str(rundir.target(run_dir))
     return summary

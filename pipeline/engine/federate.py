@@ -60,6 +60,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
              eval_every: int = 1, workers: int | None = None, batch_clients: bool = True,
              dask_client: Client | None = None, scheduler: str | None = None,
              out: str | None = None, checkpoint_every: int = 0, resume: bool = False,
+             overwrite: bool = False,
              on_record: Callable[[dict], None] | None = None,
              config: Mapping[str, object] | None = None) -> FederatedRun:
     """Federated training of ``model`` on the clients of a partition of a fedpipe store.
@@ -106,6 +107,9 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         Write ``checkpoint.npz`` every this many rounds (0: only at the end).
     resume : bool
         Continue from ``out/checkpoint.npz``; ends bit-identical to an uninterrupted run.
+    overwrite : bool
+        ``out`` holds an earlier run that this one replaces once it has finished (without it,
+        such an ``out`` is refused; see :func:`fedpipe.rundir.prepare`).
     on_record : callable, optional
         Called with each round's metrics record after it is appended to ``metrics.jsonl``.
     config : mapping, optional
@@ -143,7 +147,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     spec = ClientSpec(str(store_url), partition, float(test_fraction), int(seed), model,
                       int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
                       chain, uuid.uuid4().hex[:12])
-    run_dir = rundir.prepare(out, resume=resume) if out is not None else None
+    run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if run_dir is not None:
         rundir.write_config(run_dir, config if config is not None else repeat.federate_config(
             store_url, model, info, strategy=strategy, stages=stages, lr=lr,
@@ -167,6 +171,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     if run_dir is not None:
         rundir.write_params(run_dir, model.unpack(state.params))
         rundir.write_summary(run_dir, summary)
+        rundir.publish(run_dir)
     return FederatedRun(state.params, state, history, summary)
 
 

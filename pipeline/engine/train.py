@@ -99,6 +99,7 @@ def fit(
     test_fraction: float = 0.2,
     checkpoint_every: int | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     tol: float | None = None,
     cache: str = "auto",
     fan_in: int = FAN_IN,
@@ -136,6 +137,9 @@ def fit(
         Checkpoint every so many iterations (epochs with ``epochs``); always at the end.
     resume : bool
         Continue from ``out``'s checkpoint (ends with the parameters of an uninterrupted run).
+    overwrite : bool
+        ``out`` holds an earlier run that this one replaces once it has finished (without it,
+        such an ``out`` is refused; see :func:`fedpipe.rundir.prepare`).
     tol : float, optional
         Stop when the training objective changes by at most ``tol * max(1, |loss|)``.
     cache : {"auto", "memory", "stream"}
@@ -170,7 +174,7 @@ def fit(
                      checkpoint_every, tol, cache, fan_in, chunks_per_task)
     info = read_info(store)
     _check_model_fits(model, info)
-    run_dir = rundir.prepare(out, resume) if out is not None else None
+    run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if resume and run_dir is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
     if run_dir is not None:
@@ -197,6 +201,7 @@ def fit(
     if run_dir is not None:
         rundir.write_params(run_dir, named)
         rundir.write_summary(run_dir, summary)
+        rundir.publish(run_dir)
     return FitResult(params, named, records, summary)
 
 

@@ -132,5 +132,5 @@ def run_summary(engine: Engine, optimizer, records: list[dict[str, Any]], stoppe
         "n_workers": cluster.n_workers(engine.dask_client),
         "n_train": next((r["n_train"] for r in reversed(records) if "n_train" in r), None),
         "dashboard": cluster.dashboard_link(engine.dask_client),
-        "run_dir": str(engine.run_dir) if engine.run_dir is not None else None,
+        "run_dir": str(rundir.target(engine.run_dir)) if engine.run_dir is not None else None,
     }

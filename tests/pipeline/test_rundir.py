@@ -23,15 +23,39 @@ def test_round_trip(tmp_path):
     assert run.config == {"model": "logistic", "lr": 0.1, "hidden": [4, 2]}
 
 
-def test_prepare_clears_old_run_unless_resuming(tmp_path):
-    run_dir = rundir.prepare(tmp_path)
+def _finished_run(run_dir, value):
     rundir.append_metrics(run_dir, {"iteration": 0})
-    rundir.save_checkpoint(run_dir, {"params": np.zeros(2)}, {"iteration": 3})
-    rundir.prepare(tmp_path, resume=True)
-    assert rundir.load_checkpoint(run_dir) is not None
-    rundir.prepare(tmp_path)
-    assert rundir.load_checkpoint(run_dir) is None
-    assert rundir.read_metrics(run_dir) == []
+    rundir.save_checkpoint(run_dir, {"params": np.full(2, value)}, {"iteration": 3})
+    rundir.write_params(run_dir, {"coef": np.full(2, value)})
+    rundir.write_summary(run_dir, {"value": value})
+
+
+def test_a_new_run_refuses_an_earlier_runs_results(tmp_path):
+    _finished_run(rundir.prepare(tmp_path / "run"), 1.0)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(ValidationError, match="holds an earlier run.*--overwrite"):
+        rundir.prepare(tmp_path / "run")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert rundir.prepare(tmp_path / "run", resume=True) == tmp_path / "run"
+    assert rundir.load_checkpoint(tmp_path / "run") is not None
+
+
+def test_overwrite_keeps_the_earlier_run_until_the_new_one_is_published(tmp_path):
+    out = tmp_path / "run"
+    _finished_run(rundir.prepare(out), 1.0)
+    staging = rundir.prepare(out, overwrite=True)
+    assert staging != out and rundir.target(staging) == out
+    _finished_run(staging, 2.0)
+    # killed here: the earlier run is whole
+    assert rundir.load_run(out).summary == {"value": 1.0}
+    assert rundir.publish(staging) == out
+    assert rundir.load_run(out).summary == {"value": 2.0}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_a_directory_with_only_a_config_is_reused_in_place(tmp_path):
+    rundir.write_config(rundir.prepare(tmp_path / "run"), {"model": "linear"})
+    assert rundir.prepare(tmp_path / "run") == tmp_path / "run"
 
 
 def test_prepare_rejects_a_file(tmp_path):
@@ -53,7 +77,7 @@ def test_checkpoint_round_trip(tmp_path):
     arrays = {"params": np.linspace(0, 1, 5), "opt/step": np.array(7)}
     rundir.save_checkpoint(tmp_path, arrays, {"iteration": 7, "seed": 3})
     loaded, meta = rundir.load_checkpoint(tmp_path)
-    assert meta == {"iteration": 7, "seed": 3}
+    assert meta["iteration"] == 7 and meta["seed"] == 3 and len(meta["digest"]) == 64
     np.testing.assert_array_equal(loaded["params"], arrays["params"])
     assert int(loaded["opt/step"]) == 7
 
@@ -107,3 +131,36 @@ def test_torn_metrics_line_is_skipped_and_trim(tmp_path):
 def test_load_run_missing_dir(tmp_path):
     with pytest.raises(ValidationError, match="does not exist"):
         rundir.load_run(tmp_path / "nope")
+
+
+def test_checkpoints_keep_two_generations_and_skip_a_damaged_one(tmp_path, caplog):
+    rundir.save_checkpoint(tmp_path, {"params": np.zeros(3)}, {"iteration": 1})
+    rundir.save_checkpoint(tmp_path, {"params": np.ones(3)}, {"iteration": 2})
+    assert rundir.load_checkpoint(tmp_path)[1]["iteration"] == 2
+    newest = tmp_path / rundir.CHECKPOINT
+    newest.write_bytes(newest.read_bytes()[:100])  # truncated
+    arrays, meta = rundir.load_checkpoint(tmp_path)
+    assert meta["iteration"] == 1 and not arrays["params"].any()
+    assert "checkpoint.npz: unreadable" in caplog.text
+
+
+def test_a_checkpoint_whose_bytes_changed_is_not_trusted(tmp_path):
+    rundir.save_checkpoint(tmp_path, {"params": np.arange(4.0)}, {"iteration": 1})
+    rundir.save_checkpoint(tmp_path, {"params": np.arange(4.0) + 1}, {"iteration": 2})
+    with np.load(tmp_path / rundir.CHECKPOINT) as data:
+        payload = {k: data[k] for k in data.files}
+    payload["params"] = payload["params"] * 2  # the digest in meta no longer matches
+    np.savez(tmp_path / rundir.CHECKPOINT, **payload)
+    assert rundir.load_checkpoint(tmp_path)[1]["iteration"] == 1
+
+
+def test_a_non_finite_checkpoint_is_never_offered_as_last_good(tmp_path):
+    rundir.save_checkpoint(tmp_path, {"params": np.array([np.nan, 1.0])}, {"iteration": 1})
+    with pytest.raises(ValidationError, match="no valid checkpoint.*non-finite values in params"):
+        rundir.load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_carries_the_runs_config(tmp_path):
+    rundir.write_config(tmp_path, {"model": "logistic", "lr": 0.5})
+    rundir.save_checkpoint(tmp_path, {"params": np.zeros(1)}, {"iteration": 1})
+    assert tomllib.loads(rundir.load_checkpoint(tmp_path)[1]["config"])["lr"] == 0.5

@@ -104,3 +104,28 @@ def test_config_file_gives_the_options(small_store, tmp_path, capsys, dask_clien
                       f'scheduler = "{dask_client.scheduler.address}"\n')
     assert main(["train", "--config", str(config), "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["iterations"] == 2
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+def test_reusing_a_finished_runs_out_keeps_its_results(small_store, tmp_path, capsys,
+                                                       dask_client):
+    store, out = small_store(standardize=True), tmp_path / "run"
+    argv = ["train", store, "--model", "softmax", "--lr", "0.05", "--iterations", "2",
+            "--out", str(out)]
+    assert main([*argv, "--scheduler", dask_client.scheduler.address]) == 0
+    before = _snapshot(out)
+    # The issue's case: a new run into the same --out whose scheduler cannot be reached.
+    unreachable = ["--scheduler", "tcp://127.0.0.1:9", "--iterations", "3"]
+    assert main([*argv, *unreachable]) == 2
+    assert "holds an earlier run" in capsys.readouterr().err
+    assert _snapshot(out) == before  # config.toml included: nothing was written
+    # With --overwrite the earlier run stays whole until the new one has finished.
+    assert main([*argv, *unreachable, "--overwrite"]) != 0
+    assert _snapshot(out) == before
+    assert main([*argv, "--scheduler", dask_client.scheduler.address, "--iterations", "3",
+                 "--overwrite"]) == 0
+    assert len(rundir.read_metrics(out)) == 4
+
