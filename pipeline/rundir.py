@@ -10,8 +10,8 @@ version intact; ``metrics.jsonl`` is append-only and trimmed on resume.
 from __future__ import annotations
 
 import contextlib
-import io
 import hashlib
+import io
 import json
 import logging
 import math
@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-
 from fedpipe.errors import ValidationError
 
 log = logging.getLogger("fedpipe")
