@@ -171,22 +171,24 @@ def dropout_plan(clients: Sequence[str], round_: int, seed: int, rate: float,
 
 def share_keys(me: str, keys: RoundKeys, holders: Sequence[str], index: Mapping[str, int],
                c_publics: Mapping[str, bytes], t: int, ctx: bytes,
-               entropy: bytes) -> tuple[bytes, dict[str, bytes]]:
+               entropy: bytes) -> tuple[bytes, dict[str, bytes], dict[str, bytes]]:
     """Draw the self-mask seed, Shamir-share it and the mask secret key among ``holders``.
 
-    Returns the seed (kept by the client) and one ciphertext per holder (routed by the server);
+    Returns the seed and the X25519 secrets shared with each holder (both kept by the client;
+    :func:`reveal` reuses the latter) and one ciphertext per holder (routed by the server).
     ``entropy`` is 96 fresh bytes, ``index`` gives each client its share's x-coordinate.
     """
     self_seed = entropy[:32]
     xs = [index[h] for h in holders]
     b_shares = secagg.share_secret(self_seed, xs, t, entropy[32:64])
     s_shares = secagg.share_secret(keys.s_secret, xs, t, entropy[64:96])
-    out = {}
+    out, shared = {}, {}
     for h in holders:
-        key = secagg.agree(keys.c_secret, c_publics[h], secagg.pair_info(ctx, "enc", me, h))
+        shared[h] = secagg.exchange(keys.c_secret, c_publics[h])
+        key = secagg.derive(shared[h], secagg.pair_info(ctx, "enc", me, h))
         out[h] = secagg.seal(key, b_shares[index[h]] + s_shares[index[h]],
                              secagg.pair_info(ctx, "share", me, h))
-    return self_seed, out
+    return self_seed, out, shared
 
 
 def mask_packet(packet: Packet, me: str, keys: RoundKeys, self_seed: bytes,
@@ -198,10 +200,12 @@ def mask_packet(packet: Packet, me: str, keys: RoundKeys, self_seed: bytes,
 
 
 def reveal(me: str, keys: RoundKeys, inbox: Mapping[str, bytes], c_publics: Mapping[str, bytes],
-           uploaded: set[str], dropped: set[str], ctx: bytes) -> dict[str, dict[str, bytes]]:
+           uploaded: set[str], dropped: set[str], ctx: bytes,
+           shared: Mapping[str, bytes] | None = None) -> dict[str, dict[str, bytes]]:
     """Shares a survivor gives back: of ``b_u`` for uploaders, of ``s_u`` for dropped clients.
 
     Never both for the same client (that would unmask its update): such a request is refused.
+    ``shared`` holds the X25519 secrets :func:`share_keys` computed (saves recomputing them).
     """
     if uploaded & dropped:
         raise ValueError(f"server asked for both shares of {sorted(uploaded & dropped)}")
@@ -209,8 +213,8 @@ def reveal(me: str, keys: RoundKeys, inbox: Mapping[str, bytes], c_publics: Mapp
     for sender, ciphertext in inbox.items():
         if sender not in uploaded and sender not in dropped:
             continue
-        key = secagg.agree(keys.c_secret, c_publics[sender],
-                           secagg.pair_info(ctx, "enc", sender, me))
+        dh = (shared or {}).get(sender) or secagg.exchange(keys.c_secret, c_publics[sender])
+        key = secagg.derive(dh, secagg.pair_info(ctx, "enc", sender, me))
         plain = secagg.unseal(key, ciphertext, secagg.pair_info(ctx, "share", sender, me))
         if sender in uploaded:
             out["b"][sender] = plain[:secagg.SHARE_BYTES]
@@ -307,7 +311,7 @@ def simulate(packets: Mapping[str, Packet], config: SecAgg, *, run: str = "sim",
     inbox: dict[str, dict[str, bytes]] = {c: {} for c in clients}
     seeds = {}
     for c in clients:
-        seeds[c], sealed = share_keys(c, keys[c], [c, *graph[c]], index, c_pub, t, ctx,
+        seeds[c], sealed, _ = share_keys(c, keys[c], [c, *graph[c]], index, c_pub, t, ctx,
                                       rand[c][64:160])
         for holder, ciphertext in sealed.items():
             inbox[holder][c] = ciphertext

@@ -89,7 +89,7 @@ def share_group(token: str, clients: Sequence[str], round_: int, holders: dict, 
         mine = _mine(token, round_, c)
         if mine is None:  # the worker restarted since advertising: this client dropped out
             continue
-        mine["self_seed"], out[c] = secure.share_keys(c, mine["keys"], holders[c], index,
+        mine["self_seed"], out[c], mine["shared"] = secure.share_keys(c, mine["keys"], holders[c], index,
                                                       c_publics, t, ctx,
                                                       secrets.token_bytes(96))
     return _messages(out)
@@ -121,7 +121,8 @@ def reveal_group(token: str, clients: Sequence[str], round_: int, inboxes: dict,
     for c in clients:
         mine = cache.pop((_SLOT, token, round_, c), None)
         if mine is not None:
-            out[c] = secure.reveal(c, mine["keys"], inboxes[c], c_publics, uploaded, dropped, ctx)
+            out[c] = secure.reveal(c, mine["keys"], inboxes[c], c_publics, uploaded, dropped,
+                                   ctx, mine.get("shared"))
     return _messages(out)
 
 
