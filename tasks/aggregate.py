@@ -326,3 +326,13 @@ def weighted_average(records: dict[str, dict], key: str, weight: str = "n") -> f
     pairs = [(r[key], r[weight]) for r in records.values() if key in r and r.get(weight)]
     total = sum(w for _, w in pairs)
     return sum(x * w for x, w in pairs) / total if total else None
+
+
+def __getattr__(name: str):
+    # fp.stages.secure_sum lives in .secure, loaded on first use: the chain's other stages (and
+    # the workers unpickling them) need no cryptography package.
+    if name == "secure_sum":
+        from .secure import secure_sum
+
+        return secure_sum
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -52,6 +52,20 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     server.add_argument("--min-clients", type=int, default=1, help="default 1")
     server.add_argument("--deadline", type=float, help="seconds a round waits for its clients")
     server.add_argument("--eval-every", type=int, default=1, help="default 1")
+    sec = p.add_argument_group("secure aggregation (the server learns only the sum)")
+    sec.add_argument("--secure-aggregation", action="store_true",
+                     help="mask updates (SecAgg, Bonawitz et al. 2017); see "
+                          "docs/secure-aggregation.md")
+    sec.add_argument("--secagg-threshold", type=float, default=0.5,
+                     help="Shamir threshold: a count, or below 1 a fraction of each share "
+                          "group (default 0.5)")
+    sec.add_argument("--secagg-graph", choices=["full", "sparse"], default="full",
+                     help="pairwise masks with every client, or SecAgg+'s sparse graph")
+    sec.add_argument("--secagg-bits", type=int, default=32, help="k of Z_2^k (default 32)")
+    sec.add_argument("--secagg-bound", type=float, default=1e4,
+                     help="largest |value| of a row-weighted update entry (default 1e4)")
+    sec.add_argument("--dropout", type=float, default=0.0,
+                     help="simulation: share of each round's clients that drop out mid-protocol")
     run = p.add_argument_group("cluster and run directory")
     run.add_argument("--workers", type=int, help="simulation workers (default 2)")
     run.add_argument("--scheduler", help="scheduler address of workers with client-<id> resources")
@@ -86,6 +100,7 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     lr = args.lr
     if args.lr_schedule:
         lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds)
+    stages = _secure_chain(args, info, partition)
     with monitoring(args, None, mode="federate", total=args.rounds, unit="round",
                     meta={"model": model.name, "strategy": args.strategy}) as on_record:
         result = federate(
@@ -97,6 +112,7 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes),
             out=args.out, checkpoint_every=args.checkpoint_every,
             resume=args.resume, overwrite=args.overwrite, on_record=on_record,
+            stages=stages,
             config=config.to_dict(args))  # RUN_DIR/config.toml repeats the run
     return cli_report.report_at_end(args, result.summary)
 
@@ -117,6 +133,34 @@ def _check_partition_options(args: argparse.Namespace, on_command_line: set[str]
                                   "partition made for this run); without it use --partition")
     elif args.scheme is None:
         args.scheme = "iid"
+
+
+def _secure_chain(args: argparse.Namespace, info, partition: str | None) -> tuple | None:
+    """The aggregation chain with a secure_sum stage last, or None (the default chain)."""
+    if not args.secure_aggregation:
+        given = [flag for flag, on in (("--dropout", args.dropout != 0.0),
+                                       ("--secagg-graph", args.secagg_graph != "full"),
+                                       ("--secagg-threshold", args.secagg_threshold != 0.5),
+                                       ("--secagg-bits", args.secagg_bits != 32),
+                                       ("--secagg-bound", args.secagg_bound != 1e4)) if on]
+        if given:
+            raise ValidationError(f"{', '.join(given)} only apply with --secure-aggregation")
+        return None
+    try:
+        from fedpipe.tasks import aggregate, secure
+    except ModuleNotFoundError as exc:
+        raise ValidationError(f"--secure-aggregation needs the {exc.name} package: "
+                              "pip install 'fedpipe[secagg]'") from None
+    from fedpipe.engine.fed_state import resolve_partition
+
+    n_clients = len(info.partitions[resolve_partition(info, partition)]["clients"])
+    try:
+        stage = secure.secure_sum(n_clients, bound=args.secagg_bound, bits=args.secagg_bits,
+                                  threshold=args.secagg_threshold, graph=args.secagg_graph,
+                                  dropout=args.dropout)
+    except ValueError as exc:
+        raise ValidationError(f"--secure-aggregation: {exc}") from None
+    return (*aggregate.default_chain(), stage)
 
 
 def _partition_name(args: argparse.Namespace) -> str:

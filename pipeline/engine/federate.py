@@ -147,6 +147,12 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     spec = ClientSpec(str(store_url), partition, float(test_fraction), int(seed), model,
                       int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
                       chain, uuid.uuid4().hex[:12])
+    round_fn = train_round
+    if any(hasattr(stage.before_sum, "secagg") for stage in chain):  # secure_sum in the chain
+        from fedpipe.engine import fed_secagg  # needs the cryptography package: only then
+
+        fed_secagg.prepare(chain, len(clients), sampling_)  # refused here, before round 0
+        round_fn = fed_secagg.secure_round
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if run_dir is not None:
         rundir.write_config(run_dir, config if config is not None else repeat.federate_config(
@@ -164,10 +170,13 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         if resume:
             state = fed_state.resume(dc, run_dir, spec, groups, state)
         state, history = _loop(dc, spec, groups, clients, state, sampling_, strategy, rounds,
-                               eval_every, batch_clients, run_dir, checkpoint_every, on_record)
+                               eval_every, batch_clients, run_dir, checkpoint_every, on_record,
+                               round_fn)
         if run_dir is not None:
             fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
     summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
+    if round_fn is not train_round:
+        summary["secagg"] = fed_secagg.summary(history)
     if run_dir is not None:
         rundir.write_params(run_dir, model.unpack(state.params))
         rundir.write_summary(run_dir, summary)
@@ -178,13 +187,13 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
 def _loop(dc: Client, spec: ClientSpec, groups, clients, state: ServerState,
           sampling_: Sampling, strategy: Strategy, rounds: int, eval_every: int,
           batch_clients: bool, run_dir, checkpoint_every: int,
-          on_record) -> tuple[ServerState, list[dict]]:
+          on_record, round_fn=train_round) -> tuple[ServerState, list[dict]]:
     history: list[dict] = []
     while state.round < rounds:
         r, start = state.round, time.perf_counter()
         with _span(f"round-{r}"):
-            state, record = train_round(dc, spec, groups, clients, state, sampling_,
-                                        strategy.server_optimizer, batch_clients)
+            state, record = round_fn(dc, spec, groups, clients, state, sampling_,
+                                     strategy.server_optimizer, batch_clients)
             if (r + 1) % eval_every == 0 or r + 1 == rounds:
                 evaluation = evaluate(dc, spec, groups, state.params, r, sampling_.deadline)
                 for client, rec in evaluation.pop("eval_clients", {}).items():
