@@ -48,6 +48,14 @@ class RejectedUpdate(ValueError):
     """A client stage refused an update; the message says why (logged, the round goes on)."""
 
 
+class StageSpec(dict):
+    """A stage's name and hyperparameters: a dict that hashes by its content, so a chain
+    holding it can still key a cache (the run's packed spec is cached per chain)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(repr(sorted(self.items(), key=lambda kv: kv[0])))
+
+
 class Stage(NamedTuple):
     """One aggregation stage.
 
@@ -74,7 +82,7 @@ class Stage(NamedTuple):
     before_sum: Callable[[Packet, StageState], Packet]
     after_sum: Callable[[Packet, StageState], tuple[Packet, StageState, dict[str, float]]]
     reduction: str = "sum"
-    spec: dict | None = None
+    spec: StageSpec | None = None
 
 
 def init_states(stages: Sequence[Stage], n_params: int) -> dict[str, StageState]:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import numpy as np
 
 from . import robust
-from .aggregate import GATHER, Packet, Stage, StageState, weighted_mean
+from .aggregate import GATHER, Packet, Stage, StageSpec, StageState, weighted_mean
 
 ROWS = f"{GATHER}delta"
 
@@ -28,7 +28,7 @@ ROWS = f"{GATHER}delta"
 def mean(name: str = "weighted_mean") -> Stage:
     """The row-weighted mean of FedAvg (a sum; the default aggregator)."""
     stage = weighted_mean(name)
-    return stage._replace(spec={"kind": "mean"})
+    return stage._replace(spec=StageSpec(kind="mean"))
 
 
 def _gathering(name: str, rule: Callable[[np.ndarray, StageState], tuple[np.ndarray, StageState]],
@@ -45,7 +45,7 @@ def _gathering(name: str, rule: Callable[[np.ndarray, StageState], tuple[np.ndar
         return total, state, {"gathered": float(rows.shape[0])}
 
     return Stage(name, init or (lambda n: {}), before_sum, after_sum, reduction="gather",
-                 spec=spec)
+                 spec=StageSpec(spec))
 
 
 def _count(fraction: float, k: int) -> int:

@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from .aggregate import GATHER, Packet, Stage, StageState, add_packets
+from .aggregate import GATHER, Packet, Stage, StageSpec, StageState, add_packets
 from .privacy import CLIENT_ID
 
 ATTACKS = ("none", "sign-flip", "scaled", "gaussian", "alie", "label-flip")
@@ -109,5 +109,5 @@ def simulated_attack(inner: Stage, kind: str, fraction: float, seed: int = 0) ->
                                            for k, v in inner.init(n_params).items()}}
 
     return Stage(f"attacked_{inner.name}", init, before_sum, after_sum, reduction="gather",
-                 spec={"kind": "simulated_attack", "attack": kind, "fraction": fraction,
-                       "inner": inner.spec})
+                 spec=StageSpec(kind="simulated_attack", attack=kind, fraction=fraction,
+                                inner=inner.spec))

@@ -27,7 +27,7 @@ import math
 
 import numpy as np
 
-from .aggregate import LOCAL, WIRE_BYTES, Packet, RejectedUpdate, Stage, StageState
+from .aggregate import LOCAL, WIRE_BYTES, Packet, RejectedUpdate, Stage, StageSpec, StageState
 from .privacy import CLIENT_ID, clip_l2
 
 LEVELS = 127
@@ -89,7 +89,7 @@ def _stage(name: str, kind: str, encode, bound: float | None, **spec) -> Stage:
         return {"round": np.asarray(0, dtype=np.int64)}
 
     return Stage(name, init, before_sum, after_sum,
-                 spec={"kind": kind, "bound": bound, **spec})
+                 spec=StageSpec(kind=kind, bound=bound, **spec))
 
 
 def fp16(bound: float | None = None, name: str = "compress") -> Stage:

@@ -29,7 +29,7 @@ import secrets
 
 import numpy as np
 
-from .aggregate import LOCAL, Packet, Stage, StageState
+from .aggregate import LOCAL, Packet, Stage, StageSpec, StageState
 
 CLIENT_ID = f"{LOCAL}client_id"  # a stable 64-bit tag of the client, put in by its worker
 _NOISE_STREAM = 0xD9  # keeps the noise counters apart from any other use of the key
@@ -117,7 +117,7 @@ def clip(bound: float, name: str = "clip") -> Stage:
         return total, state, {"clipped": float(total.pop(f"{name}/clipped")), "bound": bound}
 
     return Stage(name, lambda n: {}, before_sum, after_sum,
-                 spec={"kind": "clip", "clip": float(bound)})
+                 spec=StageSpec(kind="clip", clip=float(bound)))
 
 
 def dp_mean(denominator: float, cap: float | None = None, name: str = "dp_mean") -> Stage:
@@ -142,8 +142,8 @@ def dp_mean(denominator: float, cap: float | None = None, name: str = "dp_mean")
                 {"weight": weight, "denominator": float(denominator)})
 
     return Stage(name, lambda n: {}, before_sum, after_sum,
-                 spec={"kind": "dp_mean", "denominator": float(denominator), "cap": cap,
-                       "weights": "uniform" if cap is None else f"capped at {cap:g} rows"})
+                 spec=StageSpec(kind="dp_mean", denominator=float(denominator), cap=cap,
+                                weights="uniform" if cap is None else f"capped at {cap:g} rows"))
 
 
 def _noise_init(seed: int | None):
@@ -194,9 +194,9 @@ def gaussian_noise(noise_multiplier: float, clip_norm: float, mode: str = "centr
         return total, {**state, "round": np.asarray(r + 1, dtype=np.int64)}, {"std": std}
 
     return Stage(name, _noise_init(seed), before_sum, after_sum,
-                 spec={"kind": "gaussian_noise", "mode": mode, "noise_multiplier":
-                       float(noise_multiplier), "clip": float(clip_norm),
-                       "reproducible": seed is not None})
+                 spec=StageSpec(kind="gaussian_noise", mode=mode,
+                                noise_multiplier=float(noise_multiplier), clip=float(clip_norm),
+                                reproducible=seed is not None))
 
 
 def adaptive_clip(noise_multiplier: float, clients_per_round: int, initial: float = 0.1,
@@ -238,8 +238,8 @@ def adaptive_clip(noise_multiplier: float, clients_per_round: int, initial: floa
         return total, new, {"clip": c, "noised_below": below, "std": z_delta * c}
 
     return Stage(name, init, before_sum, after_sum,
-                 spec={"kind": "gaussian_noise", "mode": "central", "adaptive": True,
-                       "noise_multiplier": float(noise_multiplier), "z_delta": z_delta,
-                       "count_noise": sigma_b, "clip": float(initial),
-                       "reproducible": seed is not None})
+                 spec=StageSpec(kind="gaussian_noise", mode="central", adaptive=True,
+                                noise_multiplier=float(noise_multiplier), z_delta=z_delta,
+                                count_noise=sigma_b, clip=float(initial),
+                                reproducible=seed is not None))
 
