@@ -91,7 +91,7 @@ class Accountant:
         self.event = round_event(setup)
         self.name = accountant_name(setup)
 
-    @functools.lru_cache(maxsize=None)  # noqa: B019 (one accountant per run)
+    @functools.cache  # noqa: B019 (one accountant per run)
     def epsilon(self, rounds: int) -> float:
         if rounds <= 0:
             return 0.0

@@ -194,7 +194,7 @@ def validate(name: str = "validate") -> Stage:
         accepted = total.pop(f"{name}/accepted")
         return total, state, {"accepted": float(accepted)}
 
-    return Stage(name, init, before_sum, after_sum)
+    return Stage(name, init, before_sum, after_sum, spec=StageSpec(kind="validate"))
 
 
 def weighted_mean(name: str = "weighted_mean") -> Stage:
@@ -221,7 +221,7 @@ def weighted_mean(name: str = "weighted_mean") -> Stage:
             raise ValueError("weighted mean over clients with no rows")
         return {**total, "delta": total["delta"] / weight}, state, {"weight": weight}
 
-    return Stage(name, init, before_sum, after_sum)
+    return Stage(name, init, before_sum, after_sum, spec=StageSpec(kind="weighted_mean"))
 
 
 def default_chain() -> tuple[Stage, ...]:
