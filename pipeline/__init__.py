@@ -3,7 +3,7 @@
 ``import fedpipe as fp`` gives the whole user API in one flat namespace::
 
     fp.ingest, fp.open_store, fp.partition, fp.fit, fp.federate, fp.load_run, fp.connect
-    fp.models, fp.optimizers, fp.schedules, fp.strategies, fp.stages
+    fp.models, fp.optimizers, fp.schedules, fp.strategies, fp.stages, fp.aggregators
 
 The folder ``pipeline/`` of the repository is installed as ``fedpipe`` and ``tasks/`` (the pure
 NumPy math) as ``fedpipe.tasks``. Names resolve lazily (PEP 562) so that a worker unpickling
@@ -37,7 +37,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "optimizers": ("fedpipe.tasks.optimizers", None),
     "schedules": ("fedpipe.tasks.schedules", None),
     "strategies": ("fedpipe.tasks.aggregate", None),
-    "stages": ("fedpipe.tasks.aggregate", None),
+    "stages": ("fedpipe.tasks.stages", None),
+    "aggregators": ("fedpipe.tasks.aggregators", None),
 }
 
 __all__ = sorted([*_EXPORTS, "FedpipeError", "ValidationError", "StoreError", "ConfigError",

@@ -12,6 +12,18 @@ each stage finishes its own work around the sum (TFF's nested factories, written
 
 The round loop only calls :func:`client_side`, :func:`add_packets` and :func:`server_side`, so new
 stages (clipping, compression, secure masking, noise) need no change to it.
+
+Two reductions, chosen by the stage that needs them (``Stage.reduction``), never by the loop:
+
+* ``"sum"`` (the default): packet entries add up key by key;
+* ``"gather"``: a robust rule (median, Krum, ...) needs every update at once, so its client part
+  moves the delta under a key starting with :data:`GATHER`, whose entries :func:`add_packets`
+  stacks row by row (in the tree's fixed order) instead of adding.
+
+Per-client state that must stay on the client's worker (top-k's error-feedback residual) rides
+along the packet under keys starting with :data:`LOCAL`: the worker puts the client's stored
+entries in before :func:`client_side` and takes them out again with :func:`split_local`, so they
+never reach the sum.
 """
 
 from __future__ import annotations
@@ -27,9 +39,21 @@ from .optimizers import Optimizer, State
 Packet = dict[str, np.ndarray]
 StageState = dict[str, np.ndarray]
 
+GATHER = "gather/"  # packet keys stacked by add_packets (reduction="gather"), not added
+LOCAL = "local/"  # per-client entries kept on the client's worker, never sent
+WIRE_BYTES = "wire_bytes"  # bytes of the delta as encoded by a compression stage
+
 
 class RejectedUpdate(ValueError):
     """A client stage refused an update; the message says why (logged, the round goes on)."""
+
+
+class StageSpec(dict):
+    """A stage's name and hyperparameters: a dict that hashes by its content, so a chain
+    holding it can still key a cache (the run's packed spec is cached per chain)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(repr(sorted(self.items(), key=lambda kv: kv[0])))
 
 
 class Stage(NamedTuple):
@@ -45,12 +69,20 @@ class Stage(NamedTuple):
         Client part: ``before_sum(packet, state) -> packet``; may raise :class:`RejectedUpdate`.
     after_sum : Callable[[Packet, dict], tuple[Packet, dict, dict]]
         Server part: ``after_sum(total, state) -> (packet, new_state, measurements)``.
+    reduction : str
+        ``"sum"``, or ``"gather"`` for a stage whose server part needs every update (it puts
+        them under :data:`GATHER` keys).
+    spec : dict, optional
+        How the stage was built (``{"kind": "clip", "clip": 1.0}``): what a config, a check
+        of the chain or the privacy accountant reads, instead of probing the functions.
     """
 
     name: str
     init: Callable[[int], StageState]
     before_sum: Callable[[Packet, StageState], Packet]
     after_sum: Callable[[Packet, StageState], tuple[Packet, StageState, dict[str, float]]]
+    reduction: str = "sum"
+    spec: StageSpec | None = None
 
 
 def init_states(stages: Sequence[Stage], n_params: int) -> dict[str, StageState]:
@@ -83,8 +115,38 @@ def add_packets(*packets: Packet) -> Packet:
     for packet in packets[1:]:
         if total.keys() != packet.keys():
             raise ValueError(f"packets with different keys: {sorted(total)} vs {sorted(packet)}")
-        total = {key: total[key] + packet[key] for key in total}
+        total = {key: np.concatenate([total[key], packet[key]]) if key.startswith(GATHER)
+                 else total[key] + packet[key] for key in total}
     return total
+
+
+def split_local(packet: Packet) -> tuple[Packet, StageState]:
+    """``(packet without its LOCAL entries, those entries)``: what is sent, what stays."""
+    local = {k: v for k, v in packet.items() if k.startswith(LOCAL)}
+    return {k: v for k, v in packet.items() if not k.startswith(LOCAL)}, local
+
+
+def wire_bytes(packet: Packet) -> int:
+    """Bytes a client sends: every entry's, the delta counted as encoded when a stage says so."""
+    sizes = {k: int(np.asarray(v).nbytes) for k, v in packet.items() if k != WIRE_BYTES}
+    if WIRE_BYTES in packet:
+        delta_key = next((k for k in sizes if k in ("delta", f"{GATHER}delta")), None)
+        if delta_key is not None:
+            sizes[delta_key] = int(packet[WIRE_BYTES])
+    return sum(sizes.values())
+
+
+def check_chain(stages: Sequence[Stage]) -> None:
+    """Refuse a chain whose stages cannot work together (ValueError naming them)."""
+    names = [s.name for s in stages]
+    if len(set(names)) != len(names):
+        raise ValueError(f"stage names must be unique, got {names}")
+    gathers = [s.name for s in stages if s.reduction == "gather"]
+    if len(gathers) > 1:
+        raise ValueError(f"one gathering aggregator per chain, got {gathers}")
+    bad = [s.reduction for s in stages if s.reduction not in ("sum", "gather")]
+    if bad:
+        raise ValueError(f"unknown reduction(s) {bad}: 'sum' or 'gather'")
 
 
 def server_side(stages: Sequence[Stage], states: dict[str, StageState],
@@ -132,7 +194,7 @@ def validate(name: str = "validate") -> Stage:
         accepted = total.pop(f"{name}/accepted")
         return total, state, {"accepted": float(accepted)}
 
-    return Stage(name, init, before_sum, after_sum)
+    return Stage(name, init, before_sum, after_sum, spec=StageSpec(kind="validate"))
 
 
 def weighted_mean(name: str = "weighted_mean") -> Stage:
@@ -159,7 +221,7 @@ def weighted_mean(name: str = "weighted_mean") -> Stage:
             raise ValueError("weighted mean over clients with no rows")
         return {**total, "delta": total["delta"] / weight}, state, {"weight": weight}
 
-    return Stage(name, init, before_sum, after_sum)
+    return Stage(name, init, before_sum, after_sum, spec=StageSpec(kind="weighted_mean"))
 
 
 def default_chain() -> tuple[Stage, ...]:

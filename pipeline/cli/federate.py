@@ -66,6 +66,22 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                      help="largest |value| of a row-weighted update entry (default 1e4)")
     sec.add_argument("--dropout", type=float, default=0.0,
                      help="simulation: share of each round's clients that drop out mid-protocol")
+    chain = p.add_argument_group("privacy, robustness, compression (docs/privacy.md)")
+    chain.add_argument("--dp", choices=["central", "local"],
+                       help="differential privacy: noise on the server's sum or on each client")
+    chain.add_argument("--clip", help="clip each update to this L2 norm, or 'adaptive[:Q]'")
+    chain.add_argument("--noise-multiplier", type=float,
+                       help="noise std over the clip norm (z); or give --target-epsilon")
+    chain.add_argument("--target-epsilon", type=float,
+                       help="privacy budget: sets z for the planned rounds, or, with "
+                            "--noise-multiplier, stops before the round that would pass it")
+    chain.add_argument("--delta", type=float, help="δ of the reported ε (default 1e-5)")
+    chain.add_argument("--reproducible-noise", action="store_true",
+                       help="noise from --seed (a simulation) instead of OS entropy")
+    chain.add_argument("--aggregator", default="mean",
+                       help="mean (default), median, trimmed-mean[:F], krum[:F], "
+                            "multi-krum[:F], centered-clip[:TAU]")
+    chain.add_argument("--compress", help="fp16, int8 or topk:FRACTION (e.g. topk:0.01)")
     run = p.add_argument_group("cluster and run directory")
     run.add_argument("--workers", type=int, help="simulation workers (default 2)")
     run.add_argument("--scheduler", help="scheduler address of workers with client-<id> resources")
@@ -100,9 +116,10 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     lr = args.lr
     if args.lr_schedule:
         lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds)
-    stages = _secure_chain(args, info, partition)
+    stages = _secure_chain(args, info, partition, _make_chain(args, info, partition))
     with monitoring(args, None, mode="federate", total=args.rounds, unit="round",
-                    meta={"model": model.name, "strategy": args.strategy}) as on_record:
+                    meta={"model": model.name, "strategy": args.strategy,
+                          **_chain_meta(args)}) as on_record:
         result = federate(
             args.store, model, rounds=args.rounds, strategy=strategy,
             local_epochs=args.local_epochs, batch_size=args.batch_size, lr=lr, partition=partition,
@@ -112,9 +129,44 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes),
             out=args.out, checkpoint_every=args.checkpoint_every,
             resume=args.resume, overwrite=args.overwrite, on_record=on_record,
-            stages=stages,
+            stages=stages, delta=args.delta, target_epsilon=args.target_epsilon,
             config=config.to_dict(args))  # RUN_DIR/config.toml repeats the run
     return cli_report.report_at_end(args, result.summary)
+
+
+_CHAIN_FLAGS = ("dp", "clip", "noise_multiplier", "target_epsilon", "delta", "compress")
+
+
+def _chain_meta(args: argparse.Namespace) -> dict[str, Any]:
+    meta = {k: getattr(args, k) for k in _CHAIN_FLAGS if getattr(args, k) is not None}
+    return meta | ({"aggregator": args.aggregator} if args.aggregator != "mean" else {})
+
+
+def _make_chain(args: argparse.Namespace, info: Any, partition: str | None) -> tuple | None:
+    """The aggregation chain of the flags (None: the default chain), refused in one line when
+    the settings do not go together; ``--target-epsilon`` alone sets ``--noise-multiplier``."""
+    if not _chain_meta(args) and not args.reproducible_noise:
+        return None
+    from fedpipe import privacy
+    from fedpipe.engine import fed_state
+    from fedpipe.tasks import sampling
+
+    name = fed_state.resolve_partition(info, partition)
+    n_clients = len(info.partitions[name]["clients"])
+    try:
+        per_round = sampling.sample_size(n_clients, fraction=args.fraction,
+                                         count=args.clients_per_round)
+    except ValueError as exc:
+        raise ValidationError(str(exc)) from None
+    if args.dp is not None and args.noise_multiplier is None and args.target_epsilon is not None:
+        delta = args.delta if args.delta is not None else 1e-5
+        setup = privacy.DpSetup(args.dp, 1.0, n_clients, per_round, delta)
+        args.noise_multiplier = privacy.calibrate(setup, args.rounds, args.target_epsilon)
+    return registry.make_chain(dp=args.dp, clip=registry.parse_clip(args.clip),
+                               noise_multiplier=args.noise_multiplier,
+                               aggregator=args.aggregator, compress=args.compress,
+                               clients_per_round=per_round, seed=args.seed,
+                               reproducible_noise=args.reproducible_noise)
 
 
 def _check_partition_options(args: argparse.Namespace, on_command_line: set[str]) -> None:
@@ -135,8 +187,9 @@ def _check_partition_options(args: argparse.Namespace, on_command_line: set[str]
         args.scheme = "iid"
 
 
-def _secure_chain(args: argparse.Namespace, info, partition: str | None) -> tuple | None:
-    """The aggregation chain with a secure_sum stage last, or None (the default chain)."""
+def _secure_chain(args: argparse.Namespace, info, partition: str | None,
+                  base: tuple | None) -> tuple | None:
+    """``base`` (None: the default chain) with a secure_sum stage last when asked for."""
     if not args.secure_aggregation:
         given = [flag for flag, on in (("--dropout", args.dropout != 0.0),
                                        ("--secagg-graph", args.secagg_graph != "full"),
@@ -145,7 +198,12 @@ def _secure_chain(args: argparse.Namespace, info, partition: str | None) -> tupl
                                        ("--secagg-bound", args.secagg_bound != 1e4)) if on]
         if given:
             raise ValidationError(f"{', '.join(given)} only apply with --secure-aggregation")
-        return None
+        return base
+    gather = [s.name for s in base or () if getattr(s, "reduction", "sum") == "gather"]
+    if gather:
+        raise ValidationError(f"--secure-aggregation cannot be combined with --aggregator "
+                              f"{args.aggregator}: the server would need every update in the "
+                              "clear, and secure aggregation reveals only their sum")
     try:
         from fedpipe.tasks import aggregate, secure
     except ModuleNotFoundError as exc:
@@ -160,7 +218,7 @@ def _secure_chain(args: argparse.Namespace, info, partition: str | None) -> tupl
                                   dropout=args.dropout)
     except ValueError as exc:
         raise ValidationError(f"--secure-aggregation: {exc}") from None
-    return (*aggregate.default_chain(), stage)
+    return (*(base or aggregate.default_chain()), stage)
 
 
 def _partition_name(args: argparse.Namespace) -> str:

@@ -284,3 +284,121 @@ STRATEGIES: dict[str, Callable[..., Any]] = {
     "scaffold": _server(_aggregate.scaffold),
 }
 """Federated strategies: name -> ``factory(server_lr=None, mu=...) -> fedpipe.tasks.aggregate.Strategy``."""
+
+
+# --------------------------------------------------------------------------------------------
+# aggregation chain: --dp, --clip, --noise-multiplier, --aggregator, --compress
+
+from fedpipe.tasks import aggregators as _aggregators  # noqa: E402
+from fedpipe.tasks import compress as _compress  # noqa: E402
+from fedpipe.tasks import privacy as _privacy  # noqa: E402
+
+AGGREGATORS: dict[str, Callable[..., Any]] = {
+    "mean": lambda: _aggregators.mean(),
+    "median": lambda: _aggregators.median(),
+    "trimmed-mean": lambda fraction=0.1: _aggregators.trimmed_mean(fraction),
+    "krum": lambda fraction=0.2: _aggregators.krum(fraction),
+    "multi-krum": lambda fraction=0.2: _aggregators.multi_krum(fraction),
+    "centered-clip": lambda tau=1.0: _aggregators.centered_clip(tau),
+}
+"""``--aggregator NAME[:PARAM]``: trimmed-mean/krum/multi-krum take the Byzantine fraction,
+centered-clip its radius tau."""
+
+COMPRESSORS: dict[str, Callable[..., Any]] = {
+    "fp16": lambda bound, seed: _compress.fp16(bound=bound),
+    "int8": lambda bound, seed, *_: _compress.int8(seed=seed, bound=bound),
+    "topk": lambda bound, seed, fraction=0.01: _compress.topk(fraction, bound=bound),
+}
+"""``--compress fp16|int8|topk:FRACTION``."""
+
+
+def _name_and_param(flag: str, spec: str, names: Mapping[str, Any]) -> tuple[str, list[float]]:
+    name, _, rest = spec.partition(":")
+    name = name.strip().replace("_", "-")
+    if name not in names:
+        raise ValidationError(f"unknown {flag} {name!r}; choose from {', '.join(names)}")
+    try:
+        params = [float(p) for p in rest.split(",") if p.strip()]
+    except ValueError:
+        raise ValidationError(f"{flag} {spec!r}: the parameter after ':' must be a number") from None
+    return name, params
+
+
+def parse_clip(text: str | float | None) -> float | str | None:
+    """``--clip S`` (a norm > 0) or ``--clip adaptive[:QUANTILE]``."""
+    if text is None or isinstance(text, float | int):
+        return None if text is None else float(text)
+    if text.strip().startswith("adaptive"):
+        return text.strip()
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValidationError(f"--clip must be a norm > 0 or 'adaptive[:QUANTILE]', "
+                              f"got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValidationError(f"--clip must be > 0, got {text!r}")
+    return value
+
+
+def make_chain(*, dp: str | None, clip: float | str | None, noise_multiplier: float | None,
+               aggregator: str, compress: str | None, clients_per_round: int, seed: int,
+               reproducible_noise: bool = False) -> tuple[Any, ...]:
+    """The aggregation chain the CLI's flags describe (see docs/privacy.md for the order).
+
+    ``validate -> clip -> compress -> [local noise] -> aggregator``; with ``--dp central`` the
+    aggregator is the fixed-denominator ``dp_mean`` followed by the server's noise (or
+    adaptive clipping, which clips and noises in one stage).
+
+    Raises
+    ------
+    ValidationError
+        Settings that do not go together, named in one line.
+    """
+    if dp is None and noise_multiplier is not None:
+        raise ValidationError("--noise-multiplier needs --dp central|local")
+    if dp is not None and clip is None:
+        raise ValidationError(f"--dp {dp} needs --clip S (the sensitivity the noise is sized for)")
+    adaptive = isinstance(clip, str)
+    if adaptive and dp != "central":
+        raise ValidationError("--clip adaptive needs --dp central (it spends budget on the count)")
+    if dp is not None and noise_multiplier is None:
+        raise ValidationError(f"--dp {dp} needs --noise-multiplier Z or --target-epsilon E")
+    if noise_multiplier is not None and not (math.isfinite(noise_multiplier)
+                                             and noise_multiplier > 0):
+        raise ValidationError(f"--noise-multiplier must be > 0, got {noise_multiplier}")
+    noise_seed = seed if reproducible_noise else None
+    chain: list[Any] = [_aggregate.validate()]
+    bound = None if adaptive else clip
+    if bound is not None:
+        chain.append(_privacy.clip(bound))
+    if compress is not None:
+        name, params = _name_and_param("--compress", compress, COMPRESSORS)
+        try:
+            chain.append(COMPRESSORS[name](bound if dp else None, seed, *params))
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"--compress {compress!r}: {exc}") from None
+    name, params = _name_and_param("--aggregator", aggregator, AGGREGATORS)
+    try:
+        if dp == "central":
+            if name != "mean":
+                raise ValidationError(f"--dp central with --aggregator {name}: a robust rule "
+                                      "breaks the sensitivity bound the noise is sized for; "
+                                      "use --aggregator mean, or --dp local")
+            chain.append(_privacy.dp_mean(clients_per_round))
+            if adaptive:
+                quantile = float(clip.partition(":")[2] or 0.5)
+                chain.append(_privacy.adaptive_clip(noise_multiplier, clients_per_round,
+                                                    quantile=quantile, seed=noise_seed))
+            else:
+                chain.append(_privacy.gaussian_noise(noise_multiplier, bound, "central",
+                                                     seed=noise_seed))
+            return tuple(chain)
+        if dp == "local":
+            chain.append(_privacy.gaussian_noise(noise_multiplier, bound, "local",
+                                                 seed=noise_seed))
+        chain.append(AGGREGATORS[name](*params))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            raise
+        raise ValidationError(f"--aggregator/--clip: {exc}") from None
+    return tuple(chain)

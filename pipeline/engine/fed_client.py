@@ -20,6 +20,7 @@ from fedpipe.engine import placement
 from fedpipe.tasks import aggregate, local, reduce
 from fedpipe.tasks.aggregate import Stage
 from fedpipe.tasks.models import Model
+from fedpipe.tasks.privacy import CLIENT_ID, client_tag
 
 
 class ClientSpec(NamedTuple):
@@ -71,20 +72,31 @@ def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int
     cache = placement.worker_cache()
     pair = None
     if spec.scaffold:
-        mine = cache.state.get((spec.token, client), {}).get("control", np.zeros_like(params))
-        pair = (control, mine)
+        c_i = cache.state.get((spec.token, client), {}).get("control", np.zeros_like(params))
+        pair = (control, c_i)
     result = local.local_train(
         spec.model, params, X, y, epochs=spec.epochs, batch_size=spec.batch_size,
         lr=local.round_lr(spec.lr, round_), mu=spec.mu, control=pair,
         rng=local.client_rng(spec.seed, round_, client))
+    mine = dict(cache.state.get((spec.token, client), {}))
     if result.control is not None:
-        cache.state[(spec.token, client)] = {"control": result.control}
-    packet, rejected = aggregate.client_side(spec.stages, stage_states, result.packet)
-    # Time to finish (rows read, local epochs, client stages) and what leaves the worker: the
-    # live page and the report show both per client. Neither enters the parameters.
+        mine["control"] = result.control
+    # The client's own stage state (top-k's residual) and its tag ride along under LOCAL keys
+    # and are taken out again before anything leaves the worker.
+    local_in = {k: v for k, v in mine.items() if k.startswith(aggregate.LOCAL)}
+    local_in[CLIENT_ID] = np.asarray(client_tag(client), dtype=np.uint64)
+    packet, rejected = aggregate.client_side(spec.stages, stage_states,
+                                             {**result.packet, **local_in})
+    if packet is not None:
+        packet, local_out = aggregate.split_local(packet)
+        mine |= {k: v for k, v in local_out.items() if k != CLIENT_ID}
+    if mine:
+        cache.state[(spec.token, client)] = mine
+    # Time to finish (rows read, local epochs, client stages) and what leaves the worker (as
+    # encoded by a compression stage): the live page and the report show both per client.
     metrics = {**result.metrics, "read": was_read,
                "seconds": time.perf_counter() - started,
-               "update_bytes": sum(v.nbytes for v in (packet or {}).values())}
+               "update_bytes": aggregate.wire_bytes(packet) if packet else 0}
     return aggregate.client_report(client, packet, metrics, rejected)
 
 

@@ -44,8 +44,9 @@ def checkpoint(dc: Client, run_dir, spec: ClientSpec, groups, state: ServerState
                for k, v in st.items()}
     if state.control is not None:
         arrays["control"] = state.control
-        for client, st in _fetch_client_state(dc, spec, groups).items():
-            arrays |= {f"client/{client}/{k}": v for k, v in st.items()}
+    # per-client state on the workers: SCAFFOLD's c_i, top-k's error-feedback residual
+    for client, st in _fetch_client_state(dc, spec, groups).items():
+        arrays |= {f"client/{client}/{k}": v for k, v in st.items()}
     meta = {"round": state.round, "seed": state.seed, "strategy": strategy.name,
             "partition": spec.partition, "n_params": int(state.params.size)}
     rundir.save_checkpoint(run_dir, arrays, meta)

@@ -17,6 +17,7 @@ checkpoint, resume and summary.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -24,22 +25,26 @@ from typing import NamedTuple
 
 import numpy as np
 from distributed import Client
-from fedpipe import rundir
+from fedpipe import privacy, rundir
 from fedpipe.cli import repeat
 from fedpipe.data import store
 from fedpipe.engine import fed_state, placement
 from fedpipe.engine.fed_client import ClientSpec
 from fedpipe.engine.fed_round import Sampling, ServerState, evaluate, train_round
-from fedpipe.errors import ValidationError
-from fedpipe.tasks import aggregate
+from fedpipe.errors import TrainingError, ValidationError
+from fedpipe.tasks import aggregate, sampling
 from fedpipe.tasks.aggregate import Stage, Strategy
 from fedpipe.tasks.models import Model
+
+log = logging.getLogger("fedpipe")
 
 __all__ = ["ClientSpec", "FederatedRun", "Sampling", "ServerState", "federate"]
 
 # How long a task may wait for its client's worker when no --deadline bounds the round.
 DEFAULT_NO_WORKER_TIMEOUT = 60.0
 RETRIES = 1  # a round short of min_clients is retried this often; the CLI has no option for it
+DIVERGE_FACTOR = 1e6  # a global training loss this many times round 0's stops the run
+DEFAULT_DELTA = 1e-5
 
 
 class FederatedRun(NamedTuple):
@@ -62,7 +67,9 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
              out: str | None = None, checkpoint_every: int = 0, resume: bool = False,
              overwrite: bool = False,
              on_record: Callable[[dict], None] | None = None,
-             config: Mapping[str, object] | None = None) -> FederatedRun:
+             config: Mapping[str, object] | None = None, delta: float | None = None,
+             target_epsilon: float | None = None,
+             diverge_factor: float | None = DIVERGE_FACTOR) -> FederatedRun:
     """Federated training of ``model`` on the clients of a partition of a fedpipe store.
 
     Parameters
@@ -120,6 +127,15 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         non-default strategy hyperparameters, another ``retries``) are left out and named
         under ``not_repeatable`` with one logged warning; ``fedpipe federate --config`` then
         refuses the file in one line instead of running something else.
+    delta, target_epsilon : float, optional
+        With a noise stage in ``stages`` (see :mod:`fedpipe.tasks.privacy`): the δ at which ε
+        is reported every round (default 1e-5), and a budget: the run stops before the round
+        that would spend more than ``target_epsilon`` (never after it); a budget already spent
+        is refused before round 0.
+    diverge_factor : float, optional
+        Stop with :class:`TrainingError` naming the round and its clients when the global
+        training loss is non-finite or exceeds this many times the first round's (None: only
+        non-finite).
 
     Returns
     -------
@@ -144,6 +160,11 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
     strategy = strategy or aggregate.fedavg()
     chain = tuple(stages) if stages is not None else aggregate.default_chain()
+    try:
+        aggregate.check_chain(chain)
+    except ValueError as exc:
+        raise ValidationError(f"stages: {exc}") from None
+    dp = _privacy(chain, len(clients), sampling_, delta, target_epsilon)
     spec = ClientSpec(str(store_url), partition, float(test_fraction), int(seed), model,
                       int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
                       chain, uuid.uuid4().hex[:12])
@@ -169,12 +190,16 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         state = fed_state.initial_state(model, strategy, chain, seed)
         if resume:
             state = fed_state.resume(dc, run_dir, spec, groups, state)
-        state, history = _loop(dc, spec, groups, clients, state, sampling_, strategy, rounds,
-                               eval_every, batch_clients, run_dir, checkpoint_every, on_record,
-                               round_fn)
+        if dp is not None:
+            privacy.check_budget(dp, target_epsilon, state.round)
+        state, history, stopped = _loop(dc, spec, groups, clients, state, sampling_, strategy,
+                                        rounds, eval_every, batch_clients, run_dir,
+                                        checkpoint_every, on_record,
+                                        _Guards(dp, target_epsilon, diverge_factor), round_fn)
         if run_dir is not None:
             fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
     summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
+    summary |= _chain_summary(chain, dp, history, state.round, target_epsilon, rounds, stopped)
     if round_fn is not train_round:
         summary["secagg"] = fed_secagg.summary(history)
     if run_dir is not None:
@@ -184,13 +209,69 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     return FederatedRun(state.params, state, history, summary)
 
 
+class _Guards(NamedTuple):
+    """What may stop a run between rounds: the privacy budget, a diverging loss."""
+
+    dp: privacy.Accountant | None
+    target_epsilon: float | None
+    diverge_factor: float | None
+
+
+def _privacy(chain: Sequence[Stage], n_clients: int, sampling_: Sampling, delta: float | None,
+             target_epsilon: float | None) -> privacy.Accountant | None:
+    noise = privacy.check_chain(chain)
+    if noise is None:
+        if delta is not None or target_epsilon is not None:
+            raise ValidationError("--delta and --target-epsilon need --dp (a noise stage)")
+        return None
+    delta = DEFAULT_DELTA if delta is None else float(delta)
+    if not 0.0 < delta < 1.0 / n_clients:
+        raise ValidationError(f"--delta must be in (0, 1/{n_clients} clients), got {delta}")
+    if target_epsilon is not None and not target_epsilon > 0:
+        raise ValidationError(f"--target-epsilon must be > 0, got {target_epsilon}")
+    per_round = sampling.sample_size(n_clients, fraction=sampling_.fraction,
+                                     count=sampling_.count)
+    return privacy.Accountant(privacy.DpSetup(noise["mode"], noise["noise_multiplier"],
+                                              n_clients, per_round, delta))
+
+
+def _stop_before(guards: _Guards, r: int) -> str | None:
+    """Why round ``r`` must not run (its ε would pass the budget), or None."""
+    if guards.dp is None or guards.target_epsilon is None:
+        return None
+    after = guards.dp.epsilon(r + 1)
+    if after <= guards.target_epsilon:
+        return None
+    return (f"privacy budget: round {r} would bring ε to {after:.4g} > --target-epsilon "
+            f"{guards.target_epsilon}; stopped after {r} round(s) at ε="
+            f"{guards.dp.epsilon(r):.4g}")
+
+
+def _check_divergence(record: dict, history: list[dict], factor: float | None) -> None:
+    loss = record.get("train_loss")
+    first = next((h["train_loss"] for h in history if h.get("train_loss") is not None), None)
+    blown = (factor is not None and loss is not None and first is not None and first > 0
+             and loss > factor * first)
+    if loss is not None and (not np.isfinite(loss) or blown):
+        clients = sorted(c for c, rec in record["clients"].items() if "rejected" not in rec)
+        shown = ", ".join(clients[:10]) + (f" and {len(clients) - 10} more"
+                                           if len(clients) > 10 else "")
+        why = "is not finite" if not np.isfinite(loss) else f"exceeds {factor:g}x round 0's"
+        raise TrainingError(f"round {record['round']}: the global training loss {loss:.4g} "
+                            f"{why} (diverged); clients aggregated: {shown}")
+
+
 def _loop(dc: Client, spec: ClientSpec, groups, clients, state: ServerState,
           sampling_: Sampling, strategy: Strategy, rounds: int, eval_every: int,
           batch_clients: bool, run_dir, checkpoint_every: int,
-          on_record, round_fn=train_round) -> tuple[ServerState, list[dict]]:
+          on_record, guards: _Guards,
+          round_fn=train_round) -> tuple[ServerState, list[dict], str | None]:
     history: list[dict] = []
     while state.round < rounds:
         r, start = state.round, time.perf_counter()
+        if (why := _stop_before(guards, r)) is not None:
+            log.warning("%s", why)
+            return state, history, why
         with _span(f"round-{r}"):
             state, record = round_fn(dc, spec, groups, clients, state, sampling_,
                                      strategy.server_optimizer, batch_clients)
@@ -200,6 +281,10 @@ def _loop(dc: Client, spec: ClientSpec, groups, clients, state: ServerState,
                     record["clients"].setdefault(client, {}).update(rec)
                 record.update(evaluation)
         record["seconds"] = time.perf_counter() - start
+        if guards.dp is not None:
+            record["epsilon"] = guards.dp.epsilon(state.round)
+        record["update_bytes"] = _mean_bytes(record["clients"])
+        _check_divergence(record, history, guards.diverge_factor)
         history.append(record)
         if run_dir is not None:
             rundir.append_metrics(run_dir, record)
@@ -207,7 +292,34 @@ def _loop(dc: Client, spec: ClientSpec, groups, clients, state: ServerState,
                 fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
         if on_record is not None:
             on_record(record)
-    return state, history
+    return state, history, None
+
+
+def _mean_bytes(records: dict[str, dict]) -> float | None:
+    sizes = [rec["update_bytes"] for rec in records.values() if "update_bytes" in rec]
+    return float(np.mean(sizes)) if sizes else None
+
+
+def _chain_summary(chain: Sequence[Stage], dp: privacy.Accountant | None, history: list[dict],
+                   rounds_done: int, target_epsilon: float | None, rounds: int,
+                   stopped: str | None) -> dict:
+    """The summary's view of the chain: stages, bytes sent per client, ε and the DP event."""
+    out: dict = {"stages": [dict(s.spec or {"kind": s.name}) for s in chain],
+                 "update_bytes": _mean_bytes({str(i): {"update_bytes": h["update_bytes"]}
+                                              for i, h in enumerate(history)
+                                              if h.get("update_bytes") is not None})}
+    if stopped:
+        out["stopped"] = stopped
+    if dp is not None:
+        noise = privacy.noise_stage_spec(chain)
+        weights = next((s.spec.get("weights") for s in chain
+                        if s.spec and s.spec.get("kind") == "dp_mean"), None)
+        out["privacy"] = {**dp.describe(), "epsilon": dp.epsilon(rounds_done),
+                          "target_epsilon": target_epsilon, "planned_rounds": rounds,
+                          "weights": weights,
+                          "noise_source": "run seed (reproducible simulation)"
+                          if noise.get("reproducible") else "OS entropy (secrets)"}
+    return out
 
 
 @contextlib.contextmanager

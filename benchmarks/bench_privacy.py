@@ -1,0 +1,194 @@
+"""Privacy, robustness and compression: overheads, byte counts and the attack table.
+
+Run ``python -m benchmarks.bench_privacy [--quick] [--only SECTION] [--out FILE]`` from the
+repository root; prints one JSON object and writes it to ``benchmarks/results/privacy.json``
+(``--out`` to change). ``--quick`` shrinks every section so it runs in well under a minute.
+
+* ``overhead``: clip + noise against a round's client work at 100 clients: the serial time of
+  100 clients' local training (digits, MLP 64, 1 epoch, batch 10) and of the aggregation chain
+  with and without ``clip -> dp_mean -> gaussian_noise``.
+* ``robust``: one aggregation of K x d updates (1,000 x 10,000 in full) for the mean (a sum),
+  median, trimmed mean, Krum and Multi-Krum; ratios to the mean. Krum is O(K^2 d).
+* ``compression``: bytes per client per round for float64, fp16, int8 and top-1 %, and their
+  ratios; digits accuracy after the same rounds with and without each.
+* ``attacks``: final digits test accuracy per (rule x attack), 100 Dirichlet(0.5) clients, 20 %
+  SIMULATED attackers (:mod:`fedpipe.tasks.attacks`), against the clean run.
+
+The federated rounds here are a serial NumPy simulation of the engine's round: the same
+``local_train``, ``client_side``, ``add_packets`` and ``server_side`` the workers and the driver
+call, in one process, so a table of 36 runs fits a benchmark on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import numpy as np
+from fedpipe.tasks import (
+    aggregate,
+    aggregators,
+    attacks,
+    compress,
+    local,
+    models,
+    partition,
+    robust,
+)
+from fedpipe.tasks import privacy as dp
+from fedpipe.tasks.privacy import CLIENT_ID, client_tag
+
+RESULTS = pathlib.Path(__file__).parent / "results" / "privacy.json"
+
+
+def digits(clients: int, seed: int = 0):
+    """Standardised digits split 80/20, train rows spread over Dirichlet(0.5) clients."""
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = (X - X.mean(0)) / (X.std(0) + 1e-8)
+    order = np.random.default_rng(seed).permutation(len(y))
+    test, train = order[: len(y) // 5], order[len(y) // 5:]
+    owner = partition.dirichlet(y[train], clients, 0.5, seed, min_size=2)
+    parts = [(X[train][owner == c], y[train][owner == c]) for c in range(clients)]
+    return parts, (X[test], y[test])
+
+
+def simulate(chain, parts, test, rounds, *, lr=0.05, seed=0, flip=frozenset(), hidden=64):
+    """FedAvg rounds of the engine's arithmetic in one process; returns the test accuracy and
+    the mean bytes a client sent per round."""
+    model = models.mlp(parts[0][0].shape[1], 10, hidden=(hidden,), task="multiclass")
+    params = model.init(seed)
+    states = aggregate.init_states(chain, model.n_params)
+    opt = aggregate.fedavg().server_optimizer
+    opt_state, kept, sent_bytes = opt.init(params), {}, []
+    for r in range(rounds):
+        packets = []
+        for c, (X, y) in enumerate(parts):
+            if c in flip:
+                y = attacks.flip_labels(y, 10)
+            res = local.local_train(model, params, X, y, epochs=1, batch_size=10, lr=lr,
+                                    rng=local.client_rng(seed, r, str(c)))
+            extra = {**kept.get(c, {}), CLIENT_ID: np.asarray(client_tag(str(c)), np.uint64)}
+            packet, _ = aggregate.client_side(chain, states, {**res.packet, **extra})
+            if packet is None:
+                continue
+            packet, mine = aggregate.split_local(packet)
+            kept[c] = {k: v for k, v in mine.items() if k != CLIENT_ID}
+            sent_bytes.append(aggregate.wire_bytes(packet))
+            packets.append(packet)
+        total, states, _ = aggregate.server_side(chain, states, aggregate.add_packets(*packets))
+        params, opt_state = aggregate.server_step(opt, params, opt_state, total["delta"])
+    pred = np.asarray(model.predict(params, test[0]))
+    pred = pred.argmax(axis=1) if pred.ndim == 2 else pred
+    accuracy = float(np.mean(pred == test[1]))
+    return accuracy, float(np.mean(sent_bytes))
+
+
+def _time(fn, repeats=3) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def overhead(quick: bool) -> dict:
+    clients = 20 if quick else 100
+    parts, _ = digits(clients)
+    model = models.mlp(64, 10, hidden=(64,), task="multiclass")
+    params = model.init(0)
+    results = [local.local_train(model, params, X, y, epochs=1, batch_size=10, lr=0.05,
+                                 rng=local.client_rng(0, 0, str(c)))
+               for c, (X, y) in enumerate(parts)]
+    train = _time(lambda: [local.local_train(model, params, X, y, epochs=1, batch_size=10,
+                                             lr=0.05, rng=local.client_rng(0, 0, str(c)))
+                           for c, (X, y) in enumerate(parts)], 1)
+
+    def chain_time(chain):
+        def once():
+            states = aggregate.init_states(chain, model.n_params)
+            sent = [aggregate.client_side(chain, states, r.packet)[0] for r in results]
+            aggregate.server_side(chain, states, aggregate.add_packets(*sent))
+        return _time(once, 5)
+
+    plain = chain_time(aggregate.default_chain())
+    private = chain_time((aggregate.validate(), dp.clip(1.0), dp.dp_mean(clients),
+                          dp.gaussian_noise(1.0, 1.0)))
+    return {"clients": clients, "n_params": model.n_params, "local_training_s": train,
+            "chain_plain_s": plain, "chain_dp_s": private,
+            "dp_overhead_of_round": (private - plain) / (train + plain)}
+
+
+def robust_rules(quick: bool) -> dict:
+    k, d = (200, 2000) if quick else (1000, 10_000)
+    x = np.random.default_rng(0).normal(size=(k, d))
+    f = k // 5
+    mean = _time(lambda: aggregate.add_packets(*({"delta": row} for row in x)))
+    timed = {"median": _time(lambda: robust.coordinate_median(x)),
+             "trimmed_mean": _time(lambda: robust.trimmed_mean(x, f)),
+             "krum": _time(lambda: robust.krum(x, f), 1),
+             "multi_krum": _time(lambda: robust.multi_krum(x, f), 1)}
+    return {"K": k, "d": d, "mean_s": mean, **{f"{n}_s": t for n, t in timed.items()},
+            **{f"{n}_over_mean": t / mean for n, t in timed.items()}}
+
+
+def compression(quick: bool) -> dict:
+    clients, rounds = (20, 5) if quick else (100, 50)
+    parts, test = digits(clients)
+    out = {"clients": clients, "rounds": rounds}
+    base_acc, base_bytes = simulate(aggregate.default_chain(), parts, test, rounds)
+    out["none"] = {"accuracy": base_acc, "bytes": base_bytes}
+    for name, stage in (("fp16", compress.fp16()), ("int8", compress.int8()),
+                        ("topk:0.01", compress.topk(0.01))):
+        acc, sent = simulate((aggregate.validate(), stage, aggregate.weighted_mean()),
+                             parts, test, rounds)
+        out[name] = {"accuracy": acc, "bytes": sent, "ratio": base_bytes / sent}
+    return out
+
+
+RULES = {"mean": aggregators.mean, "median": aggregators.median,
+         "trimmed-mean": lambda: aggregators.trimmed_mean(0.2),
+         "krum": lambda: aggregators.krum(0.2), "multi-krum": lambda: aggregators.multi_krum(0.2),
+         "centered-clip": lambda: aggregators.centered_clip(1.0)}
+
+
+def attack_table(quick: bool) -> dict:
+    clients, rounds = (20, 5) if quick else (100, 30)
+    parts, test = digits(clients)
+    fraction = 0.2
+    flip = {c for c in range(clients) if attacks.is_attacker(client_tag(str(c)), fraction)}
+    table: dict = {"clients": clients, "rounds": rounds, "attackers": len(flip)}
+    for rule, make in RULES.items():
+        row = {}
+        for kind in attacks.ATTACKS:
+            stage = attacks.simulated_attack(make(), kind, fraction)
+            row[kind] = simulate((aggregate.validate(), stage), parts, test, rounds,
+                                 flip=flip if kind == "label-flip" else frozenset())[0]
+        table[rule] = row
+    return table
+
+
+SECTIONS = {"overhead": overhead, "robust": robust_rules, "compression": compression,
+            "attacks": attack_table}
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="small configurations only")
+    p.add_argument("--only", choices=list(SECTIONS), action="append")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    report = {"quick": args.quick}
+    for name in args.only or SECTIONS:
+        report[name] = SECTIONS[name](args.quick)
+    pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
