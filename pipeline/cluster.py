@@ -9,13 +9,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import resource
+import socket
+import struct
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import dask
 from distributed import Client, LocalCluster
-from fedpipe.errors import TrainingError, ValidationError
+from fedpipe.errors import InfrastructureError, ValidationError
 
 log = logging.getLogger("fedpipe")
 
@@ -61,10 +63,11 @@ def connect(
     if scheduler is not None:
         if workers is not None or threads is not None:
             log.warning("--workers/--threads are ignored with --scheduler %s", scheduler)
+        _check_scheduler(scheduler, security)
         try:
             dask_client = Client(scheduler, security=security, timeout="10s")
         except (OSError, TimeoutError) as exc:
-            raise TrainingError(f"cannot reach scheduler {scheduler}: {exc}") from exc
+            raise InfrastructureError(f"cannot reach scheduler {scheduler}: {exc}") from exc
         with dask_client:
             log.info("dashboard: %s", dashboard_link(dask_client))
             yield dask_client
@@ -77,6 +80,7 @@ def connect(
         cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
     cluster_kwargs.setdefault("dashboard_address", ":0")  # never fight over port 8787
     cluster_kwargs.setdefault("env", dict(_SINGLE_THREADED_BLAS))
+    cluster_kwargs.setdefault("silence_logs", worker_log_level())
     if cluster_kwargs.get("processes") is False:
         cluster_kwargs.pop("env")  # threads share the driver's environment; Worker has no env
     # Every task runs where its chunks already sit in memory; work stealing can only move one
@@ -90,6 +94,46 @@ def connect(
     ):
         log.info("dashboard: %s", dashboard_link(dask_client))
         yield dask_client
+
+
+def worker_log_level() -> int:
+    """Log level for the workers of a cluster fedpipe starts: as quiet as the driver's
+    ``distributed`` logger (the CLI raises it to CRITICAL unless ``-v``), so a task's failure
+    reaches the user as fedpipe's one line, not as the workers' tracebacks."""
+    return max(logging.getLogger("distributed").getEffectiveLevel(), logging.WARNING)
+
+
+# A Dask server sends its handshake first: an 8-byte frame length, then msgpack. A reply that
+# is silent or starts with a huge length is another service (HTTP, SSH...), which Dask itself
+# would try to read as a frame of exabytes.
+_HANDSHAKE_MAX = 64 * 2**20
+_PROBE_SECONDS = 5.0
+
+
+def _check_scheduler(address: str, security: Any) -> None:
+    """Refuse in one line an address Dask cannot use, before Dask tries to."""
+    scheme, _, hostport = address.rpartition("://")
+    if scheme == "tls" and security is None and not dask.config.get(
+            "distributed.comm.tls.ca-file", None):
+        raise ValidationError(
+            f"--scheduler {address}: TLS needs certificates; set DASK_DISTRIBUTED__COMM__TLS__"
+            "CA_FILE, ..._CLIENT__CERT and ..._CLIENT__KEY (docs/kubernetes.md)")
+    if scheme not in ("", "tcp"):
+        return
+    host, _, port = hostport.rpartition(":")
+    if not port.isdigit():
+        raise ValidationError(f"--scheduler {address}: expected tcp://HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), _PROBE_SECONDS) as sock:
+            sock.settimeout(_PROBE_SECONDS)
+            head = sock.recv(8, socket.MSG_WAITALL)
+    except TimeoutError:
+        head = b""
+    except OSError as exc:
+        raise InfrastructureError(f"cannot reach scheduler {address}: {exc}") from exc
+    if len(head) < 8 or struct.unpack("<Q", head)[0] > _HANDSHAKE_MAX:
+        raise ValidationError(f"--scheduler {address}: the service there is not a Dask "
+                              "scheduler (it did not answer the Dask handshake)")
 
 
 def dashboard_link(dask_client: Client) -> str | None:

@@ -1,4 +1,8 @@
-"""User-facing errors: each names its culprit in one line; the CLI maps them to exit status 2."""
+"""User-facing errors: each names its culprit in one line.
+
+The CLI maps :class:`FedpipeError` (bad input or bad data) to exit status 2 and
+:class:`InfrastructureError` (the cluster, the network or the disk failed, not the input) to 3.
+"""
 
 
 class FedpipeError(ValueError):
@@ -19,3 +23,10 @@ class ConfigError(FedpipeError):
 
 class TrainingError(FedpipeError):
     """Training could not go on (divergence, too few clients, a cluster that cannot place work)."""
+
+
+class InfrastructureError(Exception):
+    """The cluster, network or disk failed (not the input): exit status 3 from the CLI.
+
+    Not a :class:`FedpipeError`: retrying the same command later may succeed.
+    """

@@ -13,7 +13,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fedpipe.errors import FedpipeError
+from fedpipe.errors import FedpipeError, InfrastructureError
 
 # Each module exposes ``register(subparsers, parents)``; the order is the order of ``--help``.
 COMMAND_MODULES = (
@@ -64,8 +64,23 @@ def _configure_logging(args: argparse.Namespace) -> None:
     level = logging.WARNING if quiet else (logging.DEBUG if args.verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     log.setLevel(level)
-    # distributed logs every worker start at INFO; only show it when asked twice.
-    logging.getLogger("distributed").setLevel(logging.DEBUG if args.verbose > 1 else logging.ERROR)
+    # Dask's own logs (worker starts, a task's failure with its traceback) only when asked:
+    # fedpipe reports a failure in its one line. Workers fedpipe starts follow this level.
+    dask_level = {0: logging.CRITICAL, 1: logging.WARNING}.get(args.verbose, logging.DEBUG)
+    import distributed  # noqa: F401  (its import sets levels on its own loggers: override them)
+
+    for name in [*logging.root.manager.loggerDict, "asyncio"]:  # asyncio: errors on Dask's loop
+        if name.split(".")[0] in ("distributed", "asyncio", "tornado", "bokeh"):
+            logging.getLogger(name).setLevel(dask_level)
+
+
+# Exit statuses (README, "Exit status"): 0 done, 1 a fedpipe bug, 2 bad input or data,
+# 3 the cluster, network or disk failed (the same command may succeed later), 130 interrupted.
+EXIT_BUG, EXIT_INPUT, EXIT_INFRASTRUCTURE, EXIT_INTERRUPTED = 1, 2, 3, 130
+# OSErrors about a path the user named are bad input; the others (disk full, I/O error,
+# connection reset) are the machine's.
+_INPUT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
+                    FileExistsError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,15 +90,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args)
     try:
         summary = args.func(args)
-    except FedpipeError as exc:
-        print(f"fedpipe {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"fedpipe {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # one line, whatever failed; the traceback only with -v
+        if args.verbose:
+            log.exception("fedpipe %s failed", args.command)
+        status, message = _classify(exc)
+        print(f"fedpipe {args.command}: error: {message}", file=sys.stderr)
+        return status
     if summary is not None and args.json:
         print(json.dumps(summary, default=_json_default))
     return 0
+
+
+def _classify(exc: Exception) -> tuple[int, str]:
+    """Exit status and one-line message for an exception that ended a command."""
+    from distributed.client import FutureCancelledError
+    from distributed.comm.core import CommClosedError
+    from distributed.scheduler import KilledWorker
+
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, FedpipeError):
+        return EXIT_INPUT, text
+    if isinstance(exc, _INPUT_OS_ERRORS):
+        return EXIT_INPUT, f"{exc.strerror or text}: {exc.filename}" if exc.filename else text
+    if isinstance(exc, InfrastructureError):
+        return EXIT_INFRASTRUCTURE, text
+    if isinstance(exc, FutureCancelledError):  # the scheduler went away or forgot the work
+        reason = "lost the connection to the Dask scheduler" if "connection" in text else text
+        return EXIT_INFRASTRUCTURE, f"{reason} (rerun with -v for details)"
+    if isinstance(exc, OSError | TimeoutError | CommClosedError | KilledWorker):
+        return EXIT_INFRASTRUCTURE, f"{type(exc).__name__}: {text} (rerun with -v for details)"
+    return EXIT_BUG, (f"internal error, please report it: {type(exc).__name__}: {text} "
+                      "(rerun with -v for the traceback)")
 
 
 def _json_default(value: object) -> object:

@@ -122,6 +122,8 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
         group = zarr.open_group(str(url), mode=mode, zarr_format=3)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as exc:
         raise StoreError(f"no zarr v3 store at {url}") from exc
+    except (ValueError, KeyError, TypeError) as exc:  # JSONDecodeError is a ValueError
+        raise StoreError(f"{url}: unreadable zarr metadata ({type(exc).__name__}: {exc})") from exc
     if mode == "r" and "fedpipe" not in group.attrs:
         raise StoreError(f"{url} is a zarr group but not a fedpipe store (no 'fedpipe' attribute)")
     return group
@@ -129,7 +131,11 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
 
 def read_info(url: str) -> StoreInfo:
     """Metadata of the store at ``url``."""
-    return StoreInfo.from_attrs(str(url), dict(open_group(url).attrs["fedpipe"]))
+    attrs = dict(open_group(url).attrs["fedpipe"])
+    try:
+        return StoreInfo.from_attrs(str(url), attrs)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise StoreError(f"{url}: fedpipe metadata is damaged ({type(exc).__name__}: {exc})") from exc
 
 
 def array_path(prefix: str, name: str) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Future, Nanny, Scheduler, SpecCluster, Worker, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
+from fedpipe.cluster import worker_log_level
 from fedpipe.data import store
 from fedpipe.errors import TrainingError
 
@@ -135,7 +136,7 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
     if processes:
         extra.setdefault("env", dict(_BLAS_ENV))
         # Worker processes log every connection at INFO; keep the CLI's stderr readable.
-        extra.setdefault("silence_logs", logging.ERROR)
+        extra.setdefault("silence_logs", worker_log_level())
     workers = {
         f"fed-{j}": {"cls": cls, "options": {"nthreads": threads, "resources": resources_of(g),
                                              **extra}}
