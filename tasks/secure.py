@@ -103,8 +103,11 @@ def secure_sum(clients: int, *, bound: float = 1e4, bits: int = 32, scale: float
         return {}
 
     def before_sum(packet: Packet, state: dict) -> Packet:
+        # Entries that stay on the client's worker (aggregate.LOCAL) are never masked or sent.
+        stays = {k: v for k, v in packet.items() if k.startswith(aggregate.LOCAL)}
         try:
-            return {_wire_name(k, v): secagg.encode(v, enc).reshape(-1) for k, v in packet.items()}
+            return {**{_wire_name(k, v): secagg.encode(v, enc).reshape(-1)
+                       for k, v in packet.items() if k not in stays}, **stays}
         except ValueError as exc:
             raise aggregate.RejectedUpdate(f"{exc} (raise the secure_sum bound or clip)") from None
 
