@@ -273,9 +273,11 @@ def rows_version(info: store.StoreInfo, partition: str) -> str:
 
     The store's content hash and layout, its preprocessing, and the partition's own metadata
     (scheme, seed, every client's size and label histogram): re-partitioning under the same
-    name or re-ingesting at the same URL changes it, so no worker serves the rows read before.
+    name or re-ingesting at the same URL changes it, so no worker serves the rows read before;
+    two copies of one store share their rows.
     """
-    facts = {"content_hash": info.content_hash, "n_rows": info.n_rows,
+    # A store written without a content hash is told apart by its location instead.
+    facts = {"content_hash": info.content_hash or f"url:{info.url}", "n_rows": info.n_rows,
              "n_features": info.n_features, "chunk_rows": info.chunk_rows, "dtype": info.dtype,
              "preprocess": info.preprocess, "stats": info.stats,
              "partition": [partition, info.partitions.get(partition)]}
