@@ -54,7 +54,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     server.add_argument("--eval-every", type=int, default=1, help="default 1")
     run = p.add_argument_group("cluster and run directory")
     run.add_argument("--workers", type=int, help="simulation workers (default 2)")
-    run.add_argument("--scheduler", help="scheduler address of workers with client-<id> resources")
+    run.add_argument("--scheduler", help="address of a running Dask scheduler (plain workers are "
+                     "lent client-<id> resources for the run)")
     run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
                      help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--out", help="run directory")
