@@ -180,7 +180,8 @@ def discover(dask_client: Client, clients: Sequence[str]) -> list[list[str]]:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise TrainingError(f"no worker carries resource {shown}{more} ({len(workers)} workers "
                             f"for {len(clients)} clients): start workers with --resources "
-                            f"client-<id>=1")
+                            f"client-<id>=1 for every client, or with no client resources "
+                            f"(then fedpipe assigns the clients)")
     by_holders: dict[frozenset[str], list[str]] = {}
     for client in sort_clients(list(clients)):
         by_holders.setdefault(holders[client], []).append(client)
