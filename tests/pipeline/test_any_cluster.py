@@ -89,9 +89,10 @@ def _report(dask_worker) -> dict:
 
 
 def _scheduler_view(dask_scheduler=None) -> dict:
-    return {"plugins": sorted(n for n in dask_scheduler.plugins if n.startswith(lend.PLUGIN_PREFIX)),
+    mine = lend.PLUGIN_PREFIX
+    return {"plugins": sorted(n for n in dask_scheduler.plugins if n.startswith(mine)),
             "worker_plugins": sorted(n for n in dask_scheduler.worker_plugins
-                                     if n.startswith(lend.PLUGIN_PREFIX)),
+                                     if n.startswith(mine)),
             "lent": sorted(r for ws in dask_scheduler.workers.values()
                            for r, q in ws.resources.items() if q > 0)}
 
