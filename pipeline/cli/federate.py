@@ -84,7 +84,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     chain.add_argument("--compress", help="fp16, int8 or topk:FRACTION (e.g. topk:0.01)")
     run = p.add_argument_group("cluster and run directory")
     run.add_argument("--workers", type=int, help="simulation workers (default 2)")
-    run.add_argument("--scheduler", help="scheduler address of workers with client-<id> resources")
+    run.add_argument("--scheduler", help="address of a running Dask scheduler (plain workers are "
+                     "lent client-<id> resources for the run)")
     run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
                      help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--out", help="run directory")

@@ -28,6 +28,7 @@ class ClientSpec(NamedTuple):
 
     url: str
     partition: str
+    version: str  # of the partition's rows (placement.rows_version): keys the worker's cache
     test_fraction: float
     seed: int
     model: Model
@@ -68,7 +69,8 @@ def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int
     started = time.perf_counter()
     (X, y, _, _), was_read = placement.client_rows(spec.url, spec.partition, client,
                                                    test_fraction=spec.test_fraction,
-                                                   seed=spec.seed, run=spec.token)
+                                                   seed=spec.seed, run=spec.token,
+                                                   version=spec.version)
     cache = placement.worker_cache()
     pair = None
     if spec.scaffold:
@@ -124,7 +126,8 @@ def eval_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np
     for client in clients:
         (_, _, X, y), _ = placement.client_rows(spec.url, spec.partition, client,
                                                 test_fraction=spec.test_fraction,
-                                                seed=spec.seed, run=spec.token)
+                                                seed=spec.seed, run=spec.token,
+                                                version=spec.version)
         sums = reduce.eval_sums(spec.model, params, (X, y))
         record = reduce.finish_metrics(sums, spec.model.task)
         reports.append(aggregate.client_report(client, {"sums": sums}, record))

@@ -28,7 +28,7 @@ from distributed import Client
 from fedpipe import privacy, rundir
 from fedpipe.cli import repeat
 from fedpipe.data import store
-from fedpipe.engine import fed_state, placement
+from fedpipe.engine import fed_state, lend, placement
 from fedpipe.engine.fed_client import ClientSpec
 from fedpipe.engine.fed_round import Sampling, ServerState, evaluate, train_round
 from fedpipe.errors import TrainingError, ValidationError
@@ -106,8 +106,11 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     batch_clients : bool
         One task per worker per round (True) or one per client (False); the same result.
     dask_client, scheduler : optional
-        Use this client's cluster, or connect to a scheduler address; either way the workers
-        must carry ``client-<id>`` resources (they are discovered, no cluster is started).
+        Use this client's cluster, or connect to a scheduler address (no cluster is started).
+        Workers that carry ``client-<id>`` resources are discovered; on a cluster whose workers
+        carry none (plain ``dask worker``, LocalCluster, ...) the clients are assigned to the
+        workers present, balanced by rows, which hold their resources for the run, also across
+        a restart by their nanny (:mod:`fedpipe.engine.lend`).
     out : str, optional
         Run directory (``metrics.jsonl``, ``params.npz``, ``summary.json``, checkpoints).
     checkpoint_every : int
@@ -165,9 +168,10 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     except ValueError as exc:
         raise ValidationError(f"stages: {exc}") from None
     dp = _privacy(chain, len(clients), sampling_, delta, target_epsilon)
-    spec = ClientSpec(str(store_url), partition, float(test_fraction), int(seed), model,
-                      int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
-                      chain, uuid.uuid4().hex[:12])
+    spec = ClientSpec(str(store_url), partition, placement.rows_version(info, partition),
+                      float(test_fraction), int(seed), model, int(local_epochs),
+                      int(batch_size), lr, strategy.mu, strategy.scaffold, chain,
+                      uuid.uuid4().hex[:12])
     round_fn = train_round
     if any(hasattr(stage.before_sum, "secagg") for stage in chain):  # secure_sum in the chain
         from fedpipe.engine import fed_secagg  # needs the cryptography package: only then
@@ -185,7 +189,8 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
             checkpoint_every=checkpoint_every, resume=resume,
             # a dask_client given overrides these; the result does not depend on the cluster
             **({} if dask_client is not None else {"workers": workers, "scheduler": scheduler})))
-    with _cluster(dask_client, scheduler, workers, client_rows) as (dc, groups):
+    with (_cluster(dask_client, scheduler, workers, client_rows, spec.token) as (dc, groups),
+          placement.run_scope(dc, spec.token)):
         placement.set_no_workers_timeout(dc, deadline or DEFAULT_NO_WORKER_TIMEOUT)
         state = fed_state.initial_state(model, strategy, chain, seed)
         if resume:
@@ -333,16 +338,21 @@ def _span(name: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _cluster(dask_client: Client | None, scheduler: str | None, workers: int | None,
-             client_rows: dict[str, int]) -> Iterator[tuple[Client, list[list[str]]]]:
-    """The cluster to run on and the client groups that share a worker."""
+             client_rows: dict[str, int], token: str) -> Iterator[tuple[Client, list[list[str]]]]:
+    """The cluster to run on and the client groups that share a worker.
+
+    An external cluster's workers either carry ``client-<id>`` resources (a deployment) or are
+    lent them for this run (:mod:`fedpipe.engine.lend`).
+    """
     if dask_client is not None:
-        yield dask_client, placement.discover(dask_client, list(client_rows))
+        with lend.placed(dask_client, client_rows, token) as groups:
+            yield dask_client, groups
         return
     if scheduler is not None:
         from fedpipe.cluster import connect
 
-        with connect(scheduler=scheduler) as dc:
-            yield dc, placement.discover(dc, list(client_rows))
+        with connect(scheduler=scheduler) as dc, lend.placed(dc, client_rows, token) as groups:
+            yield dc, groups
         return
     groups = placement.assign_clients(client_rows, min(workers or 2, len(client_rows)))
     with placement.simulation_cluster(groups) as dc:

@@ -16,6 +16,8 @@ are started elsewhere with ``--resources client-<id>=1`` and :func:`discover` fi
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -179,7 +181,8 @@ def discover(dask_client: Client, clients: Sequence[str]) -> list[list[str]]:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise TrainingError(f"no worker carries resource {shown}{more} ({len(workers)} workers "
                             f"for {len(clients)} clients): start workers with --resources "
-                            f"client-<id>=1")
+                            f"client-<id>=1 for every client, or with no client resources "
+                            f"(then fedpipe assigns the clients)")
     by_holders: dict[frozenset[str], list[str]] = {}
     for client in sort_clients(list(clients)):
         by_holders.setdefault(holders[client], []).append(client)
@@ -209,7 +212,11 @@ class ClientCache(WorkerPlugin):
     Attributes
     ----------
     rows : dict
-        ``(url, partition, client, test_fraction, seed) -> (X_train, y_train, X_test, y_test)``.
+        ``(version, partition, client, test_fraction, seed) -> (X_train, y_train, X_test,
+        y_test)``, ``version`` from :func:`rows_version`: a re-partitioned or rewritten store
+        gets new keys, never the rows read before.
+    runs : dict
+        ``rows key -> set of run tokens`` using those rows; :meth:`free` drops rows no run uses.
     state : dict
         ``(run_token, client) -> dict of arrays`` (e.g. SCAFFOLD's control variate).
     info : dict
@@ -225,10 +232,26 @@ class ClientCache(WorkerPlugin):
 
     def __init__(self) -> None:
         self.rows: dict[tuple, tuple[np.ndarray, ...]] = {}
+        self.runs: dict[tuple, set[str]] = {}
         self.state: dict[tuple[str, str], dict[str, np.ndarray]] = {}
         self.info: dict[tuple[str, str], tuple[store.StoreInfo, Any]] = {}
         self.specs: dict[str, Any] = {}
         self.reads = 0
+
+    def free(self, run: str) -> int:
+        """Drop run ``run``'s entries, and rows no other run uses; returns rows dropped."""
+        for key in [k for k, runs in self.runs.items() if run in runs]:
+            self.runs[key].discard(run)
+        unused = [k for k, runs in self.runs.items() if not runs]
+        for key in unused:
+            del self.runs[key]
+            self.rows.pop(key, None)
+        for key in [k for k in self.state if k[0] == run]:
+            del self.state[key]
+        for key in [k for k in self.info if k[1] == run]:
+            del self.info[key]
+        self.specs.pop(run, None)
+        return len(unused)
 
 
 def worker_cache(worker: Worker | None = None) -> ClientCache:
@@ -247,24 +270,46 @@ def _stack(chunks: list[tuple[np.ndarray, np.ndarray]], n_features: int
     return np.concatenate([c[0] for c in chunks]), np.concatenate([c[1] for c in chunks])
 
 
+def rows_version(info: store.StoreInfo, partition: str) -> str:
+    """A digest of what a partition's rows are made of, the key of the rows cached on workers.
+
+    The store's content hash and layout, its preprocessing, and the partition's own metadata
+    (scheme, seed, every client's size and label histogram): re-partitioning under the same
+    name or re-ingesting at the same URL changes it, so no worker serves the rows read before;
+    two copies of one store share their rows.
+    """
+    # A store written without a content hash is told apart by its location instead.
+    facts = {"content_hash": info.content_hash or f"url:{info.url}", "n_rows": info.n_rows,
+             "n_features": info.n_features, "chunk_rows": info.chunk_rows, "dtype": info.dtype,
+             "preprocess": info.preprocess, "stats": info.stats,
+             "partition": [partition, info.partitions.get(partition)]}
+    text = json.dumps(facts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 def client_rows(url: str, partition: str, client: str, *, test_fraction: float,
-                seed: int, run: str = "") -> tuple[tuple[np.ndarray, ...], bool]:
+                seed: int, run: str = "", version: str | None = None
+                ) -> tuple[tuple[np.ndarray, ...], bool]:
     """A client's train and test rows on this worker, read from the store on first use.
 
-    ``run`` (the run's token) scopes the cached store metadata to one run.
+    ``run`` (the run's token) scopes the cached store metadata to one run and marks the rows as
+    used by it (:meth:`ClientCache.free`). ``version`` is :func:`rows_version` of the store's
+    partition, computed by the caller once per run (else here, from the store's metadata).
 
     Returns
     -------
     ((X_train, y_train, X_test, y_test), was_read)
     """
     cache = worker_cache()
-    key = (url, partition, str(client), float(test_fraction), int(seed))
-    if key in cache.rows:
-        return cache.rows[key], False
     if (url, run) not in cache.info:
         group = store.open_group(url)
         cache.info[(url, run)] = (store.read_info(url), group)
     info, group = cache.info[(url, run)]
+    version = version or rows_version(info, partition)
+    key = (version, partition, str(client), float(test_fraction), int(seed))
+    cache.runs.setdefault(key, set()).add(run)
+    if key in cache.rows:
+        return cache.rows[key], False
     sides: tuple[list, list] = ([], [])  # each chunk read once, then split both ways
     for ref in store.chunk_refs(info, partition=partition, client=client):
         X, y = store.read_chunk(url, ref, info=info, group=group)
@@ -274,3 +319,20 @@ def client_rows(url: str, partition: str, client: str, *, test_fraction: float,
     cache.rows[key] = tuple(part for side in sides for part in _stack(side, info.n_features))
     cache.reads += 1
     return cache.rows[key], True
+
+
+@contextlib.contextmanager
+def run_scope(dask_client: Client, run: str) -> Iterator[None]:
+    """Free run ``run``'s rows and state on every worker when the block ends, however it ends.
+
+    Rows another run still uses stay. A worker that is gone took its cache with it.
+    """
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError, TimeoutError):  # a lost cluster has nothing to free
+            dask_client.run(_free_run, run, on_error="ignore")
+
+
+def _free_run(run: str, dask_worker: Worker | None = None) -> int:
+    return worker_cache(dask_worker).free(run)

@@ -8,6 +8,7 @@ fixed ports by free ones and the Secret mount path by a temporary directory.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from distributed import Client
 from fedpipe.cli.main import main
 from fedpipe.deploy import kube, tls
 from fedpipe.deploy import render as deploy
+from fedpipe.engine import placement
 from fedpipe.errors import ConfigError
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -175,10 +177,14 @@ def _remote_helpers():
         cache = dask_worker.plugins.get("fedpipe-client-cache")
         return sorted({key[2] for key in cache.rows}) if cache is not None else []
 
-    return worker_name, cached_clients
+    def reads(dask_worker) -> int:
+        cache = dask_worker.plugins.get("fedpipe-client-cache")
+        return cache.reads if cache is not None else 0
+
+    return worker_name, cached_clients, reads
 
 
-_worker_name, _cached_clients = _remote_helpers()
+_worker_name, _cached_clients, _reads = _remote_helpers()
 
 
 class TestPlainCommands:
@@ -224,13 +230,23 @@ class TestTLSCommands:
             with Client(tls_cluster, timeout="20s") as dask_client:
                 workers = _workers_by_name(dask_client, 2)
                 assert all(w["address"].startswith("tls://") for w in workers.values())
+                reads = dask_client.run(_reads)
+                # Each worker read one client's rows (its own: tasks are pinned by client-<id>),
+                # and the run freed them when it ended.
+                assert {name: reads[w["address"]] for name, w in workers.items()} == {
+                    "fedpipe-client-0-worker-0": 1, "fedpipe-client-1-worker-0": 1}
+                assert all(not c for c in dask_client.run(_cached_clients).values())
+                # Rows cached on client 0's worker by a pinned task, as during a run ...
+                partition = json.loads((out / "summary.json").read_text())["partition"]
+                dask_client.submit(placement.client_rows, store_url, partition, "0",
+                                   test_fraction=0.2, seed=0, pure=False,
+                                   resources={"client-0": 1}).result(timeout=30)
                 cached = dask_client.run(_cached_clients)
                 by_name = {name: cached[w["address"]] for name, w in workers.items()}
-                # Each client's rows were read on its own worker, nowhere else.
                 assert by_name == {"fedpipe-client-0-worker-0": ["0"],
-                                   "fedpipe-client-1-worker-0": ["1"]}
-                # What a Kubernetes scale-down does: retire gracefully. The rows sit outside
-                # the scheduler's view, so none of client 0's reach the remaining worker.
+                                   "fedpipe-client-1-worker-0": []}
+                # ... and what a Kubernetes scale-down does: retire gracefully. The rows sit
+                # outside the scheduler's view, so none of client 0's reach the remaining worker.
                 dask_client.retire_workers([workers["fedpipe-client-0-worker-0"]["address"]],
                                            close_workers=False)
                 cached = dask_client.run(_cached_clients)

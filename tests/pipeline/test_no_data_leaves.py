@@ -94,12 +94,14 @@ def test_no_client_rows_leave_their_worker(fed_store):
             elif r == 3:
                 events["retired"] = by_worker[retiree]["resident"]
                 dc.retire_workers([retiree], close_workers=True)
+            elif r == 4:  # before the run ends and frees its rows
+                events["caches"] = dc.run(_cache_report)
 
         run = federate(fed_store, models.softmax(N_FEATURES, 2), rounds=5, lr=0.1,
                        batch_size=32, deadline=10, dask_client=dc, on_record=disrupt)
         for logs in dc.run(_outgoing).values():
             transfers.extend(logs)
-        caches = dc.run(_cache_report)
+        caches = events["caches"]
 
     # 1. Every Dask result that ever existed is model-sized.
     assert recorder.seen, "the recorder saw no results"
@@ -109,6 +111,7 @@ def test_no_client_rows_leave_their_worker(fed_store):
     moved = {k: n for t in transfers for k, n in t["keys"].items() if n > BOUND}
     assert moved == {}
     # 3. Rows are cached only on the worker that carries the client's resource.
+    assert any(report["cached"] for report in caches.values())
     for report in caches.values():
         assert set(report["cached"]) <= set(report["resident"])
     # The killed worker's clients came back and re-read their rows on their restarted worker.

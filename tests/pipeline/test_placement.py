@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import pytest
 from distributed import wait
 from fedpipe.data import store
@@ -97,3 +98,60 @@ def test_client_rows_are_read_once_on_the_pinned_worker(cluster, tmp_path):
     others = [w for w in workers.values() if w is not holder]
     assert {k[2] for k in placement.worker_cache(holder).rows} == {"2"}
     assert all(not placement.worker_cache(w).rows for w in others)
+
+
+def _cache_sizes(dask_worker) -> dict[str, int]:
+    cache = placement.worker_cache(dask_worker)
+    return {"rows": len(cache.rows), "state": len(cache.state), "info": len(cache.info),
+            "specs": len(cache.specs)}
+
+
+def test_repartitioned_store_is_read_afresh_and_a_run_frees_its_cache(cluster, tmp_path):
+    from fedpipe.data.partition import partition
+    from fedpipe.engine.federate import federate
+    from fedpipe.tasks import aggregate, models
+
+    dc, _ = cluster
+    url = partitioned_store(str(tmp_path / "s.zarr"), clients=3, chunk_rows=50, name="p",
+                            source="synthetic:classification?n_samples=300&n_features=4&seed=5")
+    kwargs = dict(rounds=2, lr=0.2, batch_size=16, partition="p", strategy=aggregate.scaffold())
+    during: list[dict] = []
+
+    def look(record):
+        during.append(dc.run(_cache_sizes))
+
+    def total(sizes, what):
+        return sum(s[what] for s in sizes.values())
+
+    before = dc.run(_cache_sizes)  # other tests' entries, if any
+    first = federate(url, models.softmax(4, 2), dask_client=dc, on_record=look, **kwargs)
+    assert [total(s, "rows") - total(before, "rows") for s in during] == [3, 3]
+    assert [total(s, "state") - total(before, "state") for s in during] == [3, 3]
+    assert dc.run(_cache_sizes) == before  # the run's rows and state are gone
+    partition(url, clients=3, seed=1, name="p")  # same name, same client ids, other rows
+    second = federate(url, models.softmax(4, 2), dask_client=dc, **kwargs)
+    with placement.simulation_cluster([["0", "1"], ["2"]], processes=False,
+                                      dashboard_address=":0") as fresh:
+        reference = federate(url, models.softmax(4, 2), dask_client=fresh, **kwargs)
+    np.testing.assert_array_equal(second.params, reference.params)  # the new rows were used
+    assert not np.array_equal(first.params, second.params)
+
+
+def test_cache_frees_rows_only_when_no_run_uses_them(cluster, tmp_path):
+    dc, _ = cluster
+    url = partitioned_store(str(tmp_path / "s.zarr"), clients=3, chunk_rows=50, name="p",
+                            source="synthetic:classification?n_samples=300&n_features=4&seed=6")
+
+    def use_then_free(client, runs, free):
+        for run in runs:
+            placement.client_rows(url, "p", client, test_fraction=0.2, seed=0, run=run)
+        cache = placement.worker_cache()
+        version = placement.rows_version(store.read_info(url), "p")
+        return [cache.free(run) for run in free], sum(k[0] == version for k in cache.rows)
+
+    pin = placement.resources_of(["2"])
+    freed, left = dc.submit(use_then_free, "2", ["a", "b"], ["a"], pure=False,
+                            resources=pin).result()
+    assert (freed, left) == ([0], 1)  # run b still uses the rows
+    freed, left = dc.submit(use_then_free, "2", [], ["b"], pure=False, resources=pin).result()
+    assert (freed, left) == ([1], 0)
