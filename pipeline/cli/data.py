@@ -17,9 +17,10 @@ from rich.table import Table
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add ``ingest``, ``info`` and ``partition`` to the ``fedpipe`` parser."""
     p = subparsers.add_parser("ingest", parents=parents, help="validate a source and write a zarr store")
-    p.add_argument("source", help="FILE.npz|.csv|.parquet, sklearn:NAME or synthetic:KIND?k=v&...")
+    p.add_argument("source", help="FILE.npz|.npy|.csv|.parquet, sklearn:NAME or synthetic:KIND?k=v&...")
     p.add_argument("store", help="store path or fsspec URL (e.g. memory://name)")
     p.add_argument("--target", help="label column of a CSV/Parquet source (default: target, y or label)")
+    p.add_argument("--labels", metavar="Y.npy", help="labels of a .npy source (which holds X only)")
     p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: about 8 MiB per chunk)")
     p.add_argument("--dtype", choices=ingest_mod.DTYPES, default="float64", help="storage type of X")
     p.add_argument("--impute", choices=ingest_mod.IMPUTE, default="none",
@@ -63,7 +64,7 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     info = ingest_mod.ingest(
         args.source, args.store, target=args.target, chunk_rows=args.chunk_rows, dtype=args.dtype,
         impute=args.impute, standardize=args.standardize, overwrite=args.overwrite,
-        progress=not (args.quiet or args.json), task=args.task)
+        progress=not (args.quiet or args.json), task=args.task, labels=args.labels)
     if console := _console(args):
         console.print(f"{args.store}: {info.n_rows} rows x {info.n_features} features, "
                       f"{info.task}, {info.n_chunks} chunks of {info.chunk_rows} rows")

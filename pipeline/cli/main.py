@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on bad usage already; keep its message to one line naming the culprit."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"fedpipe {self.prog.split(' ', 1)[-1]}: error: {message}\n")
+        # prog is already "fedpipe", "fedpipe train" or "fedpipe deploy render".
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -71,19 +72,28 @@ def _configure_logging(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedpipe`` console script. Returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame the top-level parser; name the command instead
+        print(f"{_prog(args)}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
     _configure_logging(args)
     try:
         summary = args.func(args)
     except FedpipeError as exc:
-        print(f"fedpipe {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"fedpipe {args.command}: interrupted", file=sys.stderr)
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return 130
     if summary is not None and args.json:
         print(json.dumps(summary, default=_json_default))
     return 0
+
+
+def _prog(args: argparse.Namespace) -> str:
+    """``fedpipe train`` or ``fedpipe deploy render``: the command as the user typed it."""
+    action = getattr(args, "deploy_action", None)
+    return " ".join(filter(None, ("fedpipe", args.command, action)))
 
 
 def _json_default(value: object) -> object:
