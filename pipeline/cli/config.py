@@ -155,6 +155,13 @@ def _convert_one(key: str, value: Any, action: argparse.Action) -> Any:
         if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"config key '{key}' must be a string, not {value!r}")
         converted = ",".join(map(str, value))
+    elif getattr(kind, "numeric", False):  # fedpipe.cli.argtypes: a TOML number, range-checked
+        if not isinstance(value, int | float):
+            raise ConfigError(f"config key '{key}' must be {_type_name(kind)}, not {value!r}")
+        try:
+            converted = kind(str(value))  # repr of a float round-trips exactly
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"config key '{key}' {exc}") from None
     elif kind not in (None, str, int, float) and isinstance(value, str | int | float | list):
         # A custom argparse type (e.g. a parser of "256,128"): feed it what the CLI would.
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -171,6 +178,8 @@ def _convert_one(key: str, value: Any, action: argparse.Action) -> Any:
 
 
 def _type_name(kind: object) -> str:
+    if hasattr(kind, "type_name"):
+        return kind.type_name
     return {int: "an integer", float: "a number", str: "a string", None: "a string"}.get(kind, "a string")  # type: ignore[call-overload]
 
 

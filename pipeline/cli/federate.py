@@ -11,12 +11,21 @@ from typing import Any
 
 from fedpipe.cli import config, registry
 from fedpipe.cli import report as cli_report
+from fedpipe.cli.argtypes import (
+    holdout,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+    share,
+)
 from fedpipe.data import store
 from fedpipe.deploy import kube
 from fedpipe.engine.federate import federate
 from fedpipe.errors import ValidationError
 from fedpipe.monitor.dashboard import monitoring
 
+FEDERATE_SCHEMES = ("iid", "dirichlet", "quantity")  # "column" needs `fedpipe partition --column`
 STRATEGY_HELP = "fedavg (default), fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold"
 
 
@@ -26,42 +35,42 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                               help="federated training: clients pinned to their own workers")
     p.add_argument("store", help="store path or fsspec URL")
     data = p.add_argument_group("clients (a partition made for this run; default: the store's own)")
-    data.add_argument("--clients", type=int, help="partition the store among K clients first")
+    data.add_argument("--clients", type=positive_int, help="partition the store among K clients first")
     # No default here: a --scheme given without --clients must be an error, not ignored.
     data.add_argument("--scheme", help="iid (default), dirichlet, quantity")
-    data.add_argument("--alpha", type=float, help="Dirichlet concentration / quantity exponent")
+    data.add_argument("--alpha", type=positive_float, help="Dirichlet concentration / quantity exponent")
     data.add_argument("--partition", help="name of an existing partition of the store")
     model = p.add_argument_group("model and local training")
     model.add_argument("--model", required=True, choices=list(registry.MODELS))
     model.add_argument("--hidden", help="MLP hidden widths, e.g. 256,128")
-    model.add_argument("--l2", type=float, default=0.0, help="L2 penalty (default 0)")
-    model.add_argument("--rounds", type=int, required=True)
-    model.add_argument("--local-epochs", type=int, default=1, help="default 1")
-    model.add_argument("--batch-size", type=int, default=32, help="default 32")
-    model.add_argument("--lr", type=float, default=0.1, help="client step size (default 0.1)")
+    model.add_argument("--l2", type=nonneg_float, default=0.0, help="L2 penalty (default 0)")
+    model.add_argument("--rounds", type=positive_int, required=True)
+    model.add_argument("--local-epochs", type=positive_int, default=1, help="default 1")
+    model.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
+    model.add_argument("--lr", type=positive_float, default=0.1, help="client step size (default 0.1)")
     model.add_argument("--lr-schedule", help="client lr schedule over rounds, e.g. cosine")
     server = p.add_argument_group("strategy and rounds")
     server.add_argument("--strategy", default="fedavg", choices=list(registry.STRATEGIES),
                         help=STRATEGY_HELP)
-    server.add_argument("--mu", type=float, default=0.01, help="FedProx mu (default 0.01)")
-    server.add_argument("--server-lr", type=float,
+    server.add_argument("--mu", type=nonneg_float, default=0.01, help="FedProx mu (default 0.01)")
+    server.add_argument("--server-lr", type=positive_float,
                         help="server step size (default 1.0; 0.01 for fedadam/yogi/adagrad)")
-    share = server.add_mutually_exclusive_group()
-    share.add_argument("--fraction", type=float, help="share of clients sampled per round")
-    share.add_argument("--clients-per-round", type=int, help="clients sampled per round")
-    server.add_argument("--min-clients", type=int, default=1, help="default 1")
-    server.add_argument("--deadline", type=float, help="seconds a round waits for its clients")
-    server.add_argument("--eval-every", type=int, default=1, help="default 1")
+    sampled = server.add_mutually_exclusive_group()
+    sampled.add_argument("--fraction", type=share, help="share of clients sampled per round")
+    sampled.add_argument("--clients-per-round", type=positive_int, help="clients sampled per round")
+    server.add_argument("--min-clients", type=positive_int, default=1, help="default 1")
+    server.add_argument("--deadline", type=positive_float, help="seconds a round waits for its clients")
+    server.add_argument("--eval-every", type=positive_int, default=1, help="default 1")
     run = p.add_argument_group("cluster and run directory")
-    run.add_argument("--workers", type=int, help="simulation workers (default 2)")
+    run.add_argument("--workers", type=positive_int, help="simulation workers (default 2)")
     run.add_argument("--scheduler", help="scheduler address of workers with client-<id> resources")
     run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
                      help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--out", help="run directory")
-    run.add_argument("--checkpoint-every", type=int, default=0, help="rounds between checkpoints")
+    run.add_argument("--checkpoint-every", type=nonneg_int, default=0, help="rounds between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
-    run.add_argument("--seed", type=int, default=0, help="default 0")
-    run.add_argument("--test-fraction", type=float, default=0.2, help="default 0.2")
+    run.add_argument("--seed", type=nonneg_int, default=0, help="default 0")
+    run.add_argument("--test-fraction", type=holdout, default=0.2, help="default 0.2")
     cli_report.add_report_option(p)
     config.add_config_option(p)  # last: --config covers every option above
     p.set_defaults(func=run_federate)
@@ -83,7 +92,8 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     strategy = registry.STRATEGIES[args.strategy](server_lr=args.server_lr, mu=args.mu)
     lr = args.lr
     if args.lr_schedule:
-        lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds)
+        lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds,
+                                     flag="--lr-schedule")
     with monitoring(args, None, mode="federate", total=args.rounds, unit="round",
                     meta={"model": model.name, "strategy": args.strategy}) as on_record:
         result = federate(
@@ -105,6 +115,9 @@ def _check_partition_options(args: argparse.Namespace, on_command_line: set[str]
     ``scheme = "iid"`` from a config file is let through: run directories written before
     ``--scheme`` lost its default record it for runs on an existing partition.
     """
+    if args.clients is not None and args.partition is not None:
+        raise ValidationError(f"--clients {args.clients} makes a partition for this run and "
+                              f"--partition {args.partition} names an existing one: give one")
     if args.clients is None:
         scheme_set = args.scheme is not None and (
             "scheme" in on_command_line or args.scheme != "iid")
@@ -115,6 +128,13 @@ def _check_partition_options(args: argparse.Namespace, on_command_line: set[str]
                                   "partition made for this run); without it use --partition")
     elif args.scheme is None:
         args.scheme = "iid"
+    elif args.scheme == "column":  # it needs a feature column, which only `partition` takes
+        raise ValidationError("--scheme column: make that partition with `fedpipe partition "
+                              "STORE --clients K --scheme column --column NAME --name NAME`, "
+                              "then give federate --partition NAME")
+    elif args.scheme not in FEDERATE_SCHEMES:
+        raise ValidationError(f"--scheme must be one of {', '.join(FEDERATE_SCHEMES)}, "
+                              f"got {args.scheme!r}")
 
 
 def _partition_name(args: argparse.Namespace) -> str:

@@ -72,7 +72,10 @@ def _configure_logging(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedpipe`` console script. Returns the exit status."""
     parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line printed already)
+        return int(exc.code or 0)
     if unknown:  # argparse would blame the top-level parser; name the command instead
         print(f"{_prog(args)}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
         return 2
@@ -81,6 +84,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = args.func(args)
     except FedpipeError as exc:
         print(f"{_prog(args)}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave (a lost connection, ...)
+            raise
+        # --out pointing into a file, an unwritable directory: the path is the culprit.
+        print(f"{_prog(args)}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{_prog(args)}: interrupted", file=sys.stderr)

@@ -54,7 +54,7 @@ def test_info_verify_reports_bad_chunks_and_exits_2(tmp_path, capsys):
     [(["ingest", "BAD.csv", "OUT"], "column 'city' is not numeric"),
      (["ingest", "NAN.csv", "OUT"], "column 'b' has NaN at row 2"),
      (["ingest", "OK.csv", "OUT", "--target", "zz"], "target column 'zz' not found"),
-     (["ingest", "OK.csv", "OUT", "--chunk-rows", "-5"], "--chunk-rows must be a positive integer"),
+     (["ingest", "OK.csv", "OUT", "--chunk-rows", "-5"], "argument --chunk-rows: must be an integer >= 1"),
      (["ingest", "sklearn:nope", "OUT"], "unknown sklearn dataset 'nope'"),
      (["info", "OUT"], "no zarr v3 store"),
      (["partition", "OUT", "--clients", "2"], "no zarr v3 store")],
