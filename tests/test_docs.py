@@ -77,6 +77,8 @@ def _run_command(line: str, expected: int, capsys) -> None:
     assert code == expected, f"{line!r} exited {code}, the page shows {expected}:\n{captured.err}"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # a page is a session: several ingests and runs, one cluster each
 @pytest.mark.parametrize("page", [p for p in PAGES if steps(p)], ids=lambda p: p.name)
 def test_page_runs_in_order(page, tmp_path, monkeypatch, capsys):
     # Examples write relative paths; run them in a scratch copy of the working directory.
