@@ -37,6 +37,16 @@ NOT_SAVED = frozenset({"config", "json", "verbose", "quiet", "help", "func", "co
 # than run something else (fedpipe.cli.repeat writes it).
 NOT_REPEATABLE = "not_repeatable"
 _SPEC = "_fedpipe_config_spec"
+# --resume continues the run in --out: the options it does not give come from that run's
+# config.toml, and the ones it gives must equal the run's, except these, which do not change
+# what the run computes (where it runs, how often it checkpoints or evaluates, when a round
+# stops waiting for a slow client) ...
+RESUME_FREE = frozenset({"workers", "threads", "scheduler", "kubernetes", "cache", "out",
+                         "checkpoint_every", "resume", "report", "config", "eval_every",
+                         "deadline", "min_clients"})
+# ... and these, which may grow to extend the run, unless a schedule decays over the run's
+# length (cosine without total=N): a longer run would then have taken other steps all along.
+RESUME_EXTEND = frozenset({"iterations", "epochs", "rounds"})
 
 
 def add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -81,18 +91,76 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     given = {k: v for k, v in vars(args).items() if k != _SPEC}
     path = given.get("config")
     file_values = check_values(load_toml(path), spec, path) if path else {}
+    explicit = {**file_values, **given}
+    saved_path, saved = _resumed_run(explicit, spec)
     resolved = dict(given)
     for dest, action in spec.items():
         if dest in given:
             continue
         if dest in file_values:
             resolved[dest] = file_values[dest]
+        elif dest in saved:
+            resolved[dest] = saved[dest]
         elif getattr(action, "fedpipe_required", False):
             flag = action.option_strings[-1] if action.option_strings else dest.upper()
             raise ConfigError(f"{flag} is required: give it on the command line or as '{dest}' in the config file")
         else:
             resolved[dest] = action.fedpipe_default  # type: ignore[attr-defined]
+    if saved_path is not None:
+        check_resume(resolved, saved, spec, saved_path)
     return argparse.Namespace(**resolved)
+
+
+def _resumed_run(explicit: Mapping[str, Any], spec: Mapping[str, argparse.Action]
+                 ) -> tuple[Path | None, dict[str, Any]]:
+    """With ``--resume --out RUN``: the path and options of ``RUN/config.toml``, if it has one."""
+    if not explicit.get("resume") or not explicit.get("out"):
+        return None, {}
+    path = Path(explicit["out"]) / rundir.CONFIG
+    if not path.is_file():
+        return None, {}  # nothing recorded to compare with (the engine says if it cannot resume)
+    return path, check_values(load_toml(path), spec, path)
+
+
+def check_resume(resolved: Mapping[str, Any], saved: Mapping[str, Any],
+                 spec: Mapping[str, argparse.Action], source: object) -> None:
+    """Refuse a ``--resume`` whose options would change what the run computes.
+
+    ``saved`` holds the run's options (its ``config.toml``), ``resolved`` the new ones. Options
+    in :data:`RESUME_FREE` may differ; those in :data:`RESUME_EXTEND` may grow. Called before
+    anything is written, so a refused resume leaves the run directory as it was.
+
+    Raises
+    ------
+    ConfigError
+        Naming the first option that differs, with both values.
+    """
+    schedule = str(saved.get("schedule") or saved.get("lr_schedule") or "")
+    fixed_length = schedule.startswith("cosine") and "total=" not in schedule
+    for dest, action in spec.items():
+        old, new = saved.get(dest), resolved.get(dest)
+        if dest in RESUME_FREE or _same_value(dest, old, new):
+            continue
+        flag = action.option_strings[-1] if action.option_strings else dest.upper()
+        if dest in RESUME_EXTEND and old is not None and new is not None and new > old:
+            if not fixed_length:
+                continue
+            raise ConfigError(f"--resume: {flag} {new} would change the run's {schedule!r} "
+                              f"schedule, which decays over its {old} steps (give "
+                              f"{schedule}:total=N to a run you mean to extend)")
+        raise ConfigError(f"--resume: {flag} {_shown(new)} differs from the run's {_shown(old)} "
+                          f"({source}); resuming would change what the run computes. Resume "
+                          "with the run's value, or start a new run with another --out")
+
+
+def _same_value(dest: str, old: Any, new: Any) -> bool:
+    if dest == "store" and isinstance(old, str) and isinstance(new, str) and "://" not in old + new:
+        return Path(old).resolve() == Path(new).resolve()  # ./a.zarr is a.zarr
+    return old == new
+
+
+def _shown(value: Any) -> str:
+    return "(not set)" if value is None else repr(value) if isinstance(value, str) else str(value)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -155,6 +223,13 @@ def _convert_one(key: str, value: Any, action: argparse.Action) -> Any:
         if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"config key '{key}' must be a string, not {value!r}")
         converted = ",".join(map(str, value))
+    elif getattr(kind, "numeric", False):  # fedpipe.cli.argtypes: a TOML number, range-checked
+        if not isinstance(value, int | float):
+            raise ConfigError(f"config key '{key}' must be {_type_name(kind)}, not {value!r}")
+        try:
+            converted = kind(str(value))  # repr of a float round-trips exactly
+        except argparse.ArgumentTypeError as exc:
+            raise ConfigError(f"config key '{key}' {exc}") from None
     elif kind not in (None, str, int, float) and isinstance(value, str | int | float | list):
         # A custom argparse type (e.g. a parser of "256,128"): feed it what the CLI would.
         text = ",".join(map(str, value)) if isinstance(value, list) else str(value)
@@ -171,6 +246,8 @@ def _convert_one(key: str, value: Any, action: argparse.Action) -> Any:
 
 
 def _type_name(kind: object) -> str:
+    if hasattr(kind, "type_name"):
+        return kind.type_name
     return {int: "an integer", float: "a number", str: "a string", None: "a string"}.get(kind, "a string")  # type: ignore[call-overload]
 
 

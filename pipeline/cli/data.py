@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from fedpipe.cli.argtypes import nonneg_int, positive_float, positive_int
 from fedpipe.data import ingest as ingest_mod
 from fedpipe.data import partition as partition_mod
 from fedpipe.data.store import StoreInfo, read_info, verify_store
@@ -17,10 +18,11 @@ from rich.table import Table
 def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add ``ingest``, ``info`` and ``partition`` to the ``fedpipe`` parser."""
     p = subparsers.add_parser("ingest", parents=parents, help="validate a source and write a zarr store")
-    p.add_argument("source", help="FILE.npz|.csv|.parquet, sklearn:NAME or synthetic:KIND?k=v&...")
+    p.add_argument("source", help="FILE.npz|.npy|.csv|.parquet, sklearn:NAME or synthetic:KIND?k=v&...")
     p.add_argument("store", help="store path or fsspec URL (e.g. memory://name)")
     p.add_argument("--target", help="label column of a CSV/Parquet source (default: target, y or label)")
-    p.add_argument("--chunk-rows", type=int, help="rows per chunk (default: about 8 MiB per chunk)")
+    p.add_argument("--labels", metavar="Y.npy", help="labels of a .npy source (which holds X only)")
+    p.add_argument("--chunk-rows", type=positive_int, help="rows per chunk (default: about 8 MiB per chunk)")
     p.add_argument("--dtype", choices=ingest_mod.DTYPES, default="float64", help="storage type of X")
     p.add_argument("--impute", choices=ingest_mod.IMPUTE, default="none",
                    help="fill NaN/inf when reading (default none: NaN/inf is an error)")
@@ -37,13 +39,13 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
 
     p = subparsers.add_parser("partition", parents=parents, help="split rows among federated clients")
     p.add_argument("store", help="store path or fsspec URL")
-    p.add_argument("--clients", type=int, required=True, help="number of clients")
+    p.add_argument("--clients", type=positive_int, required=True, help="number of clients")
     p.add_argument("--scheme", choices=partition_mod.SCHEMES, default="iid", help="default iid")
-    p.add_argument("--alpha", type=float,
+    p.add_argument("--alpha", type=positive_float,
                    help="Dirichlet concentration (default 0.5) or quantity power-law exponent (1.0)")
     p.add_argument("--column", help="feature column whose values define clients (--scheme column)")
-    p.add_argument("--min-size", type=int, default=1, help="fewest rows per client (default 1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the assignment (default 0)")
+    p.add_argument("--min-size", type=nonneg_int, default=1, help="fewest rows per client (default 1)")
+    p.add_argument("--seed", type=nonneg_int, default=0, help="seed of the assignment (default 0)")
     p.add_argument("--name", default="default", help="partition name (default: default)")
     p.set_defaults(func=run_partition)
 
@@ -63,7 +65,7 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     info = ingest_mod.ingest(
         args.source, args.store, target=args.target, chunk_rows=args.chunk_rows, dtype=args.dtype,
         impute=args.impute, standardize=args.standardize, overwrite=args.overwrite,
-        progress=not (args.quiet or args.json), task=args.task)
+        progress=not (args.quiet or args.json), task=args.task, labels=args.labels)
     if console := _console(args):
         console.print(f"{args.store}: {info.n_rows} rows x {info.n_features} features, "
                       f"{info.task}, {info.n_chunks} chunks of {info.chunk_rows} rows")

@@ -24,6 +24,7 @@ from fedpipe.data.store import StoreInfo
 from fedpipe.engine import placement
 from fedpipe.engine.federate import federate
 from fedpipe.engine.train import fit
+from fedpipe.errors import ValidationError
 from fedpipe.monitor import report
 from fedpipe.monitor.dashboard import install_page, monitoring
 
@@ -61,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction, parents: list[argparse.Argu
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo; returns paths, the dashboard link and the comparison rows."""
     plan = QUICK if args.quick else FULL
+    _check_dashboard_address(args.dashboard_address)
     out = Path(args.out)
     start = time.perf_counter()
     digits, synthetic = ingest_data(out / "data", plan, progress=not (args.quiet or args.json))
@@ -82,6 +84,13 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     return {"out": str(out), "dashboard": page, "compare": str(compare_html),
             "reports": [str(r) for r in reports], "runs": table,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _check_dashboard_address(address: str) -> None:
+    # Checked before minutes of ingest, not when the cluster starts at the end of them.
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535 or " " in host:
+        raise ValidationError(f"--dashboard-address {address!r}: expected [HOST]:PORT, e.g. :8787")
 
 
 def ingest_data(data_dir: Path, plan: Plan, progress: bool) -> tuple[StoreInfo, StoreInfo]:

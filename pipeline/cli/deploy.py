@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
+from fedpipe.cli.argtypes import nonneg_int, positive_int
 from fedpipe.deploy import kube, tls
 from fedpipe.deploy import render as deploy
 from fedpipe.errors import ConfigError
@@ -46,9 +48,9 @@ def _cluster_options() -> argparse.ArgumentParser:
                          help=f"image with a tag or digest (default {deploy.default_image()})")
     options.add_argument("--namespace", default=None, help="Kubernetes namespace")
     options.add_argument("--name", default="fedpipe", help="DaskCluster name (default fedpipe)")
-    options.add_argument("--server-workers", type=int, default=1,
+    options.add_argument("--server-workers", type=nonneg_int, default=1,
                          help="replicas of the server worker group (default 1)")
-    options.add_argument("--threads", type=int, default=2, help="threads per worker (default 2)")
+    options.add_argument("--threads", type=positive_int, default=2, help="threads per worker (default 2)")
     options.add_argument("--memory", default="4Gi", help="memory per worker (default 4Gi)")
     options.add_argument("--data-path", default="/data",
                          help="mount path of each client's data volume (default /data)")
@@ -59,7 +61,30 @@ def _cluster_options() -> argparse.ArgumentParser:
     return options
 
 
+# Kubernetes' own grammars: a memory quantity, a label key ([DNS-subdomain/]name), an object name.
+_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$")
+_LABEL_NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
+_LABEL_KEY = re.compile(rf"^({_SUBDOMAIN}/)?{_LABEL_NAME}$")
+_OBJECT_NAME = re.compile(rf"^{_SUBDOMAIN}$")
+
+
+def _check_options(args: argparse.Namespace) -> None:
+    """What Kubernetes would refuse at apply time, refused here naming the flag."""
+    if not _QUANTITY.match(args.memory):
+        raise ConfigError(f"--memory {args.memory!r} is not a Kubernetes quantity (e.g. 4Gi, 512Mi)")
+    if not args.data_path.startswith("/"):
+        raise ConfigError(f"--data-path {args.data_path!r} must be an absolute path in the pod")
+    for flag, key in (("--node-label", args.node_label), ("--taint", args.taint)):
+        if key is not None and not _LABEL_KEY.match(key):
+            raise ConfigError(f"{flag} {key!r} is not a Kubernetes label key ([prefix/]name)")
+    secret = getattr(args, "tls_secret", None)
+    if secret is not None and (len(secret) > 253 or not _OBJECT_NAME.match(secret)):
+        raise ConfigError(f"--tls-secret {secret!r} is not a Kubernetes object name")
+
+
 def _render_options(args: argparse.Namespace) -> dict[str, Any]:
+    _check_options(args)
     return {
         "name": args.name,
         "server_workers": args.server_workers,

@@ -11,12 +11,22 @@ from typing import Any
 
 from fedpipe.cli import config, registry
 from fedpipe.cli import report as cli_report
+from fedpipe.cli.argtypes import (
+    holdout,
+    nonneg_float,
+    nonneg_int,
+    open_share,
+    positive_float,
+    positive_int,
+    share,
+)
 from fedpipe.data import store
 from fedpipe.deploy import kube
 from fedpipe.engine.federate import federate
 from fedpipe.errors import ValidationError
 from fedpipe.monitor.dashboard import monitoring
 
+FEDERATE_SCHEMES = ("iid", "dirichlet", "quantity")  # "column" needs `fedpipe partition --column`
 STRATEGY_HELP = "fedavg (default), fedprox, fedavgm, fedadam, fedyogi, fedadagrad, scaffold"
 
 
@@ -26,56 +36,56 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                               help="federated training: clients pinned to their own workers")
     p.add_argument("store", help="store path or fsspec URL")
     data = p.add_argument_group("clients (a partition made for this run; default: the store's own)")
-    data.add_argument("--clients", type=int, help="partition the store among K clients first")
+    data.add_argument("--clients", type=positive_int, help="partition the store among K clients first")
     # No default here: a --scheme given without --clients must be an error, not ignored.
     data.add_argument("--scheme", help="iid (default), dirichlet, quantity")
-    data.add_argument("--alpha", type=float, help="Dirichlet concentration / quantity exponent")
+    data.add_argument("--alpha", type=positive_float, help="Dirichlet concentration / quantity exponent")
     data.add_argument("--partition", help="name of an existing partition of the store")
     model = p.add_argument_group("model and local training")
     model.add_argument("--model", required=True, choices=list(registry.MODELS))
     model.add_argument("--hidden", help="MLP hidden widths, e.g. 256,128")
-    model.add_argument("--l2", type=float, default=0.0, help="L2 penalty (default 0)")
-    model.add_argument("--rounds", type=int, required=True)
-    model.add_argument("--local-epochs", type=int, default=1, help="default 1")
-    model.add_argument("--batch-size", type=int, default=32, help="default 32")
-    model.add_argument("--lr", type=float, default=0.1, help="client step size (default 0.1)")
+    model.add_argument("--l2", type=nonneg_float, default=0.0, help="L2 penalty (default 0)")
+    model.add_argument("--rounds", type=positive_int, required=True)
+    model.add_argument("--local-epochs", type=positive_int, default=1, help="default 1")
+    model.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
+    model.add_argument("--lr", type=positive_float, default=0.1, help="client step size (default 0.1)")
     model.add_argument("--lr-schedule", help="client lr schedule over rounds, e.g. cosine")
     server = p.add_argument_group("strategy and rounds")
     server.add_argument("--strategy", default="fedavg", choices=list(registry.STRATEGIES),
                         help=STRATEGY_HELP)
-    server.add_argument("--mu", type=float, default=0.01, help="FedProx mu (default 0.01)")
-    server.add_argument("--server-lr", type=float,
+    server.add_argument("--mu", type=nonneg_float, default=0.01, help="FedProx mu (default 0.01)")
+    server.add_argument("--server-lr", type=positive_float,
                         help="server step size (default 1.0; 0.01 for fedadam/yogi/adagrad)")
-    share = server.add_mutually_exclusive_group()
-    share.add_argument("--fraction", type=float, help="share of clients sampled per round")
-    share.add_argument("--clients-per-round", type=int, help="clients sampled per round")
-    server.add_argument("--min-clients", type=int, default=1, help="default 1")
-    server.add_argument("--deadline", type=float, help="seconds a round waits for its clients")
-    server.add_argument("--eval-every", type=int, default=1, help="default 1")
+    sampled = server.add_mutually_exclusive_group()
+    sampled.add_argument("--fraction", type=share, help="share of clients sampled per round")
+    sampled.add_argument("--clients-per-round", type=positive_int, help="clients sampled per round")
+    server.add_argument("--min-clients", type=positive_int, default=1, help="default 1")
+    server.add_argument("--deadline", type=positive_float, help="seconds a round waits for its clients")
+    server.add_argument("--eval-every", type=positive_int, default=1, help="default 1")
     sec = p.add_argument_group("secure aggregation (the server learns only the sum)")
     sec.add_argument("--secure-aggregation", action="store_true",
                      help="mask updates (SecAgg, Bonawitz et al. 2017); see "
                           "docs/secure-aggregation.md")
-    sec.add_argument("--secagg-threshold", type=float, default=0.5,
+    sec.add_argument("--secagg-threshold", type=positive_float, default=0.5,
                      help="Shamir threshold: a count, or below 1 a fraction of each share "
                           "group (default 0.5)")
     sec.add_argument("--secagg-graph", choices=["full", "sparse"], default="full",
                      help="pairwise masks with every client, or SecAgg+'s sparse graph")
-    sec.add_argument("--secagg-bits", type=int, default=32, help="k of Z_2^k (default 32)")
-    sec.add_argument("--secagg-bound", type=float, default=1e4,
+    sec.add_argument("--secagg-bits", type=positive_int, default=32, help="k of Z_2^k (default 32)")
+    sec.add_argument("--secagg-bound", type=positive_float, default=1e4,
                      help="largest |value| of a row-weighted update entry (default 1e4)")
-    sec.add_argument("--dropout", type=float, default=0.0,
+    sec.add_argument("--dropout", type=holdout, default=0.0,
                      help="simulation: share of each round's clients that drop out mid-protocol")
     chain = p.add_argument_group("privacy, robustness, compression (docs/privacy.md)")
     chain.add_argument("--dp", choices=["central", "local"],
                        help="differential privacy: noise on the server's sum or on each client")
     chain.add_argument("--clip", help="clip each update to this L2 norm, or 'adaptive[:Q]'")
-    chain.add_argument("--noise-multiplier", type=float,
+    chain.add_argument("--noise-multiplier", type=positive_float,
                        help="noise std over the clip norm (z); or give --target-epsilon")
-    chain.add_argument("--target-epsilon", type=float,
+    chain.add_argument("--target-epsilon", type=positive_float,
                        help="privacy budget: sets z for the planned rounds, or, with "
                             "--noise-multiplier, stops before the round that would pass it")
-    chain.add_argument("--delta", type=float, help="δ of the reported ε (default 1e-5)")
+    chain.add_argument("--delta", type=open_share, help="δ of the reported ε (default 1e-5)")
     chain.add_argument("--reproducible-noise", action="store_true",
                        help="noise from --seed (a simulation) instead of OS entropy")
     chain.add_argument("--aggregator", default="mean",
@@ -83,18 +93,18 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                             "multi-krum[:F], centered-clip[:TAU]")
     chain.add_argument("--compress", help="fp16, int8 or topk:FRACTION (e.g. topk:0.01)")
     run = p.add_argument_group("cluster and run directory")
-    run.add_argument("--workers", type=int, help="simulation workers (default 2)")
+    run.add_argument("--workers", type=positive_int, help="simulation workers (default 2)")
     run.add_argument("--scheduler", help="address of a running Dask scheduler (plain workers are "
                      "lent client-<id> resources for the run)")
     run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
                      help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--out", help="run directory")
-    run.add_argument("--checkpoint-every", type=int, default=0, help="rounds between checkpoints")
+    run.add_argument("--checkpoint-every", type=nonneg_int, default=0, help="rounds between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the earlier run in --out once this one has finished")
-    run.add_argument("--seed", type=int, default=0, help="default 0")
-    run.add_argument("--test-fraction", type=float, default=0.2, help="default 0.2")
+    run.add_argument("--seed", type=nonneg_int, default=0, help="default 0")
+    run.add_argument("--test-fraction", type=holdout, default=0.2, help="default 0.2")
     cli_report.add_report_option(p)
     config.add_config_option(p)  # last: --config covers every option above
     p.set_defaults(func=run_federate)
@@ -116,7 +126,8 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     strategy = registry.STRATEGIES[args.strategy](server_lr=args.server_lr, mu=args.mu)
     lr = args.lr
     if args.lr_schedule:
-        lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds)
+        lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds,
+                                     flag="--lr-schedule")
     stages = _secure_chain(args, info, partition, _make_chain(args, info, partition))
     with monitoring(args, None, mode="federate", total=args.rounds, unit="round",
                     meta={"model": model.name, "strategy": args.strategy,
@@ -176,6 +187,9 @@ def _check_partition_options(args: argparse.Namespace, on_command_line: set[str]
     ``scheme = "iid"`` from a config file is let through: run directories written before
     ``--scheme`` lost its default record it for runs on an existing partition.
     """
+    if args.clients is not None and args.partition is not None:
+        raise ValidationError(f"--clients {args.clients} makes a partition for this run and "
+                              f"--partition {args.partition} names an existing one: give one")
     if args.clients is None:
         scheme_set = args.scheme is not None and (
             "scheme" in on_command_line or args.scheme != "iid")
@@ -186,6 +200,13 @@ def _check_partition_options(args: argparse.Namespace, on_command_line: set[str]
                                   "partition made for this run); without it use --partition")
     elif args.scheme is None:
         args.scheme = "iid"
+    elif args.scheme == "column":  # it needs a feature column, which only `partition` takes
+        raise ValidationError("--scheme column: make that partition with `fedpipe partition "
+                              "STORE --clients K --scheme column --column NAME --name NAME`, "
+                              "then give federate --partition NAME")
+    elif args.scheme not in FEDERATE_SCHEMES:
+        raise ValidationError(f"--scheme must be one of {', '.join(FEDERATE_SCHEMES)}, "
+                              f"got {args.scheme!r}")
 
 
 def _secure_chain(args: argparse.Namespace, info, partition: str | None,

@@ -32,7 +32,8 @@ class _Parser(argparse.ArgumentParser):
     """argparse exits 2 on bad usage already; keep its message to one line naming the culprit."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"fedpipe {self.prog.split(' ', 1)[-1]}: error: {message}\n")
+        # prog is already "fedpipe", "fedpipe train" or "fedpipe deploy render".
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def common_options() -> argparse.ArgumentParser:
@@ -86,18 +87,24 @@ _INPUT_OS_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, Pe
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fedpipe`` console script. Returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, unknown = parser.parse_known_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2, one line printed already)
+        return int(exc.code or 0)
+    if unknown:  # argparse would blame the top-level parser; name the command instead
+        print(f"{_prog(args)}: error: unrecognized arguments: {' '.join(unknown)}", file=sys.stderr)
+        return 2
     _configure_logging(args)
     try:
         summary = args.func(args)
     except KeyboardInterrupt:
-        print(f"fedpipe {args.command}: interrupted", file=sys.stderr)
+        print(f"{_prog(args)}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # one line, whatever failed; the traceback only with -v
         if args.verbose:
             log.exception("fedpipe %s failed", args.command)
         status, message = _classify(exc)
-        print(f"fedpipe {args.command}: error: {message}", file=sys.stderr)
+        print(f"{_prog(args)}: error: {message}", file=sys.stderr)
         return status
     if summary is not None and args.json:
         print(json.dumps(summary, default=_json_default))
@@ -124,6 +131,12 @@ def _classify(exc: Exception) -> tuple[int, str]:
         return EXIT_INFRASTRUCTURE, f"{type(exc).__name__}: {text} (rerun with -v for details)"
     return EXIT_BUG, (f"internal error, please report it: {type(exc).__name__}: {text} "
                       "(rerun with -v for the traceback)")
+
+
+def _prog(args: argparse.Namespace) -> str:
+    """``fedpipe train`` or ``fedpipe deploy render``: the command as the user typed it."""
+    action = getattr(args, "deploy_action", None)
+    return " ".join(filter(None, ("fedpipe", args.command, action)))
 
 
 def _json_default(value: object) -> object:

@@ -183,7 +183,8 @@ def _schedule_params(spec: str, factory: ScheduleFactory) -> dict[str, int | flo
     return params
 
 
-def parse_schedule(spec: str, lr: float, total_steps: int | None = None) -> Schedule:
+def parse_schedule(spec: str, lr: float, total_steps: int | None = None,
+                   flag: str = "--schedule") -> Schedule:
     """A schedule from a spec like ``"cosine"`` or ``"step:every=10,factor=0.5"``.
 
     ``total_steps`` (the run's number of updates) is what ``cosine`` decays over unless the
@@ -196,14 +197,14 @@ def parse_schedule(spec: str, lr: float, total_steps: int | None = None) -> Sche
     """
     name = spec.partition(":")[0].strip().replace("_", "-")
     if name not in SCHEDULES:
-        raise ValidationError(f"unknown --schedule {name!r}; choose from {', '.join(SCHEDULES)}")
+        raise ValidationError(f"unknown {flag} {name!r}; choose from {', '.join(SCHEDULES)}")
     factory = SCHEDULES[name]
     try:
         return factory(lr, total_steps, **_schedule_params(spec, factory))
+    except ValidationError as exc:  # written for --schedule; federate calls it --lr-schedule
+        raise ValidationError(str(exc).replace("--schedule", flag)) from None
     except ValueError as exc:
-        if isinstance(exc, ValidationError):
-            raise
-        raise ValidationError(f"--schedule {spec!r}: {exc}") from None
+        raise ValidationError(f"{flag} {spec!r}: {exc}") from None
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any
 
 from fedpipe.cli import config, registry
 from fedpipe.cli import report as cli_report
+from fedpipe.cli.argtypes import holdout, nonneg_float, nonneg_int, positive_float, positive_int
 from fedpipe.data import store
 from fedpipe.deploy import kube
 from fedpipe.engine.train import CACHE_MODES, fit
@@ -26,37 +27,37 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--model", required=True, help=", ".join(registry.MODELS))
     model.add_argument("--hidden", help="MLP hidden widths (default 256,128)")
-    model.add_argument("--l2", type=float, default=0.0, help="L2 penalty (default 0)")
-    model.add_argument("--l1", type=float, default=0.0, help="L1 penalty (default 0)")
+    model.add_argument("--l2", type=nonneg_float, default=0.0, help="L2 penalty (default 0)")
+    model.add_argument("--l1", type=nonneg_float, default=0.0, help="L1 penalty (default 0)")
     opt = p.add_argument_group("optimizer")
     opt.add_argument("--optimizer", default="sgd", help=", ".join(registry.OPTIMIZERS))
-    opt.add_argument("--lr", type=float, default=0.1, help="learning rate (default 0.1)")
+    opt.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
     opt.add_argument("--schedule", help="constant (default), step, exponential, inverse-time, "
                                         "cosine; parameters as step:every=10,factor=0.5")
     length = p.add_mutually_exclusive_group()
-    length.add_argument("--iterations", type=int, help="full-batch iterations")
-    length.add_argument("--epochs", type=int, help="mini-batch epochs")
-    opt.add_argument("--batch-size", type=int, help="rows per mini-batch step (with --epochs)")
-    opt.add_argument("--tol", type=float, help="stop when the loss changes by at most this "
+    length.add_argument("--iterations", type=positive_int, help="full-batch iterations")
+    length.add_argument("--epochs", type=positive_int, help="mini-batch epochs")
+    opt.add_argument("--batch-size", type=positive_int, help="rows per mini-batch step (with --epochs)")
+    opt.add_argument("--tol", type=nonneg_float, help="stop when the loss changes by at most this "
                                                "(relative)")
     run = p.add_argument_group("cluster and run directory")
-    run.add_argument("--workers", type=int, help="LocalCluster workers")
-    run.add_argument("--threads", type=int, help="threads per worker")
+    run.add_argument("--workers", type=positive_int, help="LocalCluster workers")
+    run.add_argument("--threads", type=positive_int, help="threads per worker")
     run.add_argument("--scheduler", help="address of a running scheduler")
     run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
                      help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--cache", default="auto", choices=CACHE_MODES,
                      help="keep chunks in worker memory or stream them (default auto)")
-    run.add_argument("--chunks-per-task", type=int, default=1,
+    run.add_argument("--chunks-per-task", type=positive_int, default=1,
                      help="consecutive chunks per gradient task (default 1)")
-    run.add_argument("--test-fraction", type=float, default=0.2,
+    run.add_argument("--test-fraction", type=holdout, default=0.2,
                      help="held-out share of rows (default 0.2; 0 trains on every row)")
     run.add_argument("--out", help="run directory")
-    run.add_argument("--checkpoint-every", type=int, help="iterations (epochs) between checkpoints")
+    run.add_argument("--checkpoint-every", type=nonneg_int, help="iterations (epochs) between checkpoints")
     run.add_argument("--resume", action="store_true", help="continue --out from its checkpoint")
     run.add_argument("--overwrite", action="store_true",
                      help="replace the earlier run in --out once this one has finished")
-    run.add_argument("--seed", type=int, default=0, help="default 0")
+    run.add_argument("--seed", type=nonneg_int, default=0, help="default 0")
     cli_report.add_report_option(p)
     config.add_config_option(p)
     p.set_defaults(func=run_train)

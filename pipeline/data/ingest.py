@@ -58,6 +58,7 @@ def ingest(
     overwrite: bool = False,
     progress: bool = True,
     task: str | None = None,
+    labels: str | None = None,
 ) -> StoreInfo:
     """Validate ``source`` and write it as a fedpipe store at ``store``.
 
@@ -65,7 +66,8 @@ def ingest(
     ----------
     source : str
         ``sklearn:NAME``, ``synthetic:classification?...``, ``synthetic:regression?...``,
-        or a path to an ``.npz`` (arrays ``X``, ``y``), ``.csv`` or ``.parquet`` file.
+        or a path to an ``.npz`` (arrays ``X``, ``y``), ``.npy`` (``X`` only: give
+        ``labels``), ``.csv`` or ``.parquet`` file.
     store : str
         Local path or fsspec URL (``memory://...``) of the zarr store to create.
     target : str, optional
@@ -85,6 +87,8 @@ def ingest(
         Show a progress bar on stderr.
     task : {"regression", "binary", "multiclass"}, optional
         Override the task known to the source or inferred from ``y``.
+    labels : str, optional
+        The ``.npy`` file of ``y`` for a ``.npy`` source (``--labels``).
 
     Returns
     -------
@@ -92,7 +96,7 @@ def ingest(
         Metadata of the new store.
     """
     _check_options(chunk_rows, dtype, impute, task)
-    src = sources_mod.open_source(source, target=target)
+    src = sources_mod.open_source(source, target=target, labels=labels)
     return _ingest_source(src, store, chunk_rows=chunk_rows, dtype=dtype, impute=impute,
                           standardize=standardize, overwrite=overwrite, progress=progress, task=task)
 

@@ -1,6 +1,8 @@
 """Data sources for ingest: each yields ``(X, y)`` batches of float64 rows plus a schema.
 
-In-memory sources (``sklearn:NAME``, ``synthetic:...``, ``.npz``) are sliced into batches;
+In-memory sources (``sklearn:NAME``, ``synthetic:...``, ``.npz``, ``.npy`` with its labels in
+a second ``.npy``) are sliced into batches (a ``.npy`` is memory-mapped, so it is read batch by
+batch too);
 CSV and Parquet are streamed (``pandas.read_csv(chunksize=)``,
 ``pyarrow.parquet.ParquetFile.iter_batches``) so a file larger than memory never is whole.
 Schema problems (a non-numeric column, a missing target, mismatched lengths) are raised as
@@ -48,9 +50,14 @@ class Source:
     in_memory: bool = False  # already whole in memory: larger write blocks cost nothing
 
 
-def open_source(spec: str, *, target: str | None = None) -> Source:
-    """Parse a SOURCE string and check its schema; no rows are read yet for CSV/Parquet."""
+def open_source(spec: str, *, target: str | None = None, labels: str | None = None) -> Source:
+    """Parse a SOURCE string and check its schema; no rows are read yet for CSV/Parquet.
+
+    ``labels`` is the ``.npy`` file of ``y`` for a ``.npy`` source, which holds only ``X``.
+    """
     spec = str(spec)
+    if labels is not None and not spec.lower().endswith(".npy"):
+        raise ValidationError(f"--labels applies to a .npy source (X only), not {spec}")
     if spec.startswith("sklearn:"):
         return from_arrays(spec, *_sklearn(spec.split(":", 1)[1]), target)
     if spec.startswith("synthetic:"):
@@ -60,12 +67,15 @@ def open_source(spec: str, *, target: str | None = None) -> Source:
         raise ValidationError(f"source {spec} does not exist")
     if lower.endswith(".npz"):
         return from_arrays(spec, *_npz(spec), target)
+    if lower.endswith(".npy"):
+        return from_arrays(spec, *_npy(spec, labels), target)
     if lower.endswith((".csv", ".csv.gz", ".txt")):
         return _csv(spec, target)
     if lower.endswith((".parquet", ".pq")):
         return _parquet(spec, target)
     raise ValidationError(
-        f"source {spec}: unknown kind (use .npz, .csv, .parquet, sklearn:NAME or synthetic:KIND?...)"
+        f"source {spec}: unknown kind (use .npz, .npy --labels Y.npy, .csv, .parquet, "
+        "sklearn:NAME or synthetic:KIND?...)"
     )
 
 
@@ -165,6 +175,25 @@ def _npz(path: str):
         X, y = data["X"], data["y"]
     names = [f"x{j}" for j in range(X.shape[1])] if X.ndim == 2 else []
     return X, y, names, None
+
+
+def _npy(path: str, labels: str | None):
+    if labels is None:
+        raise ValidationError(f"source {path} holds X only: give its labels with --labels Y.npy "
+                              "(or write both to one .npz with arrays X and y)")
+    if not labels.lower().endswith(".npy") or not os.path.exists(labels):
+        raise ValidationError(f"--labels {labels}: expected an existing .npy file of y")
+    X, y = _load_npy(path, "source"), _load_npy(labels, "--labels")
+    names = [f"x{j}" for j in range(X.shape[1])] if X.ndim == 2 else []
+    return X, y, names, None
+
+
+def _load_npy(path: str, role: str) -> np.ndarray:
+    # Memory-mapped: ingest copies it batch by batch, so X never has to fit in memory whole.
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:  # object arrays, a truncated or foreign file
+        raise ValidationError(f"{role} {path} is not a readable .npy array ({exc})") from None
 
 
 def _pick_target(spec: str, columns: list[str], target: str | None) -> str:

@@ -119,7 +119,22 @@ def cluster_address(scheduler: str | None, kubernetes: str | None) -> str | None
     """
     if scheduler and kubernetes:
         raise ConfigError(f"--scheduler {scheduler} and --kubernetes {kubernetes}: give one")
+    if scheduler:
+        check_scheduler_address(scheduler)
     return resolve_kubernetes(kubernetes) if kubernetes else scheduler
+
+
+def check_scheduler_address(address: str) -> str:
+    """Refuse an address no Dask comm can dial (an unknown scheme) in one line."""
+    from distributed.comm import parse_address
+    from distributed.comm.registry import get_backend
+
+    try:
+        get_backend(parse_address(address)[0])
+    except ValueError as exc:
+        raise ConfigError(f"--scheduler {address!r} is not a scheduler address such as "
+                          f"tcp://HOST:8786 ({exc})") from None
+    return address
 
 
 def connect_kubernetes(

@@ -90,12 +90,12 @@ def parse_clients(text: str | Sequence[str]) -> list[str]:
     for client_id in ids:
         if not isinstance(client_id, str) or not _DNS_LABEL.match(client_id) or len(client_id) > 40:
             raise ValidationError(
-                f"client id {client_id!r} is not a lowercase DNS label of at most 40 characters "
+                f"--clients: client id {client_id!r} is not a lowercase DNS label of at most 40 characters "
                 "(letters, digits, '-')"
             )
     duplicates = sorted({c for c in ids if ids.count(c) > 1})
     if duplicates:
-        raise ValidationError(f"client id {duplicates[0]!r} is given more than once")
+        raise ValidationError(f"--clients: client id {duplicates[0]!r} is given more than once")
     return ids
 
 
@@ -107,7 +107,7 @@ def check_image(image: str) -> str:
     match = _IMAGE.match(image)
     pinned = match and (("@sha256:" in image) or (match["tag"] and match["tag"] != "latest"))
     if not pinned:
-        raise ConfigError(f"image {image!r} has no tag or digest (or is ':latest'); pin a build")
+        raise ConfigError(f"--image {image!r} has no tag or digest (or is ':latest'); pin a build")
     return image
 
 
@@ -176,9 +176,9 @@ def render(
     ids = parse_clients(clients)
     image = check_image(image or default_image())
     if not _DNS_LABEL.match(name) or len(name) > 40:
-        raise ValidationError(f"cluster name {name!r} is not a lowercase DNS label (<= 40 chars)")
+        raise ValidationError(f"--name {name!r} (the cluster name) is not a lowercase DNS label (<= 40 chars)")
     if namespace is not None and not _DNS_LABEL.match(namespace):
-        raise ValidationError(f"namespace {namespace!r} is not a lowercase DNS label")
+        raise ValidationError(f"--namespace {namespace!r} is not a lowercase DNS label")
     if server_workers < 0 or threads < 1:
         raise ValidationError(f"server_workers={server_workers}, threads={threads}: out of range")
     placement = dict(placement or {})

@@ -72,6 +72,10 @@ def resume(dc: Client, run_dir, spec: ClientSpec, groups, fresh: ServerState) ->
         raise ValidationError(f"--resume: checkpoint in {run_dir} is for partition "
                               f"{meta.get('partition')!r} with {meta['n_params']} params")
     opt_state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+    if set(opt_state) != set(fresh.opt_state):  # another server optimizer: its state won't fit
+        raise ValidationError(f"--resume: checkpoint in {run_dir} holds server-optimizer state "
+                              f"{sorted(opt_state)}, this strategy keeps {sorted(fresh.opt_state)}"
+                              ": resume with the run's --strategy")
     stage_states = {name: {k.split("/", 2)[2]: v for k, v in arrays.items()
                            if k.startswith(f"stage/{name}/")} for name in fresh.stage_states}
     per_client: dict[str, dict[str, np.ndarray]] = {}

@@ -121,6 +121,9 @@ class ProgressBar:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         if self._progress is not None:
+            if exc_type is not None and self.records == 0:
+                # Bad input found before the first step: the error line stands alone.
+                self._progress.live.transient = True
             self._progress.stop()
             self._progress = None
 

@@ -54,7 +54,7 @@ def test_info_verify_reports_bad_chunks_and_exits_2(tmp_path, capsys):
     [(["ingest", "BAD.csv", "OUT"], "column 'city' is not numeric"),
      (["ingest", "NAN.csv", "OUT"], "column 'b' has NaN at row 2"),
      (["ingest", "OK.csv", "OUT", "--target", "zz"], "target column 'zz' not found"),
-     (["ingest", "OK.csv", "OUT", "--chunk-rows", "-5"], "--chunk-rows must be a positive integer"),
+     (["ingest", "OK.csv", "OUT", "--chunk-rows", "-5"], "argument --chunk-rows: must be an integer >= 1"),
      (["ingest", "sklearn:nope", "OUT"], "unknown sklearn dataset 'nope'"),
      (["info", "OUT"], "no zarr v3 store"),
      (["partition", "OUT", "--clients", "2"], "no zarr v3 store")],
@@ -77,3 +77,33 @@ def test_existing_store_without_overwrite_exits_2(tmp_path, capsys):
     assert main(["ingest", "sklearn:iris", store, "-q"]) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert main(["ingest", "sklearn:iris", store, "-q", "--overwrite"]) == 0
+
+
+def test_npy_with_labels_ingests_like_the_npz_of_the_same_arrays(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 4))
+    y = (X[:, 0] + X[:, 1] > 0).astype(np.int64)
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", y)
+    np.savez(tmp_path / "d.npz", X=X, y=y)
+    npy, npz = str(tmp_path / "npy.zarr"), str(tmp_path / "npz.zarr")
+    assert main(["ingest", str(tmp_path / "X.npy"), npy, "--labels", str(tmp_path / "y.npy"),
+                 "--chunk-rows", "50", "--json"]) == 0
+    from_npy = _json(capsys)
+    assert main(["ingest", str(tmp_path / "d.npz"), npz, "--chunk-rows", "50", "--json"]) == 0
+    from_npz = _json(capsys)
+    assert from_npy["n_rows"] == 120 and from_npy["task"] == "binary" and from_npy["n_chunks"] == 3
+    assert from_npy["content_hash"] == from_npz["content_hash"]
+
+
+@pytest.mark.parametrize(("extra", "culprit"), [
+    ([], "--labels Y.npy"),                                   # X alone has no labels
+    (["--labels", "missing.npy"], "--labels missing.npy"),
+])
+def test_npy_without_usable_labels_is_one_line(tmp_path, capsys, extra, culprit):
+    np.save(tmp_path / "X.npy", np.zeros((10, 2)))
+    argv = ["ingest", str(tmp_path / "X.npy"), str(tmp_path / "out.zarr"), *extra]
+    assert main([a if a != "missing.npy" else str(tmp_path / a) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and culprit.split()[0] in err[0] and "--labels" in err[0], err
+    assert not (tmp_path / "out.zarr").exists()

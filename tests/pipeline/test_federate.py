@@ -226,7 +226,7 @@ def test_cli_federate_writes_the_run_directory(tmp_path, capsys):
     assert {"params.npz", "summary.json", "config.toml", "checkpoint.npz"} <= {
         p.name for p in out.iterdir()}
     assert main(["federate", path, "--model", "softmax", "--rounds", "1", "--fraction", "2"]) == 2
-    assert "--fraction must be in (0, 1]" in capsys.readouterr().err
+    assert "argument --fraction: must be a number in (0, 1]" in capsys.readouterr().err
     for flags in (["--alpha", "0.5"], ["--scheme", "dirichlet"]):  # ignored silently before
         assert main(["federate", path, "--model", "softmax", "--rounds", "1", *flags]) == 2
         err = capsys.readouterr().err.strip()
