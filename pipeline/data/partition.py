@@ -1,14 +1,20 @@
-"""Split a store's rows among federated clients and rewrite each client's rows on its own.
+"""Split a store's rows among federated clients, as an index over one client-sorted copy.
 
-The assignment (one client index per row) comes from :mod:`fedpipe.tasks.partition`. Rows are then
-copied chunk by chunk into ``partitions/NAME/<client>/X`` and ``.../y``, whole chunks per
-client, so a client's worker later reads its own data without touching anyone else's. The
-partition's entry in the attributes is written last; on failure its arrays are deleted.
+The assignment (one client index per row) comes from :mod:`fedpipe.tasks.partition`. The rows
+are then written once, ordered by client (stable, so each client keeps the store's row order),
+into ``partitions/NAME/<generation>/X`` and ``.../y`` in ordinary row chunks, beside the
+assignment itself. Each client is a row range of that copy, so the cost is one read-and-write
+pass of the data and the number of files does not depend on the number of clients. The
+partition is committed last by one atomic put of ``partitions/NAME/partition.json``: no shared
+metadata is read-modified-written, so concurrent runs on one store cannot lose each other's
+partitions, and a run that fails leaves no partition behind (its generation is deleted).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import uuid
 
 import numpy as np
 import zarr
@@ -17,18 +23,26 @@ from fedpipe.data.store import (
     array_path,
     chunk_key,
     chunk_refs,
+    content_hash,
     open_group,
     read_info,
+    read_partitions,
     read_raw_chunk,
     row_array,
+    write_partition_file,
 )
-from fedpipe.errors import StoreError, ValidationError
+from fedpipe.errors import ValidationError
 from fedpipe.tasks import partition as part_math
+from zarr.core.sync import sync
 
 log = logging.getLogger("fedpipe")
 
 SCHEMES = ("iid", "dirichlet", "quantity", "column")
 DEFAULT_ALPHA = {"dirichlet": 0.5, "quantity": 1.0}
+LAYOUT = "sorted-rows"
+# Rows of the sorted copy gathered in memory at once: one pass over the store's chunks per
+# window, so a store up to this size is read exactly once.
+WINDOW_BYTES = 512 << 20
 
 
 def partition(
@@ -42,7 +56,7 @@ def partition(
     seed: int = 0,
     name: str = "default",
 ) -> dict:
-    """Partition the rows of ``store`` among ``clients`` and write each client's rows.
+    """Partition the rows of ``store`` among ``clients`` clients and write the partition index.
 
     Parameters
     ----------
@@ -59,12 +73,15 @@ def partition(
     seed : int
         Seed of the assignment.
     name : str
-        Partition name; an existing partition of that name is replaced.
+        Partition name; an existing partition of that name is replaced (atomically: readers
+        see the old partition or the new one).
 
     Returns
     -------
     dict
-        The partition's metadata, as stored in ``attrs["fedpipe"]["partitions"][name]``.
+        The partition's metadata, as :func:`fedpipe.data.store.read_info` gives it in
+        ``info.partitions[name]``: per client ``n_rows``, ``n_chunks``, ``label_hist`` and
+        ``offset`` (first row in the sorted copy at ``path``).
     """
     info = read_info(store)
     alpha = _check_args(info, clients, scheme, alpha, column, min_size, name)
@@ -74,23 +91,25 @@ def partition(
     except ValueError as exc:
         raise ValidationError(f"partition {name!r}: {exc}") from None
     hist = part_math.label_histograms(labels, assignment, clients, n_labels)
-    meta = {"scheme": scheme, "seed": seed, "alpha": alpha, "column": column, "min_size": min_size,
-            "label_bins": edges, "clients": {}}
-    group = open_group(store, mode="r+")
-    _forget(group, name)
-    try:
-        manifest = _write_clients(store, group, info, assignment, clients, name)
-    except BaseException:
-        _drop_arrays(group, name)
-        raise
     sizes = np.bincount(assignment, minlength=clients)
-    for k in range(clients):
-        meta["clients"][str(k)] = {"n_rows": int(sizes[k]), "n_chunks": -(-int(sizes[k]) // info.chunk_rows),
-                                   "label_hist": hist[k].tolist()}
-    attrs = dict(group.attrs["fedpipe"])
-    attrs["partitions"] = {**attrs["partitions"], name: meta}
-    attrs["manifest"] = {**attrs["manifest"], **manifest}
-    group.attrs["fedpipe"] = attrs
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    meta = {"scheme": scheme, "seed": seed, "alpha": alpha, "column": column, "min_size": min_size,
+            "label_bins": edges, "layout": LAYOUT, "n_rows": info.n_rows,
+            "path": f"partitions/{name}/g{uuid.uuid4().hex[:12]}", "clients": {
+                str(k): {"n_rows": int(sizes[k]), "n_chunks": -(-int(sizes[k]) // info.chunk_rows),
+                         "label_hist": hist[k].tolist(), "offset": int(offsets[k])}
+                for k in range(clients)}}
+    group = open_group(store, mode="r+")
+    try:
+        meta["content_hash"], manifest = _write_sorted(store, group, info, assignment, meta["path"])
+        previous = read_partitions(group).get(name)
+        write_partition_file(group, name, {**meta, "manifest": manifest})
+    except BaseException:
+        _drop(group, meta["path"], name)
+        raise
+    if previous is not None and previous.get("path") != meta["path"]:
+        log.info("replaced partition %r", name)
+        sync(group.store.delete_dir(previous.get("path", "")))
     log.debug("partition %r: %d clients, sizes %s..%s", name, clients, sizes.min(), sizes.max())
     return meta
 
@@ -157,73 +176,56 @@ def _assign(store, info, labels, clients, scheme, alpha, column, min_size, seed)
     return assignment
 
 
-def _forget(group: zarr.Group, name: str) -> None:
-    """Drop an older partition of this name: first from the attributes, then its arrays."""
-    attrs = dict(group.attrs["fedpipe"])
-    if name in attrs["partitions"]:
-        log.info("replacing partition %r", name)
-        prefix = f"partitions/{name}/"
-        attrs["partitions"] = {k: v for k, v in attrs["partitions"].items() if k != name}
-        attrs["manifest"] = {k: v for k, v in attrs["manifest"].items() if not k.startswith(prefix)}
-        group.attrs["fedpipe"] = attrs
-    _drop_arrays(group, name)
+def _drop(group: zarr.Group, path: str, name: str) -> None:
+    """Delete a generation that was not committed, and the partition's folder if it has no file."""
+    sync(group.store.delete_dir(path))
+    if name not in read_partitions(group):
+        sync(group.store.delete_dir(f"partitions/{name}"))
 
 
-def _drop_arrays(group: zarr.Group, name: str) -> None:
-    if "partitions" in group and name in group["partitions"]:
-        del group["partitions"][name]
+def _write_sorted(store: str, group: zarr.Group, info: StoreInfo, assignment: np.ndarray,
+                  path: str) -> tuple[str, dict[str, list[str]]]:
+    """Write the rows ordered by client and the assignment; returns (content hash, manifest).
 
-
-def _write_clients(store, group, info: StoreInfo, assignment, clients: int, name: str) -> dict:
-    """Copy rows into per-client arrays, one source chunk at a time; returns manifest entries."""
-    rows = info.chunk_rows
-    sizes = np.bincount(assignment, minlength=clients)
+    The copy is written in windows of whole chunks; each window reads only the store chunks
+    that hold its rows, once (a store below :data:`WINDOW_BYTES` is one window).
+    """
+    rows, n = info.chunk_rows, info.n_rows
+    order = np.argsort(assignment, kind="stable")  # stable: a client's rows keep store order
     y_dtype = "int64" if info.task != "regression" else "float64"
-    targets = {}
-    for k in range(clients):
-        prefix = f"partitions/{name}/{k}"
-        targets[k] = (row_array(group, array_path(prefix, "X"), n_cols=info.n_features, rows=rows,
-                                dtype=info.dtype, length=int(sizes[k])),
-                      row_array(group, array_path(prefix, "y"), n_cols=None, rows=rows,
-                                dtype=y_dtype, length=int(sizes[k])))
-    row_array(group, f"partitions/{name}/assignment", n_cols=None, rows=rows, dtype="int32",
-              length=info.n_rows)[:] = assignment.astype(np.int32)
-    # Buffers hold at most one chunk per client before it is flushed as a whole chunk.
-    buffers = {k: ([], [], 0) for k in range(clients)}
-    written = dict.fromkeys(range(clients), 0)
+    X_out = row_array(group, array_path(path, "X"), n_cols=info.n_features, rows=rows,
+                      dtype=info.dtype, length=n)
+    y_out = row_array(group, array_path(path, "y"), n_cols=None, rows=rows, dtype=y_dtype, length=n)
+    row_array(group, array_path(path, "assignment"), n_cols=None, rows=rows, dtype="int32",
+              length=n)[:] = assignment.astype(np.int32)
+    row_bytes = np.dtype(info.dtype).itemsize * info.n_features + 8
+    window = max(1, WINDOW_BYTES // (row_bytes * rows)) * rows
     source = open_group(store)
-    for ref in chunk_refs(info):
-        X, y = read_raw_chunk(source, info, ref)
-        owner = assignment[ref.index * rows : ref.index * rows + len(y)]
-        for k in np.unique(owner):
-            xs, ys, held = buffers[k]
-            mask = owner == k
-            xs.append(X[mask])
-            ys.append(y[mask])
-            buffers[k] = (xs, ys, held + int(mask.sum()))
-            written[k] = _flush(targets[k], buffers, k, written[k], rows, final=False)
-    for k in range(clients):
-        written[k] = _flush(targets[k], buffers, k, written[k], rows, final=True)
-        if written[k] != sizes[k]:
-            raise StoreError(f"client {k}: wrote {written[k]} rows, expected {sizes[k]}")
-    manifest = {}
-    for k in range(clients):
-        prefix = f"partitions/{name}/{k}"
-        n_chunks = -(-int(sizes[k]) // rows)
-        for arr in ("X", "y"):
-            manifest[array_path(prefix, arr)] = [chunk_key(prefix, arr, i) for i in range(n_chunks)]
-    return manifest
+    hx, hy = hashlib.sha256(), hashlib.sha256()
+    for lo in range(0, n, window):
+        X, y = _gather(source, info, order[lo : lo + window], info.dtype, y_dtype)
+        X_out[lo : lo + len(y)] = X
+        y_out[lo : lo + len(y)] = y
+        hx.update(X)
+        hy.update(y)
+    n_chunks = -(-n // rows)
+    manifest = {array_path(path, a): [chunk_key(path, a, i) for i in range(n_chunks)]
+                for a in ("X", "y", "assignment")}
+    return content_hash(hx.digest(), hy.digest()), manifest
 
 
-def _flush(target, buffers, k: int, start: int, rows: int, *, final: bool) -> int:
-    """Write the whole chunks held for client ``k`` (and the short tail when ``final``)."""
-    xs, ys, held = buffers[k]
-    if held < rows and not (final and held):
-        return start
-    X, y = np.concatenate(xs), np.concatenate(ys)
-    n_out = held if final else held - held % rows
-    X_arr, y_arr = target
-    X_arr[start : start + n_out] = X[:n_out]
-    y_arr[start : start + n_out] = y[:n_out]
-    buffers[k] = ([X[n_out:]], [y[n_out:]], held - n_out)
-    return start + n_out
+def _gather(source: zarr.Group, info: StoreInfo, rows_wanted: np.ndarray, x_dtype: str,
+            y_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The store's rows ``rows_wanted`` (in that order), reading each chunk holding them once."""
+    X = np.empty((len(rows_wanted), info.n_features), dtype=x_dtype)
+    y = np.empty(len(rows_wanted), dtype=y_dtype)
+    src_chunk = rows_wanted // info.chunk_rows
+    by_chunk = np.argsort(src_chunk, kind="stable")
+    chunks, starts = np.unique(src_chunk[by_chunk], return_index=True)
+    refs = chunk_refs(info)
+    for c, dest in zip(chunks, np.split(by_chunk, starts[1:]), strict=True):
+        Xc, yc = read_raw_chunk(source, info, refs[c])
+        local = rows_wanted[dest] - c * info.chunk_rows
+        X[dest] = Xc[local]
+        y[dest] = yc[local]
+    return X, y

@@ -5,12 +5,20 @@ rows, each chunk compressed and protected by a crc32c checksum, and ``attrs["fed
 holding the metadata, the manifest of chunk keys written and a content hash. zarr reads an
 absent chunk as its fill value, so every read here checks the chunk's key against the
 manifest and the store first: a missing chunk is a :class:`StoreError`, never zeros.
+
+A partition is an index (``docs/data.md``): one client-sorted copy of the rows under
+``partitions/NAME/<generation>/`` in ordinary row chunks, and the file
+``partitions/NAME/partition.json`` (written last, in one put) with each client's row range of
+that copy. Client ``k``'s chunk ``i`` (``ChunkRef("partitions/NAME/k", i)``) is rows
+``[i * chunk_rows, (i + 1) * chunk_rows)`` of its range, read from the one or two stored chunks
+that hold them.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 import uuid
 import zlib
@@ -28,12 +36,14 @@ from fedpipe.tasks import split as split_math
 from fedpipe.tasks import stats as stats_math
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 log = logging.getLogger("fedpipe")
 
 FORMAT_VERSION = 1
 SPLITS = ("all", "train", "test")
+PARTITION_FILE = "partition.json"
 
 
 class ChunkRef(NamedTuple):
@@ -88,10 +98,12 @@ class VerifyReport:
     missing: list[ChunkRef]
     corrupt: list[ChunkRef]
     content_hash_ok: bool | None
+    partition_hash_ok: dict[str, bool | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.corrupt and self.content_hash_ok is not False
+        return (not self.missing and not self.corrupt and self.content_hash_ok is not False
+                and False not in self.partition_hash_ok.values())
 
 
 def codecs() -> list:
@@ -128,8 +140,44 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
 
 
 def read_info(url: str) -> StoreInfo:
-    """Metadata of the store at ``url``."""
-    return StoreInfo.from_attrs(str(url), dict(open_group(url).attrs["fedpipe"]))
+    """Metadata of the store at ``url``, with every committed partition's index file."""
+    group = open_group(url)
+    meta = dict(group.attrs["fedpipe"])
+    manifest = dict(meta.get("manifest", {}))
+    partitions = {}
+    for name, part in read_partitions(group).items():
+        manifest.update(part.pop("manifest"))
+        partitions[name] = part
+    return StoreInfo.from_attrs(str(url), {**meta, "partitions": partitions, "manifest": manifest})
+
+
+def partition_key(name: str) -> str:
+    """Store key of partition ``name``'s index file (its commit record)."""
+    return f"partitions/{name}/{PARTITION_FILE}"
+
+
+def read_partitions(group: zarr.Group) -> dict[str, dict[str, Any]]:
+    """The committed partitions of a store, by name: each one's parsed ``partition.json``.
+
+    A partition directory without the file is one being written (or abandoned): not listed.
+    """
+    names = sorted(sync(_list_dir(group.store, "partitions")))
+    parts = {}
+    for name in names:
+        buf = sync(group.store.get(partition_key(name), prototype=default_buffer_prototype()))
+        if buf is not None:
+            parts[name] = json.loads(buf.to_bytes())
+    return parts
+
+
+async def _list_dir(zstore, prefix: str) -> list[str]:
+    return [name async for name in zstore.list_dir(prefix)]
+
+
+def write_partition_file(group: zarr.Group, name: str, meta: dict[str, Any]) -> None:
+    """Commit partition ``name``: its index file in one atomic put (no shared file is rewritten)."""
+    data = json.dumps(meta, separators=(",", ":")).encode()
+    sync(group.store.set(partition_key(name), default_buffer_prototype().buffer.from_bytes(data)))
 
 
 def array_path(prefix: str, name: str) -> str:
@@ -154,12 +202,12 @@ def open_store(url: str, partition: str | None = None, client: int | None = None
         Open ``partitions/<partition>/<client>`` instead of the top-level arrays.
     """
     info = read_info(url)
-    prefix = ""
-    if partition is not None or client is not None:
-        prefix = _client_prefix(info, partition, client)
     group = open_group(url)
-    X = da.from_zarr(group[array_path(prefix, "X")])
-    y = da.from_zarr(group[array_path(prefix, "y")])
+    if partition is None and client is None:
+        return Dataset(X=da.from_zarr(group["X"]), y=da.from_zarr(group["y"]), info=info)
+    path, lo, hi = client_range(info, _client_prefix(info, partition, client))
+    X = da.from_zarr(group[array_path(path, "X")])[lo:hi]
+    y = da.from_zarr(group[array_path(path, "y")])[lo:hi]
     return Dataset(X=X, y=y, info=info)
 
 
@@ -192,22 +240,53 @@ def chunk_refs(info: StoreInfo, partition: str | None = None, client: int | None
 
 
 def read_raw_chunk(group: zarr.Group, info: StoreInfo, ref: ChunkRef) -> tuple[np.ndarray, np.ndarray]:
-    """Read one X/y chunk as stored, after checking it is in the manifest and present."""
+    """Read one X/y chunk as stored, after checking it is in the manifest and present.
+
+    A client's chunk is sliced from the stored chunks of its partition's sorted copy that
+    overlap its rows (one, or two where it straddles a boundary); no other chunk is read.
+    """
+    if not ref.prefix:
+        return read_block(group, info, "", ref.index)
+    path, lo, hi = client_range(info, ref.prefix)
+    rows = info.chunk_rows
+    lo, hi = lo + ref.index * rows, min(lo + (ref.index + 1) * rows, hi)
+    if ref.index < 0 or lo >= hi:
+        raise StoreError(f"{ref.prefix} has no chunk {ref.index} in {info.url}")
+    blocks = [read_block(group, info, path, i) for i in range(lo // rows, (hi - 1) // rows + 1)]
+    start = lo - (lo // rows) * rows
+    X = blocks[0][0] if len(blocks) == 1 else np.concatenate([b[0] for b in blocks])
+    y = blocks[0][1] if len(blocks) == 1 else np.concatenate([b[1] for b in blocks])
+    return X[start : start + hi - lo], y[start : start + hi - lo]
+
+
+def read_block(group: zarr.Group, info: StoreInfo, prefix: str, index: int,
+               names: tuple[str, ...] = ("X", "y")) -> tuple[np.ndarray, ...]:
+    """Stored row chunk ``index`` of the arrays ``names`` under ``prefix``, each checked."""
     out = []
-    for name in ("X", "y"):
-        key = chunk_key(ref.prefix, name, ref.index)
-        listed = info.manifest.get(array_path(ref.prefix, name), [])
+    for name in names:
+        key = chunk_key(prefix, name, index)
+        listed = info.manifest.get(array_path(prefix, name), [])
         if key not in listed or not sync(group.store.exists(key)):
-            raise StoreError(f"chunk {ref.index} of {array_path(ref.prefix, name)} is missing in {info.url}")
-        array = group[array_path(ref.prefix, name)]
+            raise StoreError(f"chunk {index} of {array_path(prefix, name)} is missing in {info.url}")
+        array = group[array_path(prefix, name)]
         try:
-            block = array.blocks[(ref.index, 0) if name == "X" else (ref.index,)]
+            block = array.blocks[(index, 0) if array.ndim == 2 else (index,)]
         except Exception as exc:  # zarr/numcodecs raise plain ValueError/RuntimeError on bad bytes
             raise StoreError(
-                f"chunk {ref.index} of {array_path(ref.prefix, name)} in {info.url} is corrupt ({exc})"
+                f"chunk {index} of {array_path(prefix, name)} in {info.url} is corrupt ({exc})"
             ) from exc
         out.append(block)
-    return out[0], out[1]
+    return tuple(out)
+
+
+def client_range(info: StoreInfo, prefix: str) -> tuple[str, int, int]:
+    """``(path, start, stop)``: the rows of client ``partitions/NAME/k`` in its sorted copy."""
+    name, _, client = prefix.removeprefix("partitions/").rpartition("/")
+    part = info.partitions.get(name)
+    entry = part["clients"].get(client) if part else None
+    if entry is None or "offset" not in entry:
+        raise StoreError(f"store {info.url} has no client rows at {prefix}")
+    return part["path"], entry["offset"], entry["offset"] + entry["n_rows"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -339,26 +418,40 @@ def content_hash(x_digest: bytes, y_digest: bytes) -> str:
 def verify_store(url: str) -> VerifyReport:
     """Read every chunk of the store and of its partitions; report missing and corrupt ones.
 
-    Also recomputes the content hash of the top-level arrays when all their chunks read back.
+    Also recomputes the content hash of the top-level arrays, and of each partition's sorted
+    copy, when all their chunks read back. A partition's chunks are reported under its
+    stored path (``ChunkRef("partitions/NAME/<generation>", i)``).
     """
     info = read_info(url)
     group = open_group(url)
+    n_checked, missing, corrupt, hash_ok = _verify_rows(group, info, "", ("X", "y"), info.n_chunks)
+    part_ok = {}
+    for name, part in info.partitions.items():
+        n_chunks = -(-part["n_rows"] // info.chunk_rows)
+        n, m, c, ok = _verify_rows(group, info, part["path"], ("X", "y", "assignment"), n_chunks)
+        n_checked, missing, corrupt = n_checked + n, missing + m, corrupt + c
+        part_ok[name] = None if ok is None else ok == part["content_hash"]
+    return VerifyReport(n_checked=n_checked, missing=missing, corrupt=corrupt,
+                        content_hash_ok=None if hash_ok is None else hash_ok == info.content_hash,
+                        partition_hash_ok=part_ok)
+
+
+def _verify_rows(group, info: StoreInfo, prefix: str, names: tuple[str, ...], n_chunks: int
+                 ) -> tuple[int, list[ChunkRef], list[ChunkRef], str | None]:
+    """Read chunks ``0..n_chunks-1`` under ``prefix``; the X/y content hash if all read back."""
     missing: list[ChunkRef] = []
     corrupt: list[ChunkRef] = []
     hx, hy = hashlib.sha256(), hashlib.sha256()
-    refs = chunk_refs(info) + [r for p in info.partitions for r in chunk_refs(info, p)]
-    for ref in refs:
+    for i in range(n_chunks):
         try:
-            X, y = read_raw_chunk(group, info, ref)
+            X, y, *_ = read_block(group, info, prefix, i, names)
         except StoreError as exc:
-            (missing if "is missing" in str(exc) else corrupt).append(ref)
+            (missing if "is missing" in str(exc) else corrupt).append(ChunkRef(prefix, i))
             continue
-        if not ref.prefix:
-            hx.update(np.ascontiguousarray(X))
-            hy.update(np.ascontiguousarray(y))
-    top_ok = not any(not r.prefix for r in missing + corrupt)
-    hash_ok = content_hash(hx.digest(), hy.digest()) == info.content_hash if top_ok else None
-    return VerifyReport(n_checked=len(refs), missing=missing, corrupt=corrupt, content_hash_ok=hash_ok)
+        hx.update(np.ascontiguousarray(X))
+        hy.update(np.ascontiguousarray(y))
+    digest = None if missing or corrupt else content_hash(hx.digest(), hy.digest())
+    return n_chunks, missing, corrupt, digest
 
 
 @contextmanager
