@@ -3,11 +3,12 @@
 The assignment (one client index per row) comes from :mod:`fedpipe.tasks.partition`. The rows
 are then written once, ordered by client (stable, so each client keeps the store's row order),
 into ``partitions/NAME/<generation>/X`` and ``.../y`` in ordinary row chunks, beside the
-assignment itself. Each client is a row range of that copy, so the cost is one read-and-write
-pass of the data and the number of files does not depend on the number of clients. The
-partition is committed last by one atomic put of ``partitions/NAME/partition.json``: no shared
-metadata is read-modified-written, so concurrent runs on one store cannot lose each other's
-partitions, and a run that fails leaves no partition behind (its generation is deleted).
+assignment and the client table. Each client is a row range of that copy, so the cost is one
+read-and-write pass of the data and the number of files does not depend on the number of
+clients. The partition is committed last by one atomic put of its own
+``partitions/NAME/partition.json`` (:mod:`fedpipe.data.index`): no shared metadata is
+read-modified-written, so concurrent runs on one store cannot lose each other's partitions,
+and a run that fails leaves the previous partition of that name as it was.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 
 import numpy as np
 import zarr
+from fedpipe.data import index
 from fedpipe.data.store import (
     StoreInfo,
     array_path,
@@ -26,14 +28,11 @@ from fedpipe.data.store import (
     content_hash,
     open_group,
     read_info,
-    read_partitions,
     read_raw_chunk,
     row_array,
-    write_partition_file,
 )
 from fedpipe.errors import ValidationError
 from fedpipe.tasks import partition as part_math
-from zarr.core.sync import sync
 
 log = logging.getLogger("fedpipe")
 
@@ -83,7 +82,7 @@ def partition(
         ``info.partitions[name]``: per client ``n_rows``, ``n_chunks``, ``label_hist`` and
         ``offset`` (first row in the sorted copy at ``path``).
     """
-    info = read_info(store)
+    info = read_info(store, partitions=False)  # other partitions' size must not matter
     alpha = _check_args(info, clients, scheme, alpha, column, min_size, name)
     labels, n_labels, edges = _labels(store, info)
     try:
@@ -92,26 +91,25 @@ def partition(
         raise ValidationError(f"partition {name!r}: {exc}") from None
     hist = part_math.label_histograms(labels, assignment, clients, n_labels)
     sizes = np.bincount(assignment, minlength=clients)
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    meta = {"scheme": scheme, "seed": seed, "alpha": alpha, "column": column, "min_size": min_size,
-            "label_bins": edges, "layout": LAYOUT, "n_rows": info.n_rows,
-            "path": f"partitions/{name}/g{uuid.uuid4().hex[:12]}", "clients": {
-                str(k): {"n_rows": int(sizes[k]), "n_chunks": -(-int(sizes[k]) // info.chunk_rows),
-                         "label_hist": hist[k].tolist(), "offset": int(offsets[k])}
-                for k in range(clients)}}
+    table = {"n_rows": sizes.tolist(), "offset": (np.cumsum(sizes) - sizes).tolist(),
+             "label_hist": hist.tolist()}
+    record = {"scheme": scheme, "seed": seed, "alpha": alpha, "column": column,
+              "min_size": min_size, "label_bins": edges, "layout": LAYOUT, "n_rows": info.n_rows,
+              "chunk_rows": info.chunk_rows, "path": f"partitions/{name}/g{uuid.uuid4().hex[:12]}"}
     group = open_group(store, mode="r+")
     try:
-        meta["content_hash"], manifest = _write_sorted(store, group, info, assignment, meta["path"])
-        previous = read_partitions(group).get(name)
-        write_partition_file(group, name, {**meta, "manifest": manifest})
+        record["content_hash"], manifest = _write_sorted(store, group, info, assignment,
+                                                         record["path"])
+        previous = index.read_partition(group, name, clients=False)
+        index.write_partition(group, name, {**record, "manifest": manifest}, table)
     except BaseException:
-        _drop(group, meta["path"], name)
+        _drop(group, record["path"], name)
         raise
-    if previous is not None and previous.get("path") != meta["path"]:
+    if previous is not None and previous["path"] != record["path"]:
         log.info("replaced partition %r", name)
-        sync(group.store.delete_dir(previous.get("path", "")))
+        index.delete(group, previous["path"])
     log.debug("partition %r: %d clients, sizes %s..%s", name, clients, sizes.min(), sizes.max())
-    return meta
+    return {**record, "clients": index.expand_clients(table, info.chunk_rows)}
 
 
 def _check_args(info: StoreInfo, clients, scheme, alpha, column, min_size, name) -> float | None:
@@ -178,9 +176,9 @@ def _assign(store, info, labels, clients, scheme, alpha, column, min_size, seed)
 
 def _drop(group: zarr.Group, path: str, name: str) -> None:
     """Delete a generation that was not committed, and the partition's folder if it has no file."""
-    sync(group.store.delete_dir(path))
-    if name not in read_partitions(group):
-        sync(group.store.delete_dir(f"partitions/{name}"))
+    index.delete(group, path)
+    if index.read_partition(group, name, clients=False) is None:
+        index.delete(group, f"partitions/{name}")
 
 
 def _write_sorted(store: str, group: zarr.Group, info: StoreInfo, assignment: np.ndarray,

@@ -6,10 +6,9 @@ holding the metadata, the manifest of chunk keys written and a content hash. zar
 absent chunk as its fill value, so every read here checks the chunk's key against the
 manifest and the store first: a missing chunk is a :class:`StoreError`, never zeros.
 
-A partition is an index (``docs/data.md``): one client-sorted copy of the rows under
-``partitions/NAME/<generation>/`` in ordinary row chunks, and the file
-``partitions/NAME/partition.json`` (written last, in one put) with each client's row range of
-that copy. Client ``k``'s chunk ``i`` (``ChunkRef("partitions/NAME/k", i)``) is rows
+A partition is an index (``docs/data.md``, :mod:`fedpipe.data.index`): one client-sorted
+copy of the rows under ``partitions/NAME/<generation>/`` in ordinary row chunks, and each
+client's row range of that copy. Client ``k``'s chunk ``i`` (``ChunkRef("partitions/NAME/k", i)``) is rows
 ``[i * chunk_rows, (i + 1) * chunk_rows)`` of its range, read from the one or two stored chunks
 that hold them.
 """
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import uuid
 import zlib
@@ -31,19 +29,18 @@ import dask.array as da
 import fsspec
 import numpy as np
 import zarr
+from fedpipe.data.index import read_partitions
 from fedpipe.errors import StoreError, ValidationError
 from fedpipe.tasks import split as split_math
 from fedpipe.tasks import stats as stats_math
 from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, Crc32cCodec
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 log = logging.getLogger("fedpipe")
 
 FORMAT_VERSION = 1
 SPLITS = ("all", "train", "test")
-PARTITION_FILE = "partition.json"
 
 
 class ChunkRef(NamedTuple):
@@ -139,45 +136,20 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
     return group
 
 
-def read_info(url: str) -> StoreInfo:
-    """Metadata of the store at ``url``, with every committed partition's index file."""
+def read_info(url: str, *, partitions: bool = True) -> StoreInfo:
+    """Metadata of the store at ``url``, with every committed partition's index file.
+
+    ``partitions=False`` skips the partition files (``info.partitions`` is empty): for code
+    that reads only the top-level rows, whose cost should not grow with the partitions.
+    """
     group = open_group(url)
     meta = dict(group.attrs["fedpipe"])
     manifest = dict(meta.get("manifest", {}))
-    partitions = {}
-    for name, part in read_partitions(group).items():
-        manifest.update(part.pop("manifest"))
-        partitions[name] = part
-    return StoreInfo.from_attrs(str(url), {**meta, "partitions": partitions, "manifest": manifest})
-
-
-def partition_key(name: str) -> str:
-    """Store key of partition ``name``'s index file (its commit record)."""
-    return f"partitions/{name}/{PARTITION_FILE}"
-
-
-def read_partitions(group: zarr.Group) -> dict[str, dict[str, Any]]:
-    """The committed partitions of a store, by name: each one's parsed ``partition.json``.
-
-    A partition directory without the file is one being written (or abandoned): not listed.
-    """
-    names = sorted(sync(_list_dir(group.store, "partitions")))
     parts = {}
-    for name in names:
-        buf = sync(group.store.get(partition_key(name), prototype=default_buffer_prototype()))
-        if buf is not None:
-            parts[name] = json.loads(buf.to_bytes())
-    return parts
-
-
-async def _list_dir(zstore, prefix: str) -> list[str]:
-    return [name async for name in zstore.list_dir(prefix)]
-
-
-def write_partition_file(group: zarr.Group, name: str, meta: dict[str, Any]) -> None:
-    """Commit partition ``name``: its index file in one atomic put (no shared file is rewritten)."""
-    data = json.dumps(meta, separators=(",", ":")).encode()
-    sync(group.store.set(partition_key(name), default_buffer_prototype().buffer.from_bytes(data)))
+    for name, part in (read_partitions(group) if partitions else {}).items():
+        manifest.update(part.pop("manifest"))
+        parts[name] = part
+    return StoreInfo.from_attrs(str(url), {**meta, "partitions": parts, "manifest": manifest})
 
 
 def array_path(prefix: str, name: str) -> str:

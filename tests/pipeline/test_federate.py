@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
 import numpy as np
 import pytest
-from fedpipe.data import store
+from fedpipe.data import index, store
 from fedpipe.engine import placement
 from fedpipe.engine.federate import federate
 from fedpipe.errors import TrainingError, ValidationError
@@ -196,10 +197,15 @@ def test_partition_that_does_not_match_the_store(fed_store, dask_client, tmp_pat
 
     copy = str(tmp_path / "copy.zarr")
     shutil.copytree(fed_store, copy)
-    index = tmp_path / "copy.zarr" / store.partition_key("fed")
-    meta = json.loads(index.read_text())
-    meta["clients"]["0"]["n_rows"] += 7
-    index.write_text(json.dumps(meta))
+    # A copy whose client table gives client 0 seven rows more, under a matching checksum.
+    record_file = tmp_path / "copy.zarr" / index.partition_key("fed")
+    record = json.loads(record_file.read_text())
+    table_file = tmp_path / "copy.zarr" / record["path"] / index.CLIENTS_FILE
+    table = json.loads(table_file.read_text())
+    table["n_rows"][0] += 7
+    table_file.write_text(json.dumps(table))
+    record["clients_sha256"] = hashlib.sha256(table_file.read_bytes()).hexdigest()
+    record_file.write_text(json.dumps(record))
     with pytest.raises(ValidationError, match="made for another version of the store"):
         federate(copy, _model(), rounds=1, dask_client=dask_client)
 

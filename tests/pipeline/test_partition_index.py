@@ -88,7 +88,7 @@ def test_files_written_do_not_grow_with_the_number_of_clients(small_store):
     partition(store, clients=10, name="ten")
     partition(store, clients=1000, name="thousand")
     ten, thousand = (_files(os.path.join(store, "partitions", n)) for n in ("ten", "thousand"))
-    assert ten == thousand <= 3 * 20 + 6  # X, y, assignment chunks + metadata files
+    assert ten == thousand <= 3 * 20 + 8  # X, y, assignment chunks + 7 metadata files
     assert read_info(store).partitions["thousand"]["clients"]["999"]["n_rows"] == 2
 
 
@@ -171,3 +171,29 @@ def test_verify_catches_a_swapped_chunk_of_the_sorted_copy(small_store, capsys):
         f"fedpipe info: error: {store}: partition 'p' content hash differs")
     assert main(["info", store, "--json"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["partitions"]["p"]["path"] == path
+
+
+def test_a_store_larger_than_the_window_gives_the_same_copy(small_store, monkeypatch):
+    from fedpipe.data import partition as partition_mod
+
+    store = small_store(chunk_rows=40)
+    one = partition(store, clients=9, scheme="quantity", seed=2, name="one")
+    monkeypatch.setattr(partition_mod, "WINDOW_BYTES", 1)  # one stored chunk per window
+    many = partition(store, clients=9, scheme="quantity", seed=2, name="many")
+    assert one["content_hash"] == many["content_hash"] and one["clients"] == many["clients"]
+    group = open_group(store)
+    np.testing.assert_array_equal(group[one["path"] + "/X"][:], group[many["path"] + "/X"][:])
+
+
+def test_a_damaged_client_table_is_refused_in_one_line(small_store, capsys):
+    store = small_store(chunk_rows=50)
+    meta = partition(store, clients=4, name="p")
+    table = os.path.join(store, meta["path"], "clients.json")
+    text = open(table).read()
+    open(table, "w").write(text.replace('"n_rows":[150', '"n_rows":[151', 1))
+    with pytest.raises(StoreError, match=f"client table {meta['path']}/clients.json of partition 'p' is corrupt"):
+        read_info(store)
+    os.remove(table)
+    assert main(["info", store, "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith("clients.json of partition 'p' is missing in " + f"file://{store}")
