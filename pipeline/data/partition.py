@@ -24,11 +24,10 @@ from fedpipe.data.store import (
     StoreInfo,
     array_path,
     chunk_key,
-    chunk_refs,
     content_hash,
     open_group,
     read_info,
-    read_raw_chunk,
+    read_rows,
     row_array,
 )
 from fedpipe.errors import ValidationError
@@ -84,7 +83,8 @@ def partition(
     """
     info = read_info(store, partitions=False)  # other partitions' size must not matter
     alpha = _check_args(info, clients, scheme, alpha, column, min_size, name)
-    labels, n_labels, edges = _labels(store, info)
+    (y,) = read_rows(open_group(store), info, range(info.n_chunks), ("y",))
+    labels, n_labels, edges = _labels(y, info)
     try:
         assignment = _assign(store, info, labels, clients, scheme, alpha, column, min_size, seed)
     except ValueError as exc:
@@ -98,7 +98,7 @@ def partition(
               "chunk_rows": info.chunk_rows, "path": f"partitions/{name}/g{uuid.uuid4().hex[:12]}"}
     group = open_group(store, mode="r+")
     try:
-        record["content_hash"], manifest = _write_sorted(store, group, info, assignment,
+        record["content_hash"], manifest = _write_sorted(store, group, info, assignment, y,
                                                          record["path"])
         previous = index.read_partition(group, name, clients=False)
         index.write_partition(group, name, {**record, "manifest": manifest}, table)
@@ -142,10 +142,8 @@ def _check_args(info: StoreInfo, clients, scheme, alpha, column, min_size, name)
     return None
 
 
-def _labels(store: str, info: StoreInfo) -> tuple[np.ndarray, int, list | None]:
-    """All of y (one number per row), discretised for regression; returns labels, count, edges."""
-    group = open_group(store)
-    y = np.concatenate([read_raw_chunk(group, info, ref)[1] for ref in chunk_refs(info)])
+def _labels(y: np.ndarray, info: StoreInfo) -> tuple[np.ndarray, int, list | None]:
+    """All of y as labels (discretised for regression); returns labels, count, edges."""
     if info.task != "regression":
         return y.astype(np.int64), len(info.classes), None
     labels, edges = part_math.quantile_bins(y)
@@ -155,7 +153,15 @@ def _labels(store: str, info: StoreInfo) -> tuple[np.ndarray, int, list | None]:
 def _column(store: str, info: StoreInfo, column: str) -> np.ndarray:
     group = open_group(store)
     j = info.feature_names.index(column)
-    return np.concatenate([read_raw_chunk(group, info, ref)[0][:, j] for ref in chunk_refs(info)])
+    step = _window_rows(info) // info.chunk_rows
+    return np.concatenate([read_rows(group, info, range(c, min(c + step, info.n_chunks)), ("X",))[0][:, j]
+                           for c in range(0, info.n_chunks, step)])
+
+
+def _window_rows(info: StoreInfo) -> int:
+    """Rows held in memory at once (whole chunks, at least one): :data:`WINDOW_BYTES` of X."""
+    row_bytes = np.dtype(info.dtype).itemsize * info.n_features + 8
+    return max(1, WINDOW_BYTES // (row_bytes * info.chunk_rows)) * info.chunk_rows
 
 
 def _assign(store, info, labels, clients, scheme, alpha, column, min_size, seed) -> np.ndarray:
@@ -182,11 +188,12 @@ def _drop(group: zarr.Group, path: str, name: str) -> None:
 
 
 def _write_sorted(store: str, group: zarr.Group, info: StoreInfo, assignment: np.ndarray,
-                  path: str) -> tuple[str, dict[str, list[str]]]:
+                  y_all: np.ndarray, path: str) -> tuple[str, dict[str, list[str]]]:
     """Write the rows ordered by client and the assignment; returns (content hash, manifest).
 
     The copy is written in windows of whole chunks; each window reads only the store chunks
-    that hold its rows, once (a store below :data:`WINDOW_BYTES` is one window).
+    that hold its rows, once (a store below :data:`WINDOW_BYTES` is one window). ``y_all``,
+    already read for the labels, is not read again.
     """
     rows, n = info.chunk_rows, info.n_rows
     order = np.argsort(assignment, kind="stable")  # stable: a client's rows keep store order
@@ -196,12 +203,12 @@ def _write_sorted(store: str, group: zarr.Group, info: StoreInfo, assignment: np
     y_out = row_array(group, array_path(path, "y"), n_cols=None, rows=rows, dtype=y_dtype, length=n)
     row_array(group, array_path(path, "assignment"), n_cols=None, rows=rows, dtype="int32",
               length=n)[:] = assignment.astype(np.int32)
-    row_bytes = np.dtype(info.dtype).itemsize * info.n_features + 8
-    window = max(1, WINDOW_BYTES // (row_bytes * rows)) * rows
+    window = _window_rows(info)
     source = open_group(store)
     hx, hy = hashlib.sha256(), hashlib.sha256()
     for lo in range(0, n, window):
-        X, y = _gather(source, info, order[lo : lo + window], info.dtype, y_dtype)
+        X = _gather(source, info, order[lo : lo + window])
+        y = y_all[order[lo : lo + window]].astype(y_dtype)
         X_out[lo : lo + len(y)] = X
         y_out[lo : lo + len(y)] = y
         hx.update(X)
@@ -212,18 +219,27 @@ def _write_sorted(store: str, group: zarr.Group, info: StoreInfo, assignment: np
     return content_hash(hx.digest(), hy.digest()), manifest
 
 
-def _gather(source: zarr.Group, info: StoreInfo, rows_wanted: np.ndarray, x_dtype: str,
-            y_dtype: str) -> tuple[np.ndarray, np.ndarray]:
-    """The store's rows ``rows_wanted`` (in that order), reading each chunk holding them once."""
-    X = np.empty((len(rows_wanted), info.n_features), dtype=x_dtype)
-    y = np.empty(len(rows_wanted), dtype=y_dtype)
-    src_chunk = rows_wanted // info.chunk_rows
+def _gather(source: zarr.Group, info: StoreInfo, rows_wanted: np.ndarray) -> np.ndarray:
+    """The store's X rows ``rows_wanted`` (in that order), reading each chunk holding them once.
+
+    The chunks are read in runs of consecutive ones, each run at most a window of rows.
+    """
+    rows = info.chunk_rows
+    src_chunk = rows_wanted // rows
     by_chunk = np.argsort(src_chunk, kind="stable")
     chunks, starts = np.unique(src_chunk[by_chunk], return_index=True)
-    refs = chunk_refs(info)
-    for c, dest in zip(chunks, np.split(by_chunk, starts[1:]), strict=True):
-        Xc, yc = read_raw_chunk(source, info, refs[c])
-        local = rows_wanted[dest] - c * info.chunk_rows
-        X[dest] = Xc[local]
-        y[dest] = yc[local]
-    return X, y
+    step = _window_rows(info) // rows
+    breaks = np.flatnonzero((np.diff(chunks) != 1) | (np.arange(1, len(chunks)) % step == 0)) + 1
+    runs = np.split(np.arange(len(chunks)), breaks)
+    if len(runs) == 1:  # one read holds every row wanted: a single gather
+        first, last = int(chunks[0]), int(chunks[-1])
+        (Xr,) = read_rows(source, info, range(first, last + 1), ("X",))
+        return Xr[rows_wanted - first * rows]
+    X = np.empty((len(rows_wanted), info.n_features), dtype=info.dtype)
+    for run in runs:
+        first, last = int(chunks[run[0]]), int(chunks[run[-1]])
+        (Xr,) = read_rows(source, info, range(first, last + 1), ("X",))
+        stop = starts[run[-1] + 1] if run[-1] + 1 < len(starts) else len(by_chunk)
+        dest = by_chunk[starts[run[0]] : stop]
+        X[dest] = Xr[rows_wanted[dest] - first * rows]
+    return X

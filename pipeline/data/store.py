@@ -15,6 +15,7 @@ that hold them.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
@@ -249,6 +250,34 @@ def read_block(group: zarr.Group, info: StoreInfo, prefix: str, index: int,
             ) from exc
         out.append(block)
     return tuple(out)
+
+
+def read_rows(group: zarr.Group, info: StoreInfo, chunks: range,
+              names: tuple[str, ...] = ("X", "y")) -> tuple[np.ndarray, ...]:
+    """Top-level chunks ``chunks`` (consecutive) of the arrays ``names``, read in one zarr call.
+
+    Every chunk is checked against the manifest and the store first, all at once; zarr then
+    fetches and decodes them concurrently. A chunk that fails to decode is named, as by
+    :func:`read_block`.
+    """
+    for name in names:
+        listed = set(info.manifest.get(name, []))
+        keys = [chunk_key("", name, i) for i in chunks]
+        found = sync(_exist(group.store, keys))
+        for i, key, ok in zip(chunks, keys, found, strict=True):
+            if key not in listed or not ok:
+                raise StoreError(f"chunk {i} of {name} is missing in {info.url}")
+    lo, hi = chunks.start * info.chunk_rows, min(chunks.stop * info.chunk_rows, info.n_rows)
+    try:
+        return tuple(group[name][lo:hi] for name in names)
+    except Exception:
+        for i in chunks:  # find the chunk that does not decode, and say which
+            read_block(group, info, "", i, names)
+        raise
+
+
+async def _exist(zstore, keys: list[str]) -> list[bool]:
+    return list(await asyncio.gather(*(zstore.exists(k) for k in keys)))
 
 
 def client_range(info: StoreInfo, prefix: str) -> tuple[str, int, int]:
