@@ -197,3 +197,20 @@ def test_a_damaged_client_table_is_refused_in_one_line(small_store, capsys):
     assert main(["info", store, "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].endswith("clients.json of partition 'p' is missing in " + f"file://{store}")
+
+
+def test_partitions_on_an_fsspec_store_replace_and_verify():
+    import fsspec
+
+    url = "memory://fedpipe-tests/partitioned.zarr"
+    from fedpipe.data.ingest import ingest
+
+    ingest("sklearn:iris", url, chunk_rows=30, progress=False, overwrite=True)
+    old = partition(url, clients=4, name="a")
+    new = partition(url, clients=3, name="a")
+    fs = fsspec.filesystem("memory")
+    assert fs.exists(f"/fedpipe-tests/partitioned.zarr/{new['path']}")
+    assert not fs.exists(f"/fedpipe-tests/partitioned.zarr/{old['path']}")
+    info = read_info(url)
+    assert sum(len(read_chunk(url, r, info=info)[1]) for r in chunk_refs(info, "a")) == 150
+    assert verify_store(url).ok
