@@ -19,8 +19,10 @@ import asyncio
 import functools
 import hashlib
 import logging
+import threading
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -225,11 +227,36 @@ def read_raw_chunk(group: zarr.Group, info: StoreInfo, ref: ChunkRef) -> tuple[n
     lo, hi = lo + ref.index * rows, min(lo + (ref.index + 1) * rows, hi)
     if ref.index < 0 or lo >= hi:
         raise StoreError(f"{ref.prefix} has no chunk {ref.index} in {info.url}")
-    blocks = [read_block(group, info, path, i) for i in range(lo // rows, (hi - 1) // rows + 1)]
-    start = lo - (lo // rows) * rows
-    X = blocks[0][0] if len(blocks) == 1 else np.concatenate([b[0] for b in blocks])
-    y = blocks[0][1] if len(blocks) == 1 else np.concatenate([b[1] for b in blocks])
-    return X[start : start + hi - lo], y[start : start + hi - lo]
+    parts = []
+    for i in range(lo // rows, (hi - 1) // rows + 1):
+        X, y = _cached_block(group, info, path, i)
+        a, b = max(lo - i * rows, 0), min(hi - i * rows, rows)
+        parts.append((X[a:b], y[a:b]))
+    # concatenate copies: the caller never holds (or changes) the cached chunk
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# The last few chunks read of partitions' sorted copies, per process. A generation folder is
+# written once and never changed, so a chunk read for one client serves the next clients of
+# this worker whose ranges it also holds (hundreds of small clients per chunk) without
+# another fetch and decode. Callers get copies of their rows, never the cached arrays.
+_BLOCKS: OrderedDict[tuple[str, str, int], tuple[np.ndarray, ...]] = OrderedDict()
+_BLOCKS_LOCK = threading.Lock()
+BLOCK_CACHE = 4
+
+
+def _cached_block(group: zarr.Group, info: StoreInfo, path: str, index: int) -> tuple[np.ndarray, ...]:
+    key = (info.url, path, index)
+    with _BLOCKS_LOCK:
+        if key in _BLOCKS:
+            _BLOCKS.move_to_end(key)
+            return _BLOCKS[key]
+    block = read_block(group, info, path, index)
+    with _BLOCKS_LOCK:
+        _BLOCKS[key] = block
+        while len(_BLOCKS) > BLOCK_CACHE:
+            _BLOCKS.popitem(last=False)
+    return block
 
 
 def read_block(group: zarr.Group, info: StoreInfo, prefix: str, index: int,

@@ -214,3 +214,16 @@ def test_partitions_on_an_fsspec_store_replace_and_verify():
     info = read_info(url)
     assert sum(len(read_chunk(url, r, info=info)[1]) for r in chunk_refs(info, "a")) == 150
     assert verify_store(url).ok
+
+
+def test_rows_read_are_the_callers_own_even_when_clients_share_a_stored_chunk(small_store):
+    store = small_store(chunk_rows=100)
+    partition(store, clients=20, name="p")  # 30 rows each: clients 0..2 share stored chunk 0
+    info = read_info(store)
+    X, _ = _stored_rows(store)
+    assignment = part_math.iid(600, 20, 0)
+    first = read_raw_chunk(open_group(store), info, ChunkRef("partitions/p/0", 0))[0]
+    first[:] = -1.0  # the caller may change its rows in place
+    for k in (0, 1, 2):
+        got = read_raw_chunk(open_group(store), info, ChunkRef(f"partitions/p/{k}", 0))[0]
+        np.testing.assert_array_equal(got, X[assignment == k])
