@@ -24,9 +24,11 @@ def iid(n_rows: int, clients: int, seed: int) -> np.ndarray:
     """Shuffle the rows and deal them into ``clients`` near-equal parts."""
     _check(n_rows, clients, 0)
     rng = np.random.default_rng(seed)
+    # np.array_split's part sizes: the first n_rows % clients parts get one row more.
+    sizes = np.full(clients, n_rows // clients)
+    sizes[: n_rows % clients] += 1
     assignment = np.empty(n_rows, dtype=np.int64)
-    for k, rows in enumerate(np.array_split(rng.permutation(n_rows), clients)):
-        assignment[rows] = k
+    assignment[rng.permutation(n_rows)] = np.repeat(np.arange(clients), sizes)
     return assignment
 
 

@@ -85,6 +85,7 @@ def run_info(args: argparse.Namespace) -> dict[str, Any]:
             "missing": [list(r) for r in report.missing],
             "corrupt": [list(r) for r in report.corrupt],
             "content_hash_ok": report.content_hash_ok,
+            "partition_hash_ok": report.partition_hash_ok,
         }
     if console := _console(args):
         _print_info(console, info, summary.get("verify"))
@@ -100,6 +101,8 @@ def _verify_line(store: str, report) -> str:
             parts.append(f"{kind} chunks " + ", ".join(f"{r.prefix or 'X/y'}#{r.index}" for r in refs))
     if report.content_hash_ok is False:
         parts.append("content hash differs")
+    parts += [f"partition {name!r} content hash differs"
+              for name, ok in report.partition_hash_ok.items() if ok is False]
     return f"{store}: " + "; ".join(parts)
 
 

@@ -1,34 +1,46 @@
-"""Split a store's rows among federated clients and rewrite each client's rows on its own.
+"""Split a store's rows among federated clients, as an index over one client-sorted copy.
 
-The assignment (one client index per row) comes from :mod:`fedpipe.tasks.partition`. Rows are then
-copied chunk by chunk into ``partitions/NAME/<client>/X`` and ``.../y``, whole chunks per
-client, so a client's worker later reads its own data without touching anyone else's. The
-partition's entry in the attributes is written last; on failure its arrays are deleted.
+The assignment (one client index per row) comes from :mod:`fedpipe.tasks.partition`. The rows
+are then written once, ordered by client (stable, so each client keeps the store's row order),
+into ``partitions/NAME/<generation>/X`` and ``.../y`` in ordinary row chunks, beside the
+assignment and the client table. Each client is a row range of that copy, so the cost is one
+read-and-write pass of the data and the number of files does not depend on the number of
+clients. The partition is committed last by one atomic put of its own
+``partitions/NAME/partition.json`` (:mod:`fedpipe.data.index`): no shared metadata is
+read-modified-written, so concurrent runs on one store cannot lose each other's partitions,
+and a run that fails leaves the previous partition of that name as it was.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import uuid
 
 import numpy as np
 import zarr
+from fedpipe.data import index
 from fedpipe.data.store import (
     StoreInfo,
     array_path,
     chunk_key,
-    chunk_refs,
+    content_hash,
     open_group,
     read_info,
-    read_raw_chunk,
+    read_rows,
     row_array,
 )
-from fedpipe.errors import StoreError, ValidationError
+from fedpipe.errors import ValidationError
 from fedpipe.tasks import partition as part_math
 
 log = logging.getLogger("fedpipe")
 
 SCHEMES = ("iid", "dirichlet", "quantity", "column")
 DEFAULT_ALPHA = {"dirichlet": 0.5, "quantity": 1.0}
+LAYOUT = "sorted-rows"
+# Rows of the sorted copy gathered in memory at once: one pass over the store's chunks per
+# window, so a store up to this size is read exactly once.
+WINDOW_BYTES = 512 << 20
 
 
 def partition(
@@ -42,7 +54,7 @@ def partition(
     seed: int = 0,
     name: str = "default",
 ) -> dict:
-    """Partition the rows of ``store`` among ``clients`` and write each client's rows.
+    """Partition the rows of ``store`` among ``clients`` clients and write the partition index.
 
     Parameters
     ----------
@@ -59,40 +71,45 @@ def partition(
     seed : int
         Seed of the assignment.
     name : str
-        Partition name; an existing partition of that name is replaced.
+        Partition name; an existing partition of that name is replaced (atomically: readers
+        see the old partition or the new one).
 
     Returns
     -------
     dict
-        The partition's metadata, as stored in ``attrs["fedpipe"]["partitions"][name]``.
+        The partition's metadata, as :func:`fedpipe.data.store.read_info` gives it in
+        ``info.partitions[name]``: per client ``n_rows``, ``n_chunks``, ``label_hist`` and
+        ``offset`` (first row in the sorted copy at ``path``).
     """
-    info = read_info(store)
+    info = read_info(store, partitions=False)  # other partitions' size must not matter
     alpha = _check_args(info, clients, scheme, alpha, column, min_size, name)
-    labels, n_labels, edges = _labels(store, info)
+    (y,) = read_rows(open_group(store), info, range(info.n_chunks), ("y",))
+    labels, n_labels, edges = _labels(y, info)
     try:
         assignment = _assign(store, info, labels, clients, scheme, alpha, column, min_size, seed)
     except ValueError as exc:
         raise ValidationError(f"partition {name!r}: {exc}") from None
     hist = part_math.label_histograms(labels, assignment, clients, n_labels)
-    meta = {"scheme": scheme, "seed": seed, "alpha": alpha, "column": column, "min_size": min_size,
-            "label_bins": edges, "clients": {}}
-    group = open_group(store, mode="r+")
-    _forget(group, name)
-    try:
-        manifest = _write_clients(store, group, info, assignment, clients, name)
-    except BaseException:
-        _drop_arrays(group, name)
-        raise
     sizes = np.bincount(assignment, minlength=clients)
-    for k in range(clients):
-        meta["clients"][str(k)] = {"n_rows": int(sizes[k]), "n_chunks": -(-int(sizes[k]) // info.chunk_rows),
-                                   "label_hist": hist[k].tolist()}
-    attrs = dict(group.attrs["fedpipe"])
-    attrs["partitions"] = {**attrs["partitions"], name: meta}
-    attrs["manifest"] = {**attrs["manifest"], **manifest}
-    group.attrs["fedpipe"] = attrs
+    table = {"n_rows": sizes.tolist(), "offset": (np.cumsum(sizes) - sizes).tolist(),
+             "label_hist": hist.tolist()}
+    record = {"scheme": scheme, "seed": seed, "alpha": alpha, "column": column,
+              "min_size": min_size, "label_bins": edges, "layout": LAYOUT, "n_rows": info.n_rows,
+              "chunk_rows": info.chunk_rows, "path": f"partitions/{name}/g{uuid.uuid4().hex[:12]}"}
+    group = open_group(store, mode="r+")
+    try:
+        record["content_hash"], manifest = _write_sorted(store, group, info, assignment, y,
+                                                         record["path"])
+        previous = index.read_partition(group, name, clients=False)
+        index.write_partition(group, name, {**record, "manifest": manifest}, table)
+    except BaseException:
+        _drop(group, record["path"], name)
+        raise
+    if previous is not None and previous["path"] != record["path"]:
+        log.info("replaced partition %r", name)
+        index.delete(group, previous["path"])
     log.debug("partition %r: %d clients, sizes %s..%s", name, clients, sizes.min(), sizes.max())
-    return meta
+    return {**record, "clients": index.expand_clients(table, info.chunk_rows)}
 
 
 def _check_args(info: StoreInfo, clients, scheme, alpha, column, min_size, name) -> float | None:
@@ -125,10 +142,8 @@ def _check_args(info: StoreInfo, clients, scheme, alpha, column, min_size, name)
     return None
 
 
-def _labels(store: str, info: StoreInfo) -> tuple[np.ndarray, int, list | None]:
-    """All of y (one number per row), discretised for regression; returns labels, count, edges."""
-    group = open_group(store)
-    y = np.concatenate([read_raw_chunk(group, info, ref)[1] for ref in chunk_refs(info)])
+def _labels(y: np.ndarray, info: StoreInfo) -> tuple[np.ndarray, int, list | None]:
+    """All of y as labels (discretised for regression); returns labels, count, edges."""
     if info.task != "regression":
         return y.astype(np.int64), len(info.classes), None
     labels, edges = part_math.quantile_bins(y)
@@ -138,7 +153,15 @@ def _labels(store: str, info: StoreInfo) -> tuple[np.ndarray, int, list | None]:
 def _column(store: str, info: StoreInfo, column: str) -> np.ndarray:
     group = open_group(store)
     j = info.feature_names.index(column)
-    return np.concatenate([read_raw_chunk(group, info, ref)[0][:, j] for ref in chunk_refs(info)])
+    step = _window_rows(info) // info.chunk_rows
+    return np.concatenate([read_rows(group, info, range(c, min(c + step, info.n_chunks)), ("X",))[0][:, j]
+                           for c in range(0, info.n_chunks, step)])
+
+
+def _window_rows(info: StoreInfo) -> int:
+    """Rows held in memory at once (whole chunks, at least one): :data:`WINDOW_BYTES` of X."""
+    row_bytes = np.dtype(info.dtype).itemsize * info.n_features + 8
+    return max(1, WINDOW_BYTES // (row_bytes * info.chunk_rows)) * info.chunk_rows
 
 
 def _assign(store, info, labels, clients, scheme, alpha, column, min_size, seed) -> np.ndarray:
@@ -157,73 +180,66 @@ def _assign(store, info, labels, clients, scheme, alpha, column, min_size, seed)
     return assignment
 
 
-def _forget(group: zarr.Group, name: str) -> None:
-    """Drop an older partition of this name: first from the attributes, then its arrays."""
-    attrs = dict(group.attrs["fedpipe"])
-    if name in attrs["partitions"]:
-        log.info("replacing partition %r", name)
-        prefix = f"partitions/{name}/"
-        attrs["partitions"] = {k: v for k, v in attrs["partitions"].items() if k != name}
-        attrs["manifest"] = {k: v for k, v in attrs["manifest"].items() if not k.startswith(prefix)}
-        group.attrs["fedpipe"] = attrs
-    _drop_arrays(group, name)
+def _drop(group: zarr.Group, path: str, name: str) -> None:
+    """Delete a generation that was not committed, and the partition's folder if it has no file."""
+    index.delete(group, path)
+    if index.read_partition(group, name, clients=False) is None:
+        index.delete(group, f"partitions/{name}")
 
 
-def _drop_arrays(group: zarr.Group, name: str) -> None:
-    if "partitions" in group and name in group["partitions"]:
-        del group["partitions"][name]
+def _write_sorted(store: str, group: zarr.Group, info: StoreInfo, assignment: np.ndarray,
+                  y_all: np.ndarray, path: str) -> tuple[str, dict[str, list[str]]]:
+    """Write the rows ordered by client and the assignment; returns (content hash, manifest).
 
-
-def _write_clients(store, group, info: StoreInfo, assignment, clients: int, name: str) -> dict:
-    """Copy rows into per-client arrays, one source chunk at a time; returns manifest entries."""
-    rows = info.chunk_rows
-    sizes = np.bincount(assignment, minlength=clients)
+    The copy is written in windows of whole chunks; each window reads only the store chunks
+    that hold its rows, once (a store below :data:`WINDOW_BYTES` is one window). ``y_all``,
+    already read for the labels, is not read again.
+    """
+    rows, n = info.chunk_rows, info.n_rows
+    order = np.argsort(assignment, kind="stable")  # stable: a client's rows keep store order
     y_dtype = "int64" if info.task != "regression" else "float64"
-    targets = {}
-    for k in range(clients):
-        prefix = f"partitions/{name}/{k}"
-        targets[k] = (row_array(group, array_path(prefix, "X"), n_cols=info.n_features, rows=rows,
-                                dtype=info.dtype, length=int(sizes[k])),
-                      row_array(group, array_path(prefix, "y"), n_cols=None, rows=rows,
-                                dtype=y_dtype, length=int(sizes[k])))
-    row_array(group, f"partitions/{name}/assignment", n_cols=None, rows=rows, dtype="int32",
-              length=info.n_rows)[:] = assignment.astype(np.int32)
-    # Buffers hold at most one chunk per client before it is flushed as a whole chunk.
-    buffers = {k: ([], [], 0) for k in range(clients)}
-    written = dict.fromkeys(range(clients), 0)
+    X_out = row_array(group, array_path(path, "X"), n_cols=info.n_features, rows=rows,
+                      dtype=info.dtype, length=n)
+    y_out = row_array(group, array_path(path, "y"), n_cols=None, rows=rows, dtype=y_dtype, length=n)
+    row_array(group, array_path(path, "assignment"), n_cols=None, rows=rows, dtype="int32",
+              length=n)[:] = assignment.astype(np.int32)
+    window = _window_rows(info)
     source = open_group(store)
-    for ref in chunk_refs(info):
-        X, y = read_raw_chunk(source, info, ref)
-        owner = assignment[ref.index * rows : ref.index * rows + len(y)]
-        for k in np.unique(owner):
-            xs, ys, held = buffers[k]
-            mask = owner == k
-            xs.append(X[mask])
-            ys.append(y[mask])
-            buffers[k] = (xs, ys, held + int(mask.sum()))
-            written[k] = _flush(targets[k], buffers, k, written[k], rows, final=False)
-    for k in range(clients):
-        written[k] = _flush(targets[k], buffers, k, written[k], rows, final=True)
-        if written[k] != sizes[k]:
-            raise StoreError(f"client {k}: wrote {written[k]} rows, expected {sizes[k]}")
-    manifest = {}
-    for k in range(clients):
-        prefix = f"partitions/{name}/{k}"
-        n_chunks = -(-int(sizes[k]) // rows)
-        for arr in ("X", "y"):
-            manifest[array_path(prefix, arr)] = [chunk_key(prefix, arr, i) for i in range(n_chunks)]
-    return manifest
+    hx, hy = hashlib.sha256(), hashlib.sha256()
+    for lo in range(0, n, window):
+        X = _gather(source, info, order[lo : lo + window])
+        y = y_all[order[lo : lo + window]].astype(y_dtype)
+        X_out[lo : lo + len(y)] = X
+        y_out[lo : lo + len(y)] = y
+        hx.update(X)
+        hy.update(y)
+    n_chunks = -(-n // rows)
+    manifest = {array_path(path, a): [chunk_key(path, a, i) for i in range(n_chunks)]
+                for a in ("X", "y", "assignment")}
+    return content_hash(hx.digest(), hy.digest()), manifest
 
 
-def _flush(target, buffers, k: int, start: int, rows: int, *, final: bool) -> int:
-    """Write the whole chunks held for client ``k`` (and the short tail when ``final``)."""
-    xs, ys, held = buffers[k]
-    if held < rows and not (final and held):
-        return start
-    X, y = np.concatenate(xs), np.concatenate(ys)
-    n_out = held if final else held - held % rows
-    X_arr, y_arr = target
-    X_arr[start : start + n_out] = X[:n_out]
-    y_arr[start : start + n_out] = y[:n_out]
-    buffers[k] = ([X[n_out:]], [y[n_out:]], held - n_out)
-    return start + n_out
+def _gather(source: zarr.Group, info: StoreInfo, rows_wanted: np.ndarray) -> np.ndarray:
+    """The store's X rows ``rows_wanted`` (in that order), reading each chunk holding them once.
+
+    The chunks are read in runs of consecutive ones, each run at most a window of rows.
+    """
+    rows = info.chunk_rows
+    src_chunk = rows_wanted // rows
+    by_chunk = np.argsort(src_chunk, kind="stable")
+    chunks, starts = np.unique(src_chunk[by_chunk], return_index=True)
+    step = _window_rows(info) // rows
+    breaks = np.flatnonzero((np.diff(chunks) != 1) | (np.arange(1, len(chunks)) % step == 0)) + 1
+    runs = np.split(np.arange(len(chunks)), breaks)
+    if len(runs) == 1:  # one read holds every row wanted: a single gather
+        first, last = int(chunks[0]), int(chunks[-1])
+        (Xr,) = read_rows(source, info, range(first, last + 1), ("X",))
+        return Xr[rows_wanted - first * rows]
+    X = np.empty((len(rows_wanted), info.n_features), dtype=info.dtype)
+    for run in runs:
+        first, last = int(chunks[run[0]]), int(chunks[run[-1]])
+        (Xr,) = read_rows(source, info, range(first, last + 1), ("X",))
+        stop = starts[run[-1] + 1] if run[-1] + 1 < len(starts) else len(by_chunk)
+        dest = by_chunk[starts[run[0]] : stop]
+        X[dest] = Xr[rows_wanted[dest] - first * rows]
+    return X

@@ -5,15 +5,24 @@ rows, each chunk compressed and protected by a crc32c checksum, and ``attrs["fed
 holding the metadata, the manifest of chunk keys written and a content hash. zarr reads an
 absent chunk as its fill value, so every read here checks the chunk's key against the
 manifest and the store first: a missing chunk is a :class:`StoreError`, never zeros.
+
+A partition is an index (``docs/data.md``, :mod:`fedpipe.data.index`): one client-sorted
+copy of the rows under ``partitions/NAME/<generation>/`` in ordinary row chunks, and each
+client's row range of that copy. Client ``k``'s chunk ``i`` (``ChunkRef("partitions/NAME/k", i)``) is rows
+``[i * chunk_rows, (i + 1) * chunk_rows)`` of its range, read from the one or two stored chunks
+that hold them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import logging
+import threading
 import uuid
 import zlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +32,7 @@ import dask.array as da
 import fsspec
 import numpy as np
 import zarr
+from fedpipe.data.index import read_partitions
 from fedpipe.errors import StoreError, ValidationError
 from fedpipe.tasks import split as split_math
 from fedpipe.tasks import stats as stats_math
@@ -88,10 +98,12 @@ class VerifyReport:
     missing: list[ChunkRef]
     corrupt: list[ChunkRef]
     content_hash_ok: bool | None
+    partition_hash_ok: dict[str, bool | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.missing and not self.corrupt and self.content_hash_ok is not False
+        return (not self.missing and not self.corrupt and self.content_hash_ok is not False
+                and False not in self.partition_hash_ok.values())
 
 
 def codecs() -> list:
@@ -129,11 +141,21 @@ def open_group(url: str, mode: str = "r") -> zarr.Group:
     return group
 
 
-def read_info(url: str) -> StoreInfo:
-    """Metadata of the store at ``url``."""
-    attrs = dict(open_group(url).attrs["fedpipe"])
+def read_info(url: str, *, partitions: bool = True) -> StoreInfo:
+    """Metadata of the store at ``url``, with every committed partition's index file.
+
+    ``partitions=False`` skips the partition files (``info.partitions`` is empty): for code
+    that reads only the top-level rows, whose cost should not grow with the partitions.
+    """
+    group = open_group(url)
+    meta = dict(group.attrs["fedpipe"])
+    manifest = dict(meta.get("manifest", {}))
+    parts = {}
+    for name, part in (read_partitions(group) if partitions else {}).items():
+        manifest.update(part.pop("manifest"))
+        parts[name] = part
     try:
-        return StoreInfo.from_attrs(str(url), attrs)
+        return StoreInfo.from_attrs(str(url), {**meta, "partitions": parts, "manifest": manifest})
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{url}: fedpipe metadata is damaged ({type(exc).__name__}: {exc})") from exc
 
@@ -160,12 +182,12 @@ def open_store(url: str, partition: str | None = None, client: int | None = None
         Open ``partitions/<partition>/<client>`` instead of the top-level arrays.
     """
     info = read_info(url)
-    prefix = ""
-    if partition is not None or client is not None:
-        prefix = _client_prefix(info, partition, client)
     group = open_group(url)
-    X = da.from_zarr(group[array_path(prefix, "X")])
-    y = da.from_zarr(group[array_path(prefix, "y")])
+    if partition is None and client is None:
+        return Dataset(X=da.from_zarr(group["X"]), y=da.from_zarr(group["y"]), info=info)
+    path, lo, hi = client_range(info, _client_prefix(info, partition, client))
+    X = da.from_zarr(group[array_path(path, "X")])[lo:hi]
+    y = da.from_zarr(group[array_path(path, "y")])[lo:hi]
     return Dataset(X=X, y=y, info=info)
 
 
@@ -198,22 +220,106 @@ def chunk_refs(info: StoreInfo, partition: str | None = None, client: int | None
 
 
 def read_raw_chunk(group: zarr.Group, info: StoreInfo, ref: ChunkRef) -> tuple[np.ndarray, np.ndarray]:
-    """Read one X/y chunk as stored, after checking it is in the manifest and present."""
+    """Read one X/y chunk as stored, after checking it is in the manifest and present.
+
+    A client's chunk is sliced from the stored chunks of its partition's sorted copy that
+    overlap its rows (one, or two where it straddles a boundary); no other chunk is read.
+    """
+    if not ref.prefix:
+        return read_block(group, info, "", ref.index)
+    path, lo, hi = client_range(info, ref.prefix)
+    rows = info.chunk_rows
+    lo, hi = lo + ref.index * rows, min(lo + (ref.index + 1) * rows, hi)
+    if ref.index < 0 or lo >= hi:
+        raise StoreError(f"{ref.prefix} has no chunk {ref.index} in {info.url}")
+    parts = []
+    for i in range(lo // rows, (hi - 1) // rows + 1):
+        X, y = _cached_block(group, info, path, i)
+        a, b = max(lo - i * rows, 0), min(hi - i * rows, rows)
+        parts.append((X[a:b], y[a:b]))
+    # concatenate copies: the caller never holds (or changes) the cached chunk
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+# The last few chunks read of partitions' sorted copies, per process. A generation folder is
+# written once and never changed, so a chunk read for one client serves the next clients of
+# this worker whose ranges it also holds (hundreds of small clients per chunk) without
+# another fetch and decode. Callers get copies of their rows, never the cached arrays.
+_BLOCKS: OrderedDict[tuple[str, str, int], tuple[np.ndarray, ...]] = OrderedDict()
+_BLOCKS_LOCK = threading.Lock()
+BLOCK_CACHE = 4
+
+
+def _cached_block(group: zarr.Group, info: StoreInfo, path: str, index: int) -> tuple[np.ndarray, ...]:
+    key = (info.url, path, index)
+    with _BLOCKS_LOCK:
+        if key in _BLOCKS:
+            _BLOCKS.move_to_end(key)
+            return _BLOCKS[key]
+    block = read_block(group, info, path, index)
+    with _BLOCKS_LOCK:
+        _BLOCKS[key] = block
+        while len(_BLOCKS) > BLOCK_CACHE:
+            _BLOCKS.popitem(last=False)
+    return block
+
+
+def read_block(group: zarr.Group, info: StoreInfo, prefix: str, index: int,
+               names: tuple[str, ...] = ("X", "y")) -> tuple[np.ndarray, ...]:
+    """Stored row chunk ``index`` of the arrays ``names`` under ``prefix``, each checked."""
     out = []
-    for name in ("X", "y"):
-        key = chunk_key(ref.prefix, name, ref.index)
-        listed = info.manifest.get(array_path(ref.prefix, name), [])
+    for name in names:
+        key = chunk_key(prefix, name, index)
+        listed = info.manifest.get(array_path(prefix, name), [])
         if key not in listed or not sync(group.store.exists(key)):
-            raise StoreError(f"chunk {ref.index} of {array_path(ref.prefix, name)} is missing in {info.url}")
-        array = group[array_path(ref.prefix, name)]
+            raise StoreError(f"chunk {index} of {array_path(prefix, name)} is missing in {info.url}")
+        array = group[array_path(prefix, name)]
         try:
-            block = array.blocks[(ref.index, 0) if name == "X" else (ref.index,)]
+            block = array.blocks[(index, 0) if array.ndim == 2 else (index,)]
         except Exception as exc:  # zarr/numcodecs raise plain ValueError/RuntimeError on bad bytes
             raise StoreError(
-                f"chunk {ref.index} of {array_path(ref.prefix, name)} in {info.url} is corrupt ({exc})"
+                f"chunk {index} of {array_path(prefix, name)} in {info.url} is corrupt ({exc})"
             ) from exc
         out.append(block)
-    return out[0], out[1]
+    return tuple(out)
+
+
+def read_rows(group: zarr.Group, info: StoreInfo, chunks: range,
+              names: tuple[str, ...] = ("X", "y")) -> tuple[np.ndarray, ...]:
+    """Top-level chunks ``chunks`` (consecutive) of the arrays ``names``, read in one zarr call.
+
+    Every chunk is checked against the manifest and the store first, all at once; zarr then
+    fetches and decodes them concurrently. A chunk that fails to decode is named, as by
+    :func:`read_block`.
+    """
+    for name in names:
+        listed = set(info.manifest.get(name, []))
+        keys = [chunk_key("", name, i) for i in chunks]
+        found = sync(_exist(group.store, keys))
+        for i, key, ok in zip(chunks, keys, found, strict=True):
+            if key not in listed or not ok:
+                raise StoreError(f"chunk {i} of {name} is missing in {info.url}")
+    lo, hi = chunks.start * info.chunk_rows, min(chunks.stop * info.chunk_rows, info.n_rows)
+    try:
+        return tuple(group[name][lo:hi] for name in names)
+    except Exception:
+        for i in chunks:  # find the chunk that does not decode, and say which
+            read_block(group, info, "", i, names)
+        raise
+
+
+async def _exist(zstore, keys: list[str]) -> list[bool]:
+    return list(await asyncio.gather(*(zstore.exists(k) for k in keys)))
+
+
+def client_range(info: StoreInfo, prefix: str) -> tuple[str, int, int]:
+    """``(path, start, stop)``: the rows of client ``partitions/NAME/k`` in its sorted copy."""
+    name, _, client = prefix.removeprefix("partitions/").rpartition("/")
+    part = info.partitions.get(name)
+    entry = part["clients"].get(client) if part else None
+    if entry is None or "offset" not in entry:
+        raise StoreError(f"store {info.url} has no client rows at {prefix}")
+    return part["path"], entry["offset"], entry["offset"] + entry["n_rows"]
 
 
 @functools.lru_cache(maxsize=8)
@@ -345,26 +451,40 @@ def content_hash(x_digest: bytes, y_digest: bytes) -> str:
 def verify_store(url: str) -> VerifyReport:
     """Read every chunk of the store and of its partitions; report missing and corrupt ones.
 
-    Also recomputes the content hash of the top-level arrays when all their chunks read back.
+    Also recomputes the content hash of the top-level arrays, and of each partition's sorted
+    copy, when all their chunks read back. A partition's chunks are reported under its
+    stored path (``ChunkRef("partitions/NAME/<generation>", i)``).
     """
     info = read_info(url)
     group = open_group(url)
+    n_checked, missing, corrupt, hash_ok = _verify_rows(group, info, "", ("X", "y"), info.n_chunks)
+    part_ok = {}
+    for name, part in info.partitions.items():
+        n_chunks = -(-part["n_rows"] // info.chunk_rows)
+        n, m, c, ok = _verify_rows(group, info, part["path"], ("X", "y", "assignment"), n_chunks)
+        n_checked, missing, corrupt = n_checked + n, missing + m, corrupt + c
+        part_ok[name] = None if ok is None else ok == part["content_hash"]
+    return VerifyReport(n_checked=n_checked, missing=missing, corrupt=corrupt,
+                        content_hash_ok=None if hash_ok is None else hash_ok == info.content_hash,
+                        partition_hash_ok=part_ok)
+
+
+def _verify_rows(group, info: StoreInfo, prefix: str, names: tuple[str, ...], n_chunks: int
+                 ) -> tuple[int, list[ChunkRef], list[ChunkRef], str | None]:
+    """Read chunks ``0..n_chunks-1`` under ``prefix``; the X/y content hash if all read back."""
     missing: list[ChunkRef] = []
     corrupt: list[ChunkRef] = []
     hx, hy = hashlib.sha256(), hashlib.sha256()
-    refs = chunk_refs(info) + [r for p in info.partitions for r in chunk_refs(info, p)]
-    for ref in refs:
+    for i in range(n_chunks):
         try:
-            X, y = read_raw_chunk(group, info, ref)
+            X, y, *_ = read_block(group, info, prefix, i, names)
         except StoreError as exc:
-            (missing if "is missing" in str(exc) else corrupt).append(ref)
+            (missing if "is missing" in str(exc) else corrupt).append(ChunkRef(prefix, i))
             continue
-        if not ref.prefix:
-            hx.update(np.ascontiguousarray(X))
-            hy.update(np.ascontiguousarray(y))
-    top_ok = not any(not r.prefix for r in missing + corrupt)
-    hash_ok = content_hash(hx.digest(), hy.digest()) == info.content_hash if top_ok else None
-    return VerifyReport(n_checked=len(refs), missing=missing, corrupt=corrupt, content_hash_ok=hash_ok)
+        hx.update(np.ascontiguousarray(X))
+        hy.update(np.ascontiguousarray(y))
+    digest = None if missing or corrupt else content_hash(hx.digest(), hy.digest())
+    return n_chunks, missing, corrupt, digest
 
 
 @contextmanager

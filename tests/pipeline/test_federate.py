@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
 import numpy as np
 import pytest
-from fedpipe.data import store
+from fedpipe.data import index, store
 from fedpipe.engine import placement
 from fedpipe.engine.federate import federate
 from fedpipe.errors import TrainingError, ValidationError
@@ -194,14 +195,17 @@ def test_bad_arguments_are_one_line_errors(fed_store, dask_client, kwargs, match
 def test_partition_that_does_not_match_the_store(fed_store, dask_client, tmp_path):
     import shutil
 
-    import zarr
-
     copy = str(tmp_path / "copy.zarr")
     shutil.copytree(fed_store, copy)
-    group = zarr.open_group(copy, mode="r+", zarr_format=3)
-    meta = dict(group.attrs["fedpipe"])
-    meta["partitions"]["fed"]["clients"]["0"]["n_rows"] += 7
-    group.attrs["fedpipe"] = meta
+    # A copy whose client table gives client 0 seven rows more, under a matching checksum.
+    record_file = tmp_path / "copy.zarr" / index.partition_key("fed")
+    record = json.loads(record_file.read_text())
+    table_file = tmp_path / "copy.zarr" / record["path"] / index.CLIENTS_FILE
+    table = json.loads(table_file.read_text())
+    table["n_rows"][0] += 7
+    table_file.write_text(json.dumps(table))
+    record["clients_sha256"] = hashlib.sha256(table_file.read_bytes()).hexdigest()
+    record_file.write_text(json.dumps(record))
     with pytest.raises(ValidationError, match="made for another version of the store"):
         federate(copy, _model(), rounds=1, dask_client=dask_client)
 

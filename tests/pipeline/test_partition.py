@@ -55,9 +55,9 @@ def test_assignment_is_stored_and_deterministic(small_store):
     partition(store, clients=3, scheme="dirichlet", alpha=0.2, seed=9, name="b")
     import zarr
 
-    group = zarr.open_group(store, mode="r")
-    a = group["partitions/a/assignment"][:]
-    np.testing.assert_array_equal(a, group["partitions/b/assignment"][:])
+    group, parts = zarr.open_group(store, mode="r"), read_info(store).partitions
+    a = group[parts["a"]["path"] + "/assignment"][:]
+    np.testing.assert_array_equal(a, group[parts["b"]["path"] + "/assignment"][:])
     for k in range(3):
         np.testing.assert_array_equal(_client_rows(store, "a", k)[0], open_store(store).X.compute()[a == k])
 
@@ -84,15 +84,17 @@ def test_column_scheme_and_regression_labels(tmp_path, small_store):
 
 def test_replacing_a_partition_and_reading_a_client_deleted_chunk(small_store):
     store = small_store(chunk_rows=50)
-    partition(store, clients=6, scheme="iid")
+    old = partition(store, clients=6, scheme="iid")
     meta = partition(store, clients=2, scheme="iid")
     info = read_info(store)
     assert list(info.partitions) == ["default"] and len(meta["clients"]) == 2
-    assert not os.path.exists(os.path.join(store, "partitions/default/5"))
-    os.remove(os.path.join(store, chunk_key("partitions/default/1", "X", 2)))
-    with pytest.raises(StoreError, match="chunk 2 of partitions/default/1/X is missing"):
+    assert not os.path.exists(os.path.join(store, old["path"]))  # the replaced copy is gone
+    # Client 1 holds rows 300..599 of the sorted copy: its chunk 2 is stored chunk 8.
+    path = info.partitions["default"]["path"]
+    os.remove(os.path.join(store, chunk_key(path, "X", 8)))
+    with pytest.raises(StoreError, match=f"chunk 8 of {path}/X is missing"):
         read_chunk(store, ChunkRef("partitions/default/1", 2))
-    assert verify_store(store).missing == [ChunkRef("partitions/default/1", 2)]
+    assert verify_store(store).missing == [ChunkRef(path, 8)]
 
 
 @pytest.mark.parametrize(

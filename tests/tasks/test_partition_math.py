@@ -28,6 +28,16 @@ def test_iid_is_balanced_and_deterministic(clients):
     assert clients == 1 or not np.array_equal(a, P.iid(1003, clients, seed=5))
 
 
+@pytest.mark.parametrize(("n_rows", "clients"), [(1003, 1), (1003, 7), (1003, 1003), (50, 13)])
+def test_iid_deals_the_permutation_as_array_split_does(n_rows, clients):
+    # The definition partitions were made with: an unchanged seed keeps its assignment.
+    expected = np.empty(n_rows, dtype=np.int64)
+    perm = np.random.default_rng(11).permutation(n_rows)
+    for k, rows in enumerate(np.array_split(perm, clients)):
+        expected[rows] = k
+    np.testing.assert_array_equal(P.iid(n_rows, clients, seed=11), expected)
+
+
 def test_dirichlet_skew_grows_as_alpha_shrinks():
     labels = _labels()
     skews = []
