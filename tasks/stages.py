@@ -19,3 +19,13 @@ from .privacy import adaptive_clip, clip, dp_mean, gaussian_noise
 __all__ = ["Stage", "adaptive_clip", "centered_clip", "check_chain", "clip", "default_chain",
            "dp_mean", "fp16", "gaussian_noise", "int8", "krum", "mean", "median", "multi_krum",
            "topk", "trimmed_mean", "validate", "weighted_mean"]
+
+
+def __getattr__(name: str):
+    # fp.stages.secure_sum lives in .secure, loaded on first use: the chain's other stages (and
+    # the workers unpickling them) need no cryptography package.
+    if name == "secure_sum":
+        from .secure import secure_sum
+
+        return secure_sum
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
