@@ -33,12 +33,41 @@ RunDir = Path  # a run directory is just a path; the functions below are its who
 
 
 class Run(NamedTuple):
-    """A finished (or interrupted) run read back from disk by :func:`load_run`."""
+    """A finished (or interrupted) run read back from disk by :func:`load_run`.
+
+    A finished run is a self-contained model (``model.json``, ``preprocess.json``,
+    ``params.npz``): :meth:`predict` and :meth:`predict_proba` need neither the training store
+    nor the code that built the model.
+    """
 
     params: dict[str, np.ndarray]
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
     config: dict[str, Any]
+    path: Path | None = None
+
+    def predict(self, X: Any) -> Any:
+        """Predictions in the original labels; see :func:`fedpipe.model.predict.predict`."""
+        from fedpipe.model import predict, saved
+
+        return predict.predict(saved.load(self._dir()), X)
+
+    def predict_proba(self, X: Any) -> Any:
+        """Class probabilities, columns in the order of ``preprocess.json``'s ``classes``."""
+        from fedpipe.model import predict, saved
+
+        return predict.predict(saved.load(self._dir()), X, proba=True)
+
+    def to_sklearn(self) -> Any:
+        """A fitted scikit-learn ``Pipeline`` (preprocessing + model) predicting the same."""
+        from fedpipe.model import saved, sklearn_export
+
+        return sklearn_export.to_sklearn(saved.load(self._dir()))
+
+    def _dir(self) -> Path:
+        if self.path is None:
+            raise ValidationError("this Run was not read from a run directory")
+        return self.path
 
 
 def prepare(out: str | os.PathLike[str], resume: bool = False) -> Path:
@@ -61,7 +90,7 @@ def prepare(out: str | os.PathLike[str], resume: bool = False) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     if not resume:
         # A fresh run must not inherit another run's history or resume from its checkpoint.
-        for name in (METRICS, CHECKPOINT, SUMMARY, PARAMS):
+        for name in (METRICS, CHECKPOINT, SUMMARY, PARAMS, "model.json", "preprocess.json"):
             with contextlib.suppress(FileNotFoundError):
                 (run_dir / name).unlink()
     return run_dir
@@ -247,4 +276,5 @@ def load_run(run_dir: str | os.PathLike[str]) -> Run:
     config = {}
     if (run_dir / CONFIG).exists():
         config = tomllib.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
-    return Run(params=params, metrics=read_metrics(run_dir), summary=summary, config=config)
+    return Run(params=params, metrics=read_metrics(run_dir), summary=summary, config=config,
+               path=run_dir)

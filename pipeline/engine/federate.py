@@ -31,6 +31,7 @@ from fedpipe.engine import fed_state, placement
 from fedpipe.engine.fed_client import ClientSpec
 from fedpipe.engine.fed_round import Sampling, ServerState, evaluate, train_round
 from fedpipe.errors import ValidationError
+from fedpipe.model import saved as saved_model
 from fedpipe.tasks import aggregate
 from fedpipe.tasks.aggregate import Stage, Strategy
 from fedpipe.tasks.models import Model
@@ -166,6 +167,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
     if run_dir is not None:
         rundir.write_params(run_dir, model.unpack(state.params))
+        saved_model.write(run_dir, model, info)  # model.json + preprocess.json: predict needs no store
         rundir.write_summary(run_dir, summary)
     return FederatedRun(state.params, state, history, summary)
 
