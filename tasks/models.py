@@ -81,6 +81,10 @@ class Model(NamedTuple):
     predict_proba: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
     spec: dict | None = None
 
+    def __hash__(self) -> int:
+        # The functions identify a model; ``spec`` is a dict (unhashable) that follows from them.
+        return hash(tuple(self)[:-1])
+
 
 # --------------------------------------------------------------------------------------------
 # shared pieces
