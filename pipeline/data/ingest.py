@@ -197,8 +197,8 @@ def _check_batch(src, X: np.ndarray, y: np.ndarray, first_row: int, impute: str)
     return np.where(bad, np.nan, X)  # inf is treated as missing when imputing
 
 
-def _progress(enabled: bool, total: int) -> Progress:
-    columns = [TextColumn("ingest"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn()]
+def _progress(enabled: bool, total: int, label: str = "ingest") -> Progress:
+    columns = [TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn()]
     # stderr, so that --json keeps stdout to one line.
     return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
 
