@@ -58,6 +58,7 @@ def ingest(
     overwrite: bool = False,
     progress: bool = True,
     task: str | None = None,
+    categorical: list[str] | None = None,
 ) -> StoreInfo:
     """Validate ``source`` and write it as a fedpipe store at ``store``.
 
@@ -85,6 +86,14 @@ def ingest(
         Show a progress bar on stderr.
     task : {"regression", "binary", "multiclass"}, optional
         Override the task known to the source or inferred from ``y``.
+    categorical : list of str, optional
+        Feature columns of a CSV/Parquet table to one-hot encode (columns holding text are
+        encoded without being named). The categories are stored (``info.categorical``); the
+        features are named ``column=value``. At predict time a category not seen here gives
+        a row of zeros in its columns, as does a missing value.
+
+    String and boolean labels are kept in their original form as ``info.classes`` (``y``
+    holds their indices); they make the task classification.
 
     Returns
     -------
@@ -92,7 +101,7 @@ def ingest(
         Metadata of the new store.
     """
     _check_options(chunk_rows, dtype, impute, task)
-    src = sources_mod.open_source(source, target=target)
+    src = sources_mod.open_source(source, target=target, categorical=categorical)
     return _ingest_source(src, store, chunk_rows=chunk_rows, dtype=dtype, impute=impute,
                           standardize=standardize, overwrite=overwrite, progress=progress, task=task)
 
@@ -131,6 +140,10 @@ def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwr
         partials = meta.pop("partials")
         meta["task"], meta["classes"] = _decide_task(src, meta.pop("labels"), task)
         _write_labels(tmp, meta, rows)
+        if src.classes is not None:  # y holds indices into the original labels
+            meta["classes"] = [src.classes[int(i)] for i in meta["classes"]]
+        meta.update(columns=src.columns or src.feature_names, categorical=src.categorical,
+                    input_dtypes=src.dtypes, target=src.target)
         meta.update(feature_names=src.feature_names, chunk_rows=rows, dtype=dtype,
                     preprocess={"impute": impute, "standardize": bool(standardize)},
                     partitions={}, stats=None, source=src.name, format=FORMAT_VERSION)
@@ -253,6 +266,11 @@ def _write_block(X_arr, lab, start: int, X: np.ndarray, y: np.ndarray) -> None:
 def _decide_task(src, labels: set[float] | None, task: str | None) -> tuple[str, list | None]:
     """Task from the override, the source, or y: few integer values means classification."""
     integer = labels is not None and all(float(v).is_integer() for v in labels)
+    if src.classes is not None:  # text or bool labels name classes: never a regression
+        if task == "regression":
+            raise ValidationError(f"source {src.name}: labels {src.classes[:3]}... are not "
+                                  "numbers, so the task cannot be regression")
+        task = task or ("binary" if len(src.classes) <= 2 else "multiclass")
     task = task or src.task
     if task is None:
         if not integer or len(labels) > MAX_CLASSES:
