@@ -194,3 +194,37 @@ def test_every_builtin_kind_exports(tmp_path, dask_client, source, kind):
     np.testing.assert_allclose(to_sklearn(saved_model).predict(X), want, rtol=1e-12, atol=1e-9)
     if kind == "logistic":
         np.testing.assert_allclose(outputs[1], run.predict_proba(X), atol=1e-12)
+
+
+FACTORY = '''
+from fedpipe.tasks import models
+
+def make(n_features, n_classes, task):
+    return models.softmax(n_features, n_classes, l2=0.01)._replace(name="mine")
+
+def broken(n_features, n_classes, task):
+    model = models.softmax(n_features, n_classes)
+    return model._replace(loss_and_grad=lambda p, X, y: (0.0, p * 0, len(X)))
+'''
+
+
+def test_model_factory_from_a_file_trains_and_predicts_without_it(trained, tmp_path, capsys):
+    root, url, _, _ = trained
+    (tmp_path / "mymodel.py").write_text(FACTORY)
+    run = tmp_path / "run"
+    assert main(["train", url, "--model", f"{tmp_path / 'mymodel.py'}:make", "--workers", "1",
+                 "--optimizer", "adam", "--lr", "0.05", "--iterations", "20", "--out", str(run),
+                 "-q"]) == 0
+    spec = json.loads((run / "model.json").read_text())["spec"]
+    assert spec["kind"] == "factory" and spec["path"] == "model_factory.py"
+    (tmp_path / "mymodel.py").unlink()  # the run carries its own copy
+    frame = _wine_table(50, seed=5)
+    labels = load_run(run).predict(frame.drop(columns="cultivar"))
+    assert set(labels) <= {"barbera", "dolcetto", "nebbiolo"} and len(labels) == 50
+    (tmp_path / "mymodel.py").write_text(FACTORY)
+    capsys.readouterr()
+    assert main(["train", url, "--model", f"{tmp_path / 'mymodel.py'}:broken",
+                 "--iterations", "1"]) == 2
+    assert "check_model failed" in capsys.readouterr().err
+    assert main(["train", url, "--model", "no_such_module:make", "--iterations", "1"]) == 2
+    assert "cannot import no_such_module" in capsys.readouterr().err
