@@ -131,6 +131,30 @@ def ingest_arrays(
                           standardize=standardize, overwrite=overwrite, progress=progress, task=task)
 
 
+def ingest_blocks(X, y, store: str, *, chunk_rows: int | None = None, task: str | None = None,
+                  overwrite: bool = False) -> StoreInfo:
+    """Write Dask arrays ``X`` (rows x features) and ``y`` as a store, one row block at a time.
+
+    Only one block of rows is in the driver's memory at once (a zarr-backed Dask array is
+    read block by block), so the arrays may be larger than memory.
+    """
+    _check_options(chunk_rows, "float64", "none", task)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValidationError(f"X must be 2-D and y 1-D with as many rows, got {X.shape}, {y.shape}")
+    X = X.rechunk({1: -1})
+    y = y.rechunk((X.chunks[0],))
+
+    def batches(batch_rows: int):
+        for i in range(X.numblocks[0]):
+            xb, yb = X.blocks[i].compute(), y.blocks[i].compute()
+            yield np.asarray(xb, dtype=np.float64), np.asarray(yb, dtype=np.float64), len(yb)
+
+    src = sources_mod.Source("dask arrays", [f"x{j}" for j in range(X.shape[1])], None,
+                             int(X.shape[0]), int(X.shape[0]), batches)
+    return _ingest_source(src, store, chunk_rows=chunk_rows, dtype="float64", impute="none",
+                          standardize=False, overwrite=overwrite, progress=False, task=task)
+
+
 def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwrite, progress,
                    task) -> StoreInfo:
     n_features = len(src.feature_names)
