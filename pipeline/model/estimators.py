@@ -119,6 +119,9 @@ class _DaskEstimator(BaseEstimator):
         from fedpipe.engine.train import fit
 
         first = not (warm and hasattr(self, "params_"))
+        if y is None and not isinstance(X, str):
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y "
+                             "is None")
         X, y = self._check(X, y, reset=first)
         if isinstance(X, str):
             from fedpipe.data.store import read_info
@@ -162,11 +165,13 @@ class _DaskEstimator(BaseEstimator):
             n = sum(1 for key in named if key.startswith("W"))
             self.coefs_ = [named[f"W{i}"] for i in range(n)]
             self.intercepts_ = [named[f"b{i}"] for i in range(n)]
-        self.model_ = model
+        # the spec, not the model: its functions are closures, which plain pickle refuses
+        self.model_spec_ = model.spec
 
     def _outputs(self, X, proba: bool):
         check_is_fitted(self, "params_")
-        fn = self.model_.predict_proba if proba else self.model_.predict
+        model = models.from_spec(self.model_spec_)
+        fn = model.predict_proba if proba else model.predict
         if _is_dask(X):
             if X.shape[1] != self.n_features_in_:
                 raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is "
