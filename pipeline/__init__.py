@@ -4,6 +4,8 @@
 
     fp.ingest, fp.open_store, fp.partition, fp.fit, fp.federate, fp.load_run, fp.connect
     fp.models, fp.optimizers, fp.schedules, fp.strategies, fp.stages, fp.aggregators
+    fp.LogisticRegression, fp.SoftmaxRegression, fp.LinearRegression, fp.MLPClassifier,
+    fp.MLPRegressor (scikit-learn estimators over Dask), fp.load_model, fp.export_onnx
 
 The folder ``pipeline/`` of the repository is installed as ``fedpipe`` and ``tasks/`` (the pure
 NumPy math) as ``fedpipe.tasks``. Names resolve lazily (PEP 562) so that a worker unpickling
@@ -39,6 +41,13 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "strategies": ("fedpipe.tasks.aggregate", None),
     "stages": ("fedpipe.tasks.stages", None),
     "aggregators": ("fedpipe.tasks.aggregators", None),
+    "LogisticRegression": ("fedpipe.model.estimators", "LogisticRegression"),
+    "SoftmaxRegression": ("fedpipe.model.estimators", "SoftmaxRegression"),
+    "LinearRegression": ("fedpipe.model.estimators", "LinearRegression"),
+    "MLPClassifier": ("fedpipe.model.estimators", "MLPClassifier"),
+    "MLPRegressor": ("fedpipe.model.estimators", "MLPRegressor"),
+    "export_onnx": ("fedpipe.model.onnx_export", "export_onnx"),
+    "load_model": ("fedpipe.model.saved", "load"),
 }
 
 __all__ = sorted([*_EXPORTS, "FedpipeError", "ValidationError", "StoreError", "ConfigError",

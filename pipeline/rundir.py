@@ -40,15 +40,45 @@ RunDir = Path  # a run directory is just a path; the functions below are its who
 
 
 class Run(NamedTuple):
-    """A finished (or interrupted) run read back from disk by :func:`load_run`."""
+    """A finished (or interrupted) run read back from disk by :func:`load_run`.
+
+    A finished run is a self-contained model (``model.json``, ``preprocess.json``,
+    ``params.npz``): :meth:`predict` and :meth:`predict_proba` need neither the training store
+    nor the code that built the model.
+    """
 
     params: dict[str, np.ndarray]
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
     config: dict[str, Any]
+    path: Path | None = None
+
+    def predict(self, X: Any) -> Any:
+        """Predictions in the original labels; see :func:`fedpipe.model.predict.predict`."""
+        from fedpipe.model import predict, saved
+
+        return predict.predict(saved.load(self._dir()), X)
+
+    def predict_proba(self, X: Any) -> Any:
+        """Class probabilities, columns in the order of ``preprocess.json``'s ``classes``."""
+        from fedpipe.model import predict, saved
+
+        return predict.predict(saved.load(self._dir()), X, proba=True)
+
+    def to_sklearn(self) -> Any:
+        """A fitted scikit-learn ``Pipeline`` (preprocessing + model) predicting the same."""
+        from fedpipe.model import saved, sklearn_export
+
+        return sklearn_export.to_sklearn(saved.load(self._dir()))
+
+    def _dir(self) -> Path:
+        if self.path is None:
+            raise ValidationError("this Run was not read from a run directory")
+        return self.path
 
 
-RESULTS = (PARAMS, SUMMARY, METRICS, CHECKPOINT, PREVIOUS_CHECKPOINT)  # what a run must never lose to a later one
+RESULTS = (PARAMS, SUMMARY, METRICS, CHECKPOINT, PREVIOUS_CHECKPOINT, "model.json",
+           "preprocess.json")  # what a run must never lose to a later one
 _STAGING = re.compile(r"^\.(?P<name>.+)\.staging-[0-9a-f]{8}$")
 
 
@@ -350,4 +380,5 @@ def load_run(run_dir: str | os.PathLike[str]) -> Run:
     config = {}
     if (run_dir / CONFIG).exists():
         config = tomllib.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
-    return Run(params=params, metrics=read_metrics(run_dir), summary=summary, config=config)
+    return Run(params=params, metrics=read_metrics(run_dir), summary=summary, config=config,
+               path=run_dir)

@@ -58,6 +58,14 @@ class Model(NamedTuple):
         pass. Evaluation uses it when given: test metrics need the loss and the predictions,
         not the gradient, and on a GLM the gradient and a second ``X @ w`` are two thirds of
         the work. Without it, evaluation calls ``loss_and_grad`` and ``predict``.
+    predict_proba : Callable[[ndarray, ndarray], ndarray] or None
+        ``predict_proba(p, X)``: class probabilities of shape ``(n, n_classes)`` (classifiers
+        only; ``predict`` is their argmax up to ties).
+    spec : dict or None
+        How the model was built, as plain JSON values: ``{"kind": "softmax", "n_features": 13,
+        "n_classes": 3, "l2": 0.001, ...}``. :func:`from_spec` builds the same model again, so a
+        saved run can predict without the code or the store that trained it. ``None`` for a
+        model that cannot say (then a run of it cannot be loaded back for prediction).
     """
 
     name: str
@@ -70,6 +78,12 @@ class Model(NamedTuple):
     task: str
     loss_and_predict: Callable[[np.ndarray, np.ndarray, np.ndarray],
                                tuple[float, np.ndarray]] | None = None
+    predict_proba: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+    spec: dict | None = None
+
+    def __hash__(self) -> int:
+        # The functions identify a model; ``spec`` is a dict (unhashable) that follows from them.
+        return hash(tuple(self)[:-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -166,6 +180,13 @@ def _softplus_sum(z: np.ndarray) -> float:
     return float(np.maximum(z, 0.0).sum() + np.log1p(np.exp(-np.abs(z))).sum())
 
 
+def softmax_rows(Z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits ``Z`` (n, K), shifted by the row maximum so ``exp`` is finite."""
+    Z = np.exp(Z - _row_max(Z)[:, None])
+    Z /= Z @ np.ones(Z.shape[1])[:, None]
+    return Z
+
+
 def _sigmoid(z: np.ndarray) -> np.ndarray:
     # tanh form: stable for any |z| (exp(-z) would overflow for z << 0) and one transcendental.
     return 0.5 * (1.0 + np.tanh(0.5 * z))
@@ -237,8 +258,10 @@ def linear(n_features: int, l2: float = 0.0, l1: float = 0.0, intercept: bool = 
         return 0.5 * float(r @ r), pred
 
     penalty = _make_penalty(n_params, [slice(0, n_w)], l2, l1)
+    spec = {"kind": "linear", "n_features": int(n_features), "l2": float(l2), "l1": float(l1),
+            "intercept": bool(intercept)}
     return Model("linear", n_params, _zeros_init(n_params), loss_and_grad, predict, penalty,
-                 unpack, "regression", loss_and_predict)
+                 unpack, "regression", loss_and_predict, spec=spec)
 
 
 def logistic(n_features: int, l2: float = 0.0, intercept: bool = True, l1: float = 0.0) -> Model:
@@ -295,8 +318,15 @@ def logistic(n_features: int, l2: float = 0.0, intercept: bool = True, l1: float
         return loss, (z > 0).astype(np.int64)
 
     penalty = _make_penalty(n_params, [slice(0, n_w)], l2, l1)
+    def predict_proba(params, X):
+        w, b = split(params)
+        p1 = _sigmoid(_as_float(X) @ w + b)
+        return np.column_stack([1.0 - p1, p1])
+
+    spec = {"kind": "logistic", "n_features": int(n_features), "l2": float(l2), "l1": float(l1),
+            "intercept": bool(intercept)}
     return Model("logistic", n_params, _zeros_init(n_params), loss_and_grad, predict, penalty,
-                 unpack, "binary", loss_and_predict)
+                 unpack, "binary", loss_and_predict, predict_proba, spec)
 
 
 def softmax(n_features: int, n_classes: int, l2: float = 0.0, intercept: bool = True,
@@ -347,8 +377,14 @@ def softmax(n_features: int, n_classes: int, l2: float = 0.0, intercept: bool = 
         return _log_softmax_grad(Z, _labels(y)), pred
 
     penalty = _make_penalty(n_params, [slice(0, n_w)], l2, l1)
+    def predict_proba(params, X):
+        W, b = split(params)
+        return softmax_rows(_as_float(X) @ W + b)
+
+    spec = {"kind": "softmax", "n_features": int(n_features), "n_classes": int(n_classes),
+            "l2": float(l2), "l1": float(l1), "intercept": bool(intercept)}
     return Model("softmax", n_params, _zeros_init(n_params), loss_and_grad, predict, penalty,
-                 unpack, "multiclass", loss_and_predict)
+                 unpack, "multiclass", loss_and_predict, predict_proba, spec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,9 +530,14 @@ def mlp(n_features: int, n_outputs: int, hidden: Sequence[int] = (256, 128),
         return out
 
     penalty = _make_penalty(n_params, [w for w, _, _ in layers], l2, l1)
+    def predict_proba(params, X):
+        return softmax_rows(_mlp_forward(_mlp_weights(layers, params), _as_float(X))[-1])
+
     name = "mlp-" + "-".join(str(s) for s in sizes)
+    spec = {"kind": "mlp", "n_features": int(n_features), "n_outputs": int(n_outputs),
+            "hidden": list(hidden), "task": task, "l2": float(l2), "l1": float(l1)}
     return Model(name, n_params, init, loss_and_grad, predict, penalty, unpack, task,
-                 loss_and_predict)
+                 loss_and_predict, predict_proba if classify else None, spec)
 
 
 def pack(model: Model, arrays: dict[str, np.ndarray]) -> np.ndarray:
@@ -525,3 +566,24 @@ def objective(model: Model, params: np.ndarray, X: np.ndarray, y: np.ndarray
     loss, grad, n = model.loss_and_grad(params, X, y)
     pen, pen_grad = model.penalty(params)
     return loss / max(n, 1) + pen, grad / max(n, 1) + pen_grad
+
+
+BUILDERS: dict[str, Callable[..., Model]] = {"linear": linear, "logistic": logistic,
+                                             "softmax": softmax, "mlp": mlp}
+
+
+def from_spec(spec: dict) -> Model:
+    """The model ``spec`` describes (a ``Model.spec`` read back from JSON), built again.
+
+    Raises
+    ------
+    ValueError
+        An unknown ``kind`` or arguments its builder refuses.
+    """
+    spec = dict(spec)
+    kind = spec.pop("kind", None)
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown model kind {kind!r} (built-in kinds: {', '.join(BUILDERS)})")
+    if "hidden" in spec:
+        spec["hidden"] = tuple(spec["hidden"])
+    return BUILDERS[kind](**spec)

@@ -28,6 +28,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="fill NaN/inf when reading (default none: NaN/inf is an error)")
     p.add_argument("--standardize", action="store_true", help="standardise features when reading")
     p.add_argument("--task", choices=ingest_mod.TASKS, help="override the inferred task")
+    p.add_argument("--categorical", help="comma-separated feature columns to one-hot encode "
+                                         "(columns holding text always are)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
     p.set_defaults(func=run_ingest)
 
@@ -65,7 +67,8 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
     info = ingest_mod.ingest(
         args.source, args.store, target=args.target, chunk_rows=args.chunk_rows, dtype=args.dtype,
         impute=args.impute, standardize=args.standardize, overwrite=args.overwrite,
-        progress=not (args.quiet or args.json), task=args.task, labels=args.labels)
+        progress=not (args.quiet or args.json), task=args.task, labels=args.labels,
+        categorical=[c.strip() for c in (args.categorical or "").split(",") if c.strip()])
     if console := _console(args):
         console.print(f"{args.store}: {info.n_rows} rows x {info.n_features} features, "
                       f"{info.task}, {info.n_chunks} chunks of {info.chunk_rows} rows")

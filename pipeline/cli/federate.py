@@ -42,7 +42,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     data.add_argument("--alpha", type=positive_float, help="Dirichlet concentration / quantity exponent")
     data.add_argument("--partition", help="name of an existing partition of the store")
     model = p.add_argument_group("model and local training")
-    model.add_argument("--model", required=True, choices=list(registry.MODELS))
+    model.add_argument("--model", required=True,
+                       help=", ".join(registry.MODELS) + ", or FILE.py:FACTORY / MODULE:FACTORY")
     model.add_argument("--hidden", help="MLP hidden widths, e.g. 256,128")
     model.add_argument("--l2", type=nonneg_float, default=0.0, help="L2 penalty (default 0)")
     model.add_argument("--rounds", type=positive_int, required=True)

@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "fedpipe.cli.train",
     "fedpipe.cli.federate",
     "fedpipe.cli.report",
+    "fedpipe.cli.predict",
     "fedpipe.cli.deploy",
     "fedpipe.cli.demo",
 )

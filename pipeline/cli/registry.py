@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from fedpipe.errors import ValidationError
@@ -114,13 +115,18 @@ def make_model(name: str, info: Any, hidden: str | Sequence[int] | None = None,
     ValidationError
         Unknown name, a model that does not fit the store's task, or a bad value.
     """
-    if name not in MODELS:
-        raise ValidationError(f"unknown --model {name!r}; choose from {', '.join(MODELS)}")
+    from fedpipe.model import saved
+
+    if name not in MODELS and not saved.is_factory_ref(name):
+        raise ValidationError(f"unknown --model {name!r}; choose from {', '.join(MODELS)} "
+                              "or give FILE.py:FACTORY / MODULE:FACTORY")
     task = _field(info, "task")
     classes = _field(info, "classes")
     n_classes = len(classes) if classes else 1
     if task != "regression" and n_classes < 2:
         raise ValidationError(f"a {task} store needs at least 2 classes, it has {n_classes}")
+    if name not in MODELS:
+        return user_model(name, int(_field(info, "n_features")), n_classes, task)
     for flag, value in (("--l2", l2), ("--l1", l1)):
         if not _is_number(value) or value < 0:
             raise ValidationError(f"{flag} must be a number >= 0, got {value!r}")
@@ -131,6 +137,34 @@ def make_model(name: str, info: Any, hidden: str | Sequence[int] | None = None,
         if isinstance(exc, ValidationError):
             raise
         raise ValidationError(f"--model {name}: {exc}") from None
+
+
+def user_model(ref: str, n_features: int, n_classes: int, task: str) -> Model:
+    """``--model path/to/mymodel.py:factory`` (or ``module:factory``): the user's model.
+
+    The factory is called as ``factory(n_features=, n_classes=, task=)`` and must return a
+    :class:`~fedpipe.tasks.models.Model`; it then runs through
+    :func:`fedpipe.tasks.checks.check_model` on a few random rows, and gets a ``spec`` that
+    names the factory, so the run's ``model.json`` rebuilds it (the file is copied into the
+    run directory).
+    """
+    import numpy as np
+    from fedpipe.model import saved
+    from fedpipe.tasks.checks import check_model
+
+    args = {"n_features": n_features, "n_classes": n_classes, "task": task}
+    path = ref.rpartition(":")[0]
+    model = saved.call_factory(saved.load_factory(ref), ref, **args)
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, n_features))
+    y = rng.normal(size=12) if task == "regression" else np.arange(12) % n_classes
+    try:
+        check_model(model, X, y)
+    except AssertionError as exc:
+        raise ValidationError(f"--model {ref}: check_model failed: {exc}") from None
+    spec = {"kind": "factory", "factory": ref, "args": args,
+            **({"path": str(Path(path).resolve())} if path.endswith(".py") else {})}
+    return model._replace(spec=spec)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,7 +25,9 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                               help="data-parallel training: one gradient task per chunk")
     p.add_argument("store", help="store path or fsspec URL")
     model = p.add_argument_group("model")
-    model.add_argument("--model", required=True, help=", ".join(registry.MODELS))
+    model.add_argument("--model", required=True,
+                       help=", ".join(registry.MODELS) + ", or your own: FILE.py:FACTORY or "
+                            "MODULE:FACTORY (called with n_features=, n_classes=, task=)")
     model.add_argument("--hidden", help="MLP hidden widths (default 256,128)")
     model.add_argument("--l2", type=nonneg_float, default=0.0, help="L2 penalty (default 0)")
     model.add_argument("--l1", type=nonneg_float, default=0.0, help="L1 penalty (default 0)")

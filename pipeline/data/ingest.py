@@ -59,6 +59,7 @@ def ingest(
     progress: bool = True,
     task: str | None = None,
     labels: str | None = None,
+    categorical: list[str] | None = None,
 ) -> StoreInfo:
     """Validate ``source`` and write it as a fedpipe store at ``store``.
 
@@ -89,6 +90,14 @@ def ingest(
         Override the task known to the source or inferred from ``y``.
     labels : str, optional
         The ``.npy`` file of ``y`` for a ``.npy`` source (``--labels``).
+    categorical : list of str, optional
+        Feature columns of a CSV/Parquet table to one-hot encode (columns holding text are
+        encoded without being named). The categories are stored (``info.categorical``); the
+        features are named ``column=value``. At predict time a category not seen here gives
+        a row of zeros in its columns, as does a missing value.
+
+    String and boolean labels are kept in their original form as ``info.classes`` (``y``
+    holds their indices); they make the task classification.
 
     Returns
     -------
@@ -96,7 +105,8 @@ def ingest(
         Metadata of the new store.
     """
     _check_options(chunk_rows, dtype, impute, task)
-    src = sources_mod.open_source(source, target=target, labels=labels)
+    src = sources_mod.open_source(source, target=target, labels=labels,
+                                  categorical=categorical)
     return _ingest_source(src, store, chunk_rows=chunk_rows, dtype=dtype, impute=impute,
                           standardize=standardize, overwrite=overwrite, progress=progress, task=task)
 
@@ -126,6 +136,30 @@ def ingest_arrays(
                           standardize=standardize, overwrite=overwrite, progress=progress, task=task)
 
 
+def ingest_blocks(X, y, store: str, *, chunk_rows: int | None = None, task: str | None = None,
+                  overwrite: bool = False) -> StoreInfo:
+    """Write Dask arrays ``X`` (rows x features) and ``y`` as a store, one row block at a time.
+
+    Only one block of rows is in the driver's memory at once (a zarr-backed Dask array is
+    read block by block), so the arrays may be larger than memory.
+    """
+    _check_options(chunk_rows, "float64", "none", task)
+    if X.ndim != 2 or y.ndim != 1 or X.shape[0] != y.shape[0]:
+        raise ValidationError(f"X must be 2-D and y 1-D with as many rows, got {X.shape}, {y.shape}")
+    X = X.rechunk({1: -1})
+    y = y.rechunk((X.chunks[0],))
+
+    def batches(batch_rows: int):
+        for i in range(X.numblocks[0]):
+            xb, yb = X.blocks[i].compute(), y.blocks[i].compute()
+            yield np.asarray(xb, dtype=np.float64), np.asarray(yb, dtype=np.float64), len(yb)
+
+    src = sources_mod.Source("dask arrays", [f"x{j}" for j in range(X.shape[1])], None,
+                             int(X.shape[0]), int(X.shape[0]), batches)
+    return _ingest_source(src, store, chunk_rows=chunk_rows, dtype="float64", impute="none",
+                          standardize=False, overwrite=overwrite, progress=False, task=task)
+
+
 def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwrite, progress,
                    task) -> StoreInfo:
     n_features = len(src.feature_names)
@@ -135,6 +169,10 @@ def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwr
         partials = meta.pop("partials")
         meta["task"], meta["classes"] = _decide_task(src, meta.pop("labels"), task)
         _write_labels(tmp, meta, rows)
+        if src.classes is not None:  # y holds indices into the original labels
+            meta["classes"] = [src.classes[int(i)] for i in meta["classes"]]
+        meta.update(columns=src.columns or src.feature_names, categorical=src.categorical,
+                    input_dtypes=src.dtypes, target=src.target)
         meta.update(feature_names=src.feature_names, chunk_rows=rows, dtype=dtype,
                     preprocess={"impute": impute, "standardize": bool(standardize)},
                     partitions={}, stats=None, source=src.name, format=FORMAT_VERSION)
@@ -201,8 +239,8 @@ def _check_batch(src, X: np.ndarray, y: np.ndarray, first_row: int, impute: str)
     return np.where(bad, np.nan, X)  # inf is treated as missing when imputing
 
 
-def _progress(enabled: bool, total: int) -> Progress:
-    columns = [TextColumn("ingest"), BarColumn(), TaskProgressColumn(), TimeRemainingColumn()]
+def _progress(enabled: bool, total: int, label: str = "ingest") -> Progress:
+    columns = [TextColumn(label), BarColumn(), TaskProgressColumn(), TimeRemainingColumn()]
     # stderr, so that --json keeps stdout to one line.
     return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
 
@@ -257,6 +295,11 @@ def _write_block(X_arr, lab, start: int, X: np.ndarray, y: np.ndarray) -> None:
 def _decide_task(src, labels: set[float] | None, task: str | None) -> tuple[str, list | None]:
     """Task from the override, the source, or y: few integer values means classification."""
     integer = labels is not None and all(float(v).is_integer() for v in labels)
+    if src.classes is not None:  # text or bool labels name classes: never a regression
+        if task == "regression":
+            raise ValidationError(f"source {src.name}: labels {src.classes[:3]}... are not "
+                                  "numbers, so the task cannot be regression")
+        task = task or ("binary" if len(src.classes) <= 2 else "multiclass")
     task = task or src.task
     if task is None:
         if not integer or len(labels) > MAX_CLASSES:

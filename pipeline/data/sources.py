@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 import numpy as np
 from fedpipe.errors import ValidationError
+from fedpipe.tasks import encode
 
 Batches = Iterator[tuple[np.ndarray, np.ndarray]]
 
@@ -35,6 +36,8 @@ SYNTHETIC_PARAMS = {
     "regression": {"n_samples": 1000, "n_features": 20, "n_informative": 0, "noise": 1.0, "seed": 0},
 }
 TARGET_GUESSES = ("target", "y", "label")
+MAX_CATEGORIES = 1000  # distinct values of a one-hot column (or of string labels)
+SAMPLE_ROWS = 1000  # rows read up front to see which columns hold text
 
 
 @dataclass
@@ -48,16 +51,39 @@ class Source:
     progress_total: int  # units for the progress bar: rows, or bytes of a streamed file
     batches: Callable[[int], Iterator[tuple[np.ndarray, np.ndarray, int]]]  # rows -> (X, y, units)
     in_memory: bool = False  # already whole in memory: larger write blocks cost nothing
+    classes: list | None = None  # original labels when y holds their indices (string/bool labels)
+    categorical: dict[str, list] = field(default_factory=dict)  # column -> one-hot categories
+    columns: list[str] | None = None  # input columns before one-hot (default feature_names)
+    target: str | None = None  # label column of a table
+    dtypes: dict[str, str] = field(default_factory=dict)  # input column -> dtype as read
 
 
-def open_source(spec: str, *, target: str | None = None, labels: str | None = None) -> Source:
+def open_source(spec: str, *, target: str | None = None, labels: str | None = None,
+                categorical: Iterable[str] | None = None) -> Source:
     """Parse a SOURCE string and check its schema; no rows are read yet for CSV/Parquet.
 
     ``labels`` is the ``.npy`` file of ``y`` for a ``.npy`` source, which holds only ``X``.
+    ``categorical`` names feature columns of a CSV/Parquet table to one-hot encode; a column
+    holding text is one-hot encoded without being named. String or boolean labels are kept as
+    ``classes`` and ``y`` holds their indices. Finding the categories takes one pass over those
+    columns only.
     """
     spec = str(spec)
-    if labels is not None and not spec.lower().endswith(".npy"):
+    named = list(categorical or [])
+    lower = spec.lower()
+    if labels is not None and not lower.endswith(".npy"):
         raise ValidationError(f"--labels applies to a .npy source (X only), not {spec}")
+    table = os.path.exists(spec) and lower.endswith((".csv", ".csv.gz", ".txt", ".parquet", ".pq"))
+    if named and not table:
+        raise ValidationError(f"--categorical applies to CSV/Parquet sources, not {spec}")
+    if table and lower.endswith((".parquet", ".pq")):
+        return _parquet(spec, target, named)
+    if table:
+        return _csv(spec, target, named)
+    return _open(spec, target, labels)
+
+
+def _open(spec: str, target: str | None, labels: str | None) -> Source:
     if spec.startswith("sklearn:"):
         return from_arrays(spec, *_sklearn(spec.split(":", 1)[1]), target)
     if spec.startswith("synthetic:"):
@@ -69,10 +95,6 @@ def open_source(spec: str, *, target: str | None = None, labels: str | None = No
         return from_arrays(spec, *_npz(spec), target)
     if lower.endswith(".npy"):
         return from_arrays(spec, *_npy(spec, labels), target)
-    if lower.endswith((".csv", ".csv.gz", ".txt")):
-        return _csv(spec, target)
-    if lower.endswith((".parquet", ".pq")):
-        return _parquet(spec, target)
     raise ValidationError(
         f"source {spec}: unknown kind (use .npz, .npy --labels Y.npy, .csv, .parquet, "
         "sklearn:NAME or synthetic:KIND?...)"
@@ -99,8 +121,9 @@ def from_arrays(
     for j, name in enumerate(names):
         if not np.issubdtype(X.dtype, np.number) and not _column_numeric(X[:, j]):
             raise ValidationError(f"source {spec}: column {name!r} is not numeric")
-    if not np.issubdtype(y.dtype, np.number) and not np.issubdtype(y.dtype, np.bool_):
-        raise ValidationError(f"source {spec}: y is not numeric (dtype {y.dtype})")
+    classes = None
+    if y.dtype.kind in "USOb":  # text or bool labels: kept as classes, y becomes their index
+        classes, y = _label_index(spec, y)
 
     def batches(batch_rows: int):
         for start in range(0, len(X), batch_rows):
@@ -108,7 +131,18 @@ def from_arrays(
             yield (X[start:stop].astype(np.float64, copy=False),
                    y[start:stop].astype(np.float64, copy=False), stop - start)
 
-    return Source(spec, list(names), task, len(X), len(X), batches, in_memory=True)
+    return Source(spec, list(names), task, len(X), len(X), batches, in_memory=True,
+                  classes=classes)
+
+
+def _label_index(spec: str, y: np.ndarray) -> tuple[list, np.ndarray]:
+    values = y.tolist()
+    if any(v is None or (isinstance(v, float) and v != v) for v in values):
+        raise ValidationError(f"source {spec}: y has a missing label")
+    classes = sorted({encode.category_key(v): v for v in values}.values(), key=_order)
+    if len(classes) > MAX_CATEGORIES:
+        raise ValidationError(f"source {spec}: y has more than {MAX_CATEGORIES} distinct labels")
+    return classes, encode.codes(y, classes).astype(np.float64)
 
 
 def _column_numeric(column: np.ndarray) -> bool:
@@ -207,46 +241,121 @@ def _pick_target(spec: str, columns: list[str], target: str | None) -> str:
     raise ValidationError(f"source {spec}: no 'target', 'y' or 'label' column; name it with --target")
 
 
-def _frame_to_arrays(spec: str, frame, target: str, features: list[str]):
-    """Numeric check of one batch (a later batch can still bring a string)."""
+def _table(name: str, columns: list[str], target: str, sample, named: list[str],
+           scan: Callable[[list[str]], Iterator]) -> dict:
+    """Schema of a table: text columns and ``named`` are one-hot, text/bool labels are classes.
+
+    ``sample`` is a pandas frame of the first rows; ``scan(cols)`` yields frames of those
+    columns over the whole file, read once to collect every category.
+    """
+    features = [c for c in columns if c != target]
+    if not features:
+        raise ValidationError(f"source {name}: no feature columns besides the target {target!r}")
+    unknown = [c for c in named if c not in features]
+    if unknown:
+        raise ValidationError(f"source {name}: --categorical column {unknown[0]!r} is not a "
+                              f"feature column (columns: {', '.join(features[:20])})")
+    kinds = {c: sample[c].dtype.kind for c in columns}
+    cat_cols = [c for c in features if c in named or kinds[c] not in "biuf"]
+    label_text = kinds[target] not in "iuf"  # bool or text labels are kept as they are
+    found = _categories(name, scan, cat_cols + ([target] if label_text else []))
+    categorical = {c: found[c] for c in cat_cols}
+    names = [n for c in features for n in
+             ([f"{c}={v}" for v in categorical[c]] if c in categorical else [c])]
+    return {"features": features, "categorical": categorical, "feature_names": names,
+            "classes": found[target] if label_text else None,
+            "dtypes": {c: str(sample[c].dtype) for c in columns}}
+
+
+def _categories(name: str, scan: Callable[[list[str]], Iterator], cols: list[str]) -> dict:
+    """Sorted distinct values of ``cols`` (missing values left out), in their original type."""
+    if not cols:
+        return {}
+    seen: dict[str, dict[str, object]] = {c: {} for c in cols}
+    for frame in scan(cols):
+        for c in cols:
+            for value in frame[c].dropna().unique().tolist():
+                seen[c].setdefault(encode.category_key(value), value)
+            if len(seen[c]) > MAX_CATEGORIES:
+                raise ValidationError(
+                    f"source {name}: column {c!r} has more than {MAX_CATEGORIES} distinct values, "
+                    "too many to one-hot encode or to be classes; drop it or encode it as numbers")
+    return {c: sorted(values.values(), key=_order) for c, values in seen.items()}
+
+
+def _order(value: object) -> tuple:
+    # numbers in numeric order before text in text order; bools as False < True
+    if isinstance(value, bool | int | float) and not isinstance(value, str):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def _frame_to_arrays(spec: str, frame, target: str, schema: dict):
+    """One batch as float64 rows (categorical columns one-hot) and labels or their indices."""
+    features, categorical = schema["features"], schema["categorical"]
     if len(frame) == 0:
-        return np.empty((0, len(features))), np.empty(0)
-    for name in [*features, target]:
-        kind = frame[name].dtype.kind
-        if kind not in "biuf":
-            raise ValidationError(f"source {spec}: column {name!r} is not numeric")
-    X = frame[features].to_numpy(dtype=np.float64, na_value=np.nan)
-    y = frame[target].to_numpy(dtype=np.float64, na_value=np.nan)
+        return np.empty((0, len(schema["feature_names"]))), np.empty(0)
+    parts = []
+    for name in features:
+        if name in categorical:
+            cats = categorical[name]
+            parts.append(encode.one_hot(encode.codes(frame[name].to_numpy(), cats), len(cats)))
+            continue
+        if frame[name].dtype.kind not in "biuf":
+            raise ValidationError(f"source {spec}: column {name!r} is not numeric (a later row "
+                                  f"holds text; name it with --categorical to one-hot encode it)")
+        parts.append(frame[name].to_numpy(dtype=np.float64, na_value=np.nan).reshape(-1, 1))
+    X = np.hstack(parts)
+    if schema["classes"] is not None:
+        index = encode.codes(frame[target].to_numpy(), schema["classes"]).astype(np.float64)
+        y = np.where(index < 0, np.nan, index)  # a missing label: refused by ingest's check
+    else:
+        if frame[target].dtype.kind not in "biuf":
+            raise ValidationError(f"source {spec}: column {target!r} is not numeric")
+        y = frame[target].to_numpy(dtype=np.float64, na_value=np.nan)
     return X, y
 
 
-def _csv(path: str, target: str | None) -> Source:
+def _table_source(name: str, target: str, schema: dict, n_rows, total, batches) -> Source:
+    return Source(name, schema["feature_names"], None, n_rows, total, batches,
+                  classes=schema["classes"], categorical=schema["categorical"],
+                  columns=schema["features"], target=target, dtypes=schema["dtypes"])
+
+
+def _csv(path: str, target: str | None, named: list[str]) -> Source:
     import pandas as pd
 
     try:
-        header = pd.read_csv(path, nrows=0)
+        sample = pd.read_csv(path, nrows=SAMPLE_ROWS)
     except pd.errors.EmptyDataError:
         raise ValidationError(f"source {path} is empty") from None
-    columns = [str(c) for c in header.columns]
+    columns = [str(c) for c in sample.columns]
     target = _pick_target(path, columns, target)
-    features = [c for c in columns if c != target]
-    if not features:
-        raise ValidationError(f"source {path}: no feature columns besides the target {target!r}")
+    text = {c: str for c in columns if c != target and sample[c].dtype.kind not in "biuf"}
+
+    def scan(cols):
+        yield from pd.read_csv(path, usecols=cols, chunksize=1 << 16, dtype={
+            c: str for c in cols if c in text})
+
+    schema = _table(path, columns, target, sample, named, scan)
+    # category columns read as text in every batch, so "1" and "x" never split by dtype
+    dtype = {c: str for c in schema["categorical"] if c in text}
 
     def batches(batch_rows: int):
         with open(path, "rb") as handle:
-            reader = pd.read_csv(handle, chunksize=batch_rows, engine="c", low_memory=False)
+            reader = pd.read_csv(handle, chunksize=batch_rows, engine="c", low_memory=False,
+                                 dtype=dtype)
             done = 0
             for frame in reader:
-                X, y = _frame_to_arrays(path, frame, target, features)
+                X, y = _frame_to_arrays(path, frame, target, schema)
                 position = handle.tell()
                 yield X, y, position - done
                 done = position
 
-    return Source(path, features, None, None, os.path.getsize(path), batches)
+    return _table_source(path, target, schema, None, os.path.getsize(path), batches)
 
 
-def _parquet(path: str, target: str | None) -> Source:
+def _parquet(path: str, target: str | None, named: list[str]) -> Source:
     import pyarrow.parquet as pq
 
     try:
@@ -255,20 +364,18 @@ def _parquet(path: str, target: str | None) -> Source:
         raise ValidationError(f"source {path} is not a readable Parquet file ({exc})") from None
     columns = list(parquet.schema_arrow.names)
     target = _pick_target(path, columns, target)
-    features = [c for c in columns if c != target]
-    if not features:
-        raise ValidationError(f"source {path}: no feature columns besides the target {target!r}")
-    import pyarrow as pa
+    sample = parquet.schema_arrow.empty_table().to_pandas()
 
-    for name in [*features, target]:
-        kind = parquet.schema_arrow.field(name).type
-        if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)):
-            raise ValidationError(f"source {path}: column {name!r} is not numeric ({kind})")
+    def scan(cols):
+        for batch in parquet.iter_batches(batch_size=1 << 16, columns=cols):
+            yield batch.to_pandas()
+
+    schema = _table(path, columns, target, sample, named, scan)
 
     def batches(batch_rows: int):
-        for batch in parquet.iter_batches(batch_size=batch_rows, columns=[*features, target]):
-            frame = batch.to_pandas()
-            X, y = _frame_to_arrays(path, frame, target, features)
+        for batch in parquet.iter_batches(batch_size=batch_rows, columns=[*schema["features"], target]):
+            X, y = _frame_to_arrays(path, batch.to_pandas(), target, schema)
             yield X, y, len(y)
 
-    return Source(path, features, None, parquet.metadata.num_rows, parquet.metadata.num_rows, batches)
+    n = parquet.metadata.num_rows
+    return _table_source(path, target, schema, n, n, batches)

@@ -71,6 +71,12 @@ class StoreInfo:
     stats: dict[str, Any] | None = None
     content_hash: str = ""
     manifest: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    # how a table's raw columns became X (see fedpipe.data.sources.Source): input columns in
+    # order, one-hot categories, dtypes as read and the label column's name
+    columns: list[str] | None = None
+    categorical: dict[str, list] = field(default_factory=dict)
+    input_dtypes: dict[str, str] = field(default_factory=dict)
+    target: str | None = None
 
     @classmethod
     def from_attrs(cls, url: str, meta: dict[str, Any]) -> StoreInfo:

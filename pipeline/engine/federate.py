@@ -32,6 +32,7 @@ from fedpipe.engine import fed_state, lend, placement
 from fedpipe.engine.fed_client import ClientSpec
 from fedpipe.engine.fed_round import Sampling, ServerState, evaluate, train_round
 from fedpipe.errors import TrainingError, ValidationError
+from fedpipe.model import saved as saved_model
 from fedpipe.tasks import aggregate, sampling
 from fedpipe.tasks.aggregate import Stage, Strategy
 from fedpipe.tasks.models import Model
@@ -209,6 +210,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         summary["secagg"] = fed_secagg.summary(history)
     if run_dir is not None:
         rundir.write_params(run_dir, model.unpack(state.params))
+        saved_model.write(run_dir, model, info)  # model.json + preprocess.json: predict needs no store
         rundir.write_summary(run_dir, summary)
         rundir.publish(run_dir)
     return FederatedRun(state.params, state, history, summary)

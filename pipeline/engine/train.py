@@ -56,6 +56,7 @@ from fedpipe.engine.train_records import (
     save_state,
 )
 from fedpipe.errors import ValidationError
+from fedpipe.model import saved as saved_model
 from fedpipe.tasks.lbfgs import LBFGS
 from fedpipe.tasks.models import Model
 from fedpipe.tasks.optimizers import Optimizer
@@ -200,6 +201,7 @@ def fit(
     named = model.unpack(params)
     if run_dir is not None:
         rundir.write_params(run_dir, named)
+        saved_model.write(run_dir, model, info)  # model.json + preprocess.json: predict needs no store
         rundir.write_summary(run_dir, summary)
         rundir.publish(run_dir)
     return FitResult(params, named, records, summary)

@@ -11,9 +11,12 @@ from __future__ import annotations
 import argparse
 
 import pytest
+from distributed import Client, LocalCluster
 from fedpipe.cli.main import build_parser, main
+from fedpipe.engine.train import fit
 from fedpipe.data.ingest import ingest
 from fedpipe.data.partition import partition
+from fedpipe.tasks import models, optimizers
 
 TRAIN = ["train", "STORE", "--model", "softmax", "--iterations", "1"]
 FED = ["federate", "STORE", "--model", "softmax", "--rounds", "1"]
@@ -35,6 +38,20 @@ CASES: list[tuple[list[str], str]] = [
     (["ingest", "sklearn:iris", "TMP/o.zarr", "--task", "ranking"], "--task"),
     (["ingest", "sklearn:iris", "TMP/o.zarr", "--task", "binary"], "binary"),
     (["ingest", "sklearn:iris", "TMP/o.zarr", "--overwrite=1"], "--overwrite"),
+    (["ingest", "sklearn:iris", "TMP/o.zarr", "--categorical", "x0"], "--categorical"),
+    # predict / export (MODEL: a run trained on STORE)
+    (["predict", "MODEL", "STORE"], "--out"),
+    (["predict", "TMP/none", "STORE", "--out", "TMP/p.parquet"], "none"),
+    (["predict", "MODEL", "TMP/none.csv", "--out", "TMP/p.parquet"], "none.csv"),
+    (["predict", "MODEL", "STORE", "--out", "FILE/p.parquet"], "FILE"),
+    (["predict", "MODEL", "STORE", "--out", "TMP/p.parquet", "--proba=1"], "--proba"),
+    (["predict", "MODEL", "STORE", "--out", "TMP/p.parquet", "--chunk-rows", "0"],
+     "--chunk-rows"),
+    (["predict", "MODEL", "STORE", "--out", "TMP/p.parquet", "--target", "nope"], "nope"),
+    (["export", "MODEL", "--out", "TMP/m.onnx"], "--format"),
+    (["export", "MODEL", "--format", "pmml", "--out", "TMP/m"], "--format"),
+    (["export", "MODEL", "--format", "onnx"], "--out"),
+    (["export", "MODEL", "--format", "onnx", "--out", "FILE/m.onnx"], "FILE"),
     # info
     (["info", "TMP/none.zarr"], "none.zarr"),
     (["info", "FILE"], "FILE"),
@@ -203,7 +220,12 @@ def places(tmp_path_factory):
     run = root / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text('{"iteration": 0, "loss": 1.0}\n')
-    return {"STORE": store, "RUN": str(run), "FILE": str(root / "file.txt")}
+    model = root / "model"
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
+        fit(store, models.softmax(4, 3), optimizers.sgd(0.1), iterations=1,
+            dask_client=dask_client, out=str(model))
+    return {"STORE": store, "RUN": str(run), "FILE": str(root / "file.txt"), "MODEL": str(model)}
 
 
 def _fill(arg: str, places: dict[str, str], tmp: str) -> str:

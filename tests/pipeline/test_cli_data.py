@@ -51,7 +51,8 @@ def test_info_verify_reports_bad_chunks_and_exits_2(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     ("argv", "culprit"),
-    [(["ingest", "BAD.csv", "OUT"], "column 'city' is not numeric"),
+    [(["ingest", "BAD.csv", "OUT", "--categorical", "town"],
+      "--categorical column 'town' is not a feature column"),
      (["ingest", "NAN.csv", "OUT"], "column 'b' has NaN at row 2"),
      (["ingest", "OK.csv", "OUT", "--target", "zz"], "target column 'zz' not found"),
      (["ingest", "OK.csv", "OUT", "--chunk-rows", "-5"], "argument --chunk-rows: must be an integer >= 1"),

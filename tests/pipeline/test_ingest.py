@@ -122,8 +122,12 @@ def _bad_sources(tmp_path):
     nan.loc[123, "c"] = np.nan
     inf = frame.copy()
     inf.loc[321, "b"] = np.inf
-    text = frame.copy()
-    text["city"] = "x"
+    # a column numeric in the rows sampled up front that holds text later: refused, with a hint
+    text = _frame(1500)
+    text["city"] = np.arange(1500).astype(str)
+    text.loc[1400, "city"] = "x"
+    many = _frame(1200)
+    many["id"] = [f"id{i}" for i in range(1200)]  # text, but too many values to be a category
     floats = frame.copy()
     floats["label"] = frame["label"] + 0.5
     (tmp_path / "empty.csv").write_text("a,b,label\n")
@@ -131,7 +135,10 @@ def _bad_sources(tmp_path):
     return [
         (_write(tmp_path, "nan.csv", nan), {}, "column 'c' has NaN at row 123"),
         (_write(tmp_path, "inf.csv", inf), {}, "column 'b' has inf at row 321"),
-        (_write(tmp_path, "text.csv", text), {}, "column 'city' is not numeric"),
+        (_write(tmp_path, "text.csv", text), {}, "column 'city' is not numeric .*--categorical"),
+        (_write(tmp_path, "many.csv", many), {}, "column 'id' has more than 1000 distinct"),
+        (_write(tmp_path, "ok3.csv", frame), {"categorical": ["zip"]},
+         "--categorical column 'zip' is not a feature column"),
         (_write(tmp_path, "ok.csv", frame), {"target": "price"}, "target column 'price' not found"),
         (_write(tmp_path, "float.csv", floats), {"task": "multiclass"}, "needs integer labels, found 7.5"),
         (tmp_path / "empty.csv", {}, "has no rows"),

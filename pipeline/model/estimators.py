@@ -1,0 +1,273 @@
+"""scikit-learn estimators whose ``fit`` trains data-parallel on a Dask cluster.
+
+``fp.LogisticRegression``, ``fp.SoftmaxRegression``, ``fp.LinearRegression``,
+``fp.MLPClassifier`` and ``fp.MLPRegressor`` follow scikit-learn's conventions (parameters in
+``__init__``, fitted attributes ending in ``_``, ``get_params``/``set_params``, ``score``) and
+its objectives: ``LogisticRegression(C=1.0)`` minimises ``C * sum(loss) + 0.5 * ||w||^2``,
+which is fedpipe's mean loss with ``l2 = 1 / (C * n)``; ``alpha`` of the MLPs is
+``l2 = alpha / n``. Training is :func:`fedpipe.engine.train.fit` with L-BFGS (full batch, as
+scikit-learn's default ``lbfgs`` solver) on a fedpipe store: a NumPy or Dask array is written
+to a temporary store block by block (never whole in memory for a Dask array), a ``str`` is a
+store already written. The cluster is ``dask_client``, else the default ``distributed``
+client, else a LocalCluster started for the call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+from fedpipe.tasks import models
+from fedpipe.tasks.lbfgs import lbfgs
+from fedpipe.tasks.models import Model
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+
+def _is_dask(X: Any) -> bool:
+    return type(X).__module__.split(".")[0] == "dask"
+
+
+@contextlib.contextmanager
+def _client(dask_client) -> Iterator[Any]:
+    if dask_client is not None:
+        yield dask_client
+        return
+    from distributed import default_client
+
+    try:
+        client = default_client()
+    except ValueError:  # no default client: a LocalCluster for this call
+        client = None
+    if client is not None:
+        yield client
+        return
+    from fedpipe.cluster import connect
+
+    with connect(workers=1, threads=2, processes=False, dashboard_address=":0") as dc:
+        yield dc
+
+
+@contextlib.contextmanager
+def _as_store(X: Any, y: Any, chunk_rows: int | None, task: str) -> Iterator[str]:
+    """A fedpipe store holding ``X`` and class indices or targets ``y`` (a str is one already)."""
+    if isinstance(X, str):
+        yield X
+        return
+    from fedpipe.data.ingest import ingest_arrays, ingest_blocks
+
+    with tempfile.TemporaryDirectory(prefix="fedpipe-fit-") as tmp:
+        url = f"{tmp}/data.zarr"
+        if _is_dask(X):
+            ingest_blocks(X, y, url, chunk_rows=chunk_rows, task=task)
+        else:
+            ingest_arrays(X, y, url, chunk_rows=chunk_rows, task=task)
+        yield url
+
+
+class _DaskEstimator(BaseEstimator):
+    """Shared ``fit``/``partial_fit``/``predict`` over the model :meth:`_build` returns."""
+
+    _classifier = False
+
+    def _build(self, n_features: int, n_classes: int, n_rows: int) -> Model:
+        raise NotImplementedError
+
+    def _targets(self, y, classes=None):
+        """``y`` as class indices (classifiers) or float targets; sets ``classes_``."""
+        if not self._classifier:
+            return y.astype(np.float64)
+        if _is_dask(y):
+            import dask.array as da
+
+            self.classes_ = da.unique(y).compute() if classes is None else np.asarray(classes)
+            found = self.classes_
+            return y.map_blocks(lambda b: np.searchsorted(found, b).astype(np.float64),
+                                dtype=np.float64)
+        check_classification_targets(y)
+        self.classes_ = np.unique(y) if classes is None else np.asarray(classes)
+        if len(self.classes_) < 2:
+            raise ValueError("this estimator needs samples of at least 2 classes in the data, "
+                             f"but the data contains only one class: {self.classes_[0]!r}")
+        return np.searchsorted(self.classes_, y).astype(np.float64)
+
+    def _check(self, X, y=None, reset: bool = True):
+        if isinstance(X, str) or _is_dask(X):
+            if reset:
+                from fedpipe.data.store import read_info
+
+                self.n_features_in_ = read_info(X).n_features if isinstance(X, str) else X.shape[1]
+            return X, y
+        if y is None:
+            return validate_data(self, X, reset=reset, dtype=np.float64), None
+        return validate_data(self, X, y, reset=reset, dtype=np.float64, y_numeric=not
+                             self._classifier, multi_output=False)
+
+    def fit(self, X, y=None):
+        """Train on ``X`` (NumPy, Dask array or a fedpipe store URL, then ``y`` is unused)."""
+        return self._fit(X, y, warm=False)
+
+    def partial_fit(self, X, y=None, classes=None):
+        """One distributed pass of L-BFGS from the current parameters (dask-ml's Incremental)."""
+        return self._fit(X, y, warm=True, classes=classes)
+
+    def _fit(self, X, y, *, warm: bool, classes=None):
+        from fedpipe.engine.train import fit
+
+        first = not (warm and hasattr(self, "params_"))
+        if y is None and not isinstance(X, str):
+            raise ValueError(f"{type(self).__name__} requires y to be passed, but the target y "
+                             "is None")
+        X, y = self._check(X, y, reset=first)
+        if isinstance(X, str):
+            from fedpipe.data.store import read_info
+
+            info = read_info(X)
+            n_rows = info.n_rows
+            if self._classifier:
+                self.classes_ = np.asarray(info.classes)
+        else:
+            n_rows = X.shape[0]
+            y = self._targets(y, classes) if first else self._again(y)
+        k = len(self.classes_) if self._classifier else 1
+        model = self._build(self.n_features_in_, k, n_rows)
+        if not first:
+            start = self.params_.copy()
+            model = model._replace(init=lambda seed: start.copy())
+        iterations = 1 if warm else self.max_iter
+        with _client(self.dask_client) as dc, _as_store(X, y, self.chunk_rows, model.task) as url:
+            result = fit(url, model, lbfgs(), iterations=iterations, tol=self.tol,
+                         test_fraction=0.0, dask_client=dc, seed=self.random_state)
+        self.params_ = result.params
+        self.n_iter_ = max(1, len(result.metrics))
+        self._set_attributes(model)
+        return self
+
+    def _again(self, y):
+        """Later partial_fit calls: labels indexed by the classes of the first call."""
+        if not self._classifier:
+            return np.asarray(y, dtype=np.float64)
+        return np.searchsorted(self.classes_, y).astype(np.float64)
+
+    def _set_attributes(self, model: Model) -> None:
+        named = model.unpack(self.params_)
+        if "coef" in named:
+            coef = named["coef"]
+            self.coef_ = coef.T if coef.ndim == 2 else (coef[None, :] if self._classifier
+                                                       else coef)
+            b = named.get("intercept", 0.0)
+            self.intercept_ = np.atleast_1d(b) if self._classifier else float(b)
+        else:
+            n = sum(1 for key in named if key.startswith("W"))
+            self.coefs_ = [named[f"W{i}"] for i in range(n)]
+            self.intercepts_ = [named[f"b{i}"] for i in range(n)]
+        # the spec, not the model: its functions are closures, which plain pickle refuses
+        self.model_spec_ = model.spec
+
+    def _outputs(self, X, proba: bool):
+        check_is_fitted(self, "params_")
+        model = models.from_spec(self.model_spec_)
+        fn = model.predict_proba if proba else model.predict
+        if _is_dask(X):
+            if X.shape[1] != self.n_features_in_:
+                raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} is "
+                                 f"expecting {self.n_features_in_} features as input")
+            params = self.params_
+            k = len(self.classes_) if proba else None
+            X = X.rechunk({1: -1})
+            if proba:
+                return X.map_blocks(lambda b: fn(params, b), chunks=(X.chunks[0], (k,)),
+                                    dtype=np.float64)
+            return X.map_blocks(lambda b: fn(params, b), drop_axis=1, dtype=np.float64)
+        X, _ = self._check(X, reset=False)
+        return fn(self.params_, X)
+
+    def predict(self, X):
+        out = self._outputs(X, proba=False)
+        if self._classifier:
+            if _is_dask(X):
+                classes = self.classes_
+                return out.map_blocks(lambda b: classes[b.astype(np.int64)], dtype=classes.dtype)
+            return self.classes_[out]
+        return out
+
+
+class _Classifier(ClassifierMixin, _DaskEstimator):
+    _classifier = True
+
+    def predict_proba(self, X):
+        return self._outputs(X, proba=True)
+
+
+class LogisticRegression(_Classifier):
+    """Logistic regression as scikit-learn's (L2 penalty, ``C``), binary or multinomial.
+
+    Parameters
+    ----------
+    C : float
+        Inverse regularisation strength; ``None`` for no penalty.
+    max_iter, tol : int, float
+        L-BFGS iterations and the relative change of the objective that stops it.
+    dask_client : distributed.Client, optional
+    chunk_rows : int, optional
+        Rows per chunk of the temporary store written from a NumPy/Dask array.
+    random_state : int
+    """
+
+    def __init__(self, C=1.0, *, max_iter=200, tol=1e-10, dask_client=None, chunk_rows=None,
+                 random_state=0):
+        self.C, self.max_iter, self.tol = C, max_iter, tol
+        self.dask_client, self.chunk_rows, self.random_state = dask_client, chunk_rows, random_state
+
+    def _l2(self, n_rows: int) -> float:
+        return 0.0 if self.C is None else 1.0 / (float(self.C) * n_rows)
+
+    def _build(self, n_features, n_classes, n_rows):
+        if n_classes == 2:
+            return models.logistic(n_features, l2=self._l2(n_rows))
+        return models.softmax(n_features, n_classes, l2=self._l2(n_rows))
+
+
+class SoftmaxRegression(LogisticRegression):
+    """Multinomial logistic regression, also for two classes (one weight vector per class)."""
+
+    def _build(self, n_features, n_classes, n_rows):
+        return models.softmax(n_features, n_classes, l2=self._l2(n_rows))
+
+
+class LinearRegression(RegressorMixin, _DaskEstimator):
+    """Ordinary least squares, as scikit-learn's ``LinearRegression`` (solved by L-BFGS)."""
+
+    def __init__(self, *, max_iter=200, tol=1e-12, dask_client=None, chunk_rows=None,
+                 random_state=0):
+        self.max_iter, self.tol = max_iter, tol
+        self.dask_client, self.chunk_rows, self.random_state = dask_client, chunk_rows, random_state
+
+    def _build(self, n_features, n_classes, n_rows):
+        return models.linear(n_features)
+
+
+class _MLP(_DaskEstimator):
+    def __init__(self, hidden_layer_sizes=(100,), *, alpha=1e-4, max_iter=200, tol=1e-8,
+                 dask_client=None, chunk_rows=None, random_state=0):
+        self.hidden_layer_sizes, self.alpha = hidden_layer_sizes, alpha
+        self.max_iter, self.tol = max_iter, tol
+        self.dask_client, self.chunk_rows, self.random_state = dask_client, chunk_rows, random_state
+
+    def _build(self, n_features, n_classes, n_rows):
+        task = "regression" if not self._classifier else (
+            "binary" if n_classes == 2 else "multiclass")
+        return models.mlp(n_features, n_classes, hidden=tuple(self.hidden_layer_sizes),
+                          task=task, l2=float(self.alpha) / n_rows)
+
+
+class MLPClassifier(_Classifier, _MLP):
+    """ReLU multilayer perceptron with a softmax output (``alpha``: L2 as scikit-learn's)."""
+
+
+class MLPRegressor(RegressorMixin, _MLP):
+    """ReLU multilayer perceptron with a linear output (``alpha``: L2 as scikit-learn's)."""
