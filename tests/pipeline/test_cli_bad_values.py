@@ -13,9 +13,9 @@ import argparse
 import pytest
 from distributed import Client, LocalCluster
 from fedpipe.cli.main import build_parser, main
-from fedpipe.engine.train import fit
 from fedpipe.data.ingest import ingest
 from fedpipe.data.partition import partition
+from fedpipe.engine.train import fit
 from fedpipe.tasks import models, optimizers
 
 TRAIN = ["train", "STORE", "--model", "softmax", "--iterations", "1"]
