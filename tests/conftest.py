@@ -5,9 +5,16 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import numpy  # noqa: F401  (loaded before threadpool_limits below, so that it reaches OpenBLAS)
 import pytest
 from distributed import Client, LocalCluster
 from fedpipe.data.ingest import ingest
+from threadpoolctl import threadpool_limits
+
+# Test clusters run their workers as threads of this process; several threads each calling a
+# multi-threaded OpenBLAS at once oversubscribe two CI cores and once hung the suite. One BLAS
+# thread per call is what dask's nanny gives process workers too (OMP_NUM_THREADS=1).
+threadpool_limits(limits=1)
 
 
 @pytest.fixture(scope="module")

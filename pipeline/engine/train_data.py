@@ -79,6 +79,8 @@ def block_homes(dask_client: Client, n_blocks: int) -> list[list[str]]:
     a two-worker pass to the same worker, which then read and computed the whole pass alone
     (2x the time); round robin spreads the blocks evenly. The restriction is loose
     (``allow_other_workers``), so a block whose worker is gone runs elsewhere.
+    A cluster whose workers have not registered yet gives no homes, hence no restriction
+    (distributed refuses ``allow_other_workers`` without ``workers``).
     """
     workers = sorted(dask_client.scheduler_info(n_workers=-1)["workers"])
     return [[workers[b % len(workers)]] if workers else [] for b in range(n_blocks)]
@@ -89,7 +91,7 @@ def _load(dask_client, url, info, blocks, homes, split, test_fraction, seed,
     return [
         dask_client.submit(read_block, url, block, split, test_fraction, seed, info,
                            key=(f"load-{split}-{token}", b), workers=home or None,
-                           allow_other_workers=True)
+                           allow_other_workers=bool(home))
         for b, (block, home) in enumerate(zip(blocks, homes, strict=True))
     ]
 

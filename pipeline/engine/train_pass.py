@@ -90,7 +90,7 @@ def block_tasks(engine: Engine, split: str, func: Callable, params: Any,
     return [
         dc.submit(stream_block, func, engine.model_future, params, data.url, refs, split,
                   data.test_fraction, data.seed, data.info, key=(f"{group}-{token}", b),
-                  workers=home or None, allow_other_workers=True)
+                  workers=home or None, allow_other_workers=bool(home))
         for b, (refs, home) in enumerate(zip(data.blocks, data.homes, strict=True))
     ]
 
