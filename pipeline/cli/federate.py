@@ -12,6 +12,7 @@ from typing import Any
 from fedpipe.cli import config, registry
 from fedpipe.cli import report as cli_report
 from fedpipe.cli.argtypes import (
+    Renamed,
     holdout,
     nonneg_float,
     nonneg_int,
@@ -50,7 +51,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     model.add_argument("--local-epochs", type=positive_int, default=1, help="default 1")
     model.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
     model.add_argument("--lr", type=positive_float, default=0.1, help="client step size (default 0.1)")
-    model.add_argument("--lr-schedule", help="client lr schedule over rounds, e.g. cosine")
+    model.add_argument("--schedule", "--lr-schedule", dest="lr_schedule", action=Renamed,
+                       help=registry.LR_SCHEDULE_HELP)
     server = p.add_argument_group("strategy and rounds")
     server.add_argument("--strategy", default="fedavg", choices=list(registry.STRATEGIES),
                         help=STRATEGY_HELP)

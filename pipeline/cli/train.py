@@ -11,7 +11,14 @@ from typing import Any
 
 from fedpipe.cli import config, registry
 from fedpipe.cli import report as cli_report
-from fedpipe.cli.argtypes import holdout, nonneg_float, nonneg_int, positive_float, positive_int
+from fedpipe.cli.argtypes import (
+    Renamed,
+    holdout,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 from fedpipe.data import store
 from fedpipe.deploy import kube
 from fedpipe.engine.train import CACHE_MODES, fit
@@ -34,8 +41,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     opt = p.add_argument_group("optimizer")
     opt.add_argument("--optimizer", default="sgd", help=", ".join(registry.OPTIMIZERS))
     opt.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
-    opt.add_argument("--schedule", help="constant (default), step, exponential, inverse-time, "
-                                        "cosine; parameters as step:every=10,factor=0.5")
+    opt.add_argument("--schedule", "--lr-schedule", dest="lr_schedule", action=Renamed,
+                     help=registry.LR_SCHEDULE_HELP)
     length = p.add_mutually_exclusive_group()
     length.add_argument("--iterations", type=positive_int, help="full-batch iterations")
     length.add_argument("--epochs", type=positive_int, help="mini-batch epochs")
@@ -74,7 +81,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     info = store.read_info(args.store)
     model = registry.make_model(args.model, info, hidden=args.hidden, l2=args.l2, l1=args.l1)
     total = args.iterations if args.iterations is not None else args.epochs
-    optimizer = registry.make_optimizer(args.optimizer, args.lr, args.schedule,
+    optimizer = registry.make_optimizer(args.optimizer, args.lr, args.lr_schedule,
                                         total_steps=_total_steps(args, info))
     unit = "iteration" if args.iterations is not None else "epoch"
     with monitoring(args, None, mode="train", total=total, unit=unit,

@@ -25,8 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 from distributed import Client
-from fedpipe import privacy, rundir
-from fedpipe.cli import repeat
+from fedpipe import privacy, runconfig, rundir
 from fedpipe.data import store
 from fedpipe.engine import fed_state, lend, placement
 from fedpipe.engine.fed_client import ClientSpec
@@ -126,7 +125,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     config : mapping, optional
         Resolved options written to ``config.toml`` (the CLI passes its arguments). Without
         it, ``config.toml`` holds the ``fedpipe federate`` options that repeat this call, read
-        off the model and strategy (:mod:`fedpipe.cli.repeat`). Settings no option expresses (a
+        off the model and strategy (:mod:`fedpipe.runconfig`). Settings no option expresses (a
         model of your own or with an L1 penalty, a schedule function as ``lr``, ``stages``,
         non-default strategy hyperparameters, another ``retries``) are left out and named
         under ``not_repeatable`` with one logged warning; ``fedpipe federate --config`` then
@@ -181,7 +180,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         round_fn = fed_secagg.secure_round
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if run_dir is not None:
-        rundir.write_config(run_dir, config if config is not None else repeat.federate_config(
+        rundir.write_config(run_dir, config if config is not None else runconfig.federate_config(
             store_url, model, info, strategy=strategy, stages=stages, lr=lr,
             retries=retries, default_retries=RETRIES, partition=partition, rounds=rounds,
             local_epochs=local_epochs, batch_size=batch_size, fraction=fraction,

@@ -27,8 +27,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from distributed import Client
-from fedpipe import cluster, rundir
-from fedpipe.cli import repeat
+from fedpipe import cluster, runconfig, rundir
 from fedpipe.data.store import StoreInfo, read_info
 from fedpipe.engine.minibatch import run_epochs
 from fedpipe.engine.train_data import (
@@ -161,7 +160,7 @@ def fit(
     config : mapping, optional
         Resolved options written to ``config.toml`` (the CLI passes its arguments). Without
         it, ``config.toml`` holds the ``fedpipe train`` options that repeat this call, read off
-        the model and optimizer (:mod:`fedpipe.cli.repeat`). Settings no option expresses (a model
+        the model and optimizer (:mod:`fedpipe.runconfig`). Settings no option expresses (a model
         of your own, a learning-rate schedule, non-default optimizer hyperparameters, another
         ``fan_in``) are left out and named under ``not_repeatable`` with one logged warning;
         ``fedpipe train --config`` then refuses the file in one line instead of running
@@ -179,7 +178,7 @@ def fit(
     if resume and run_dir is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
     if run_dir is not None:
-        rundir.write_config(run_dir, config if config is not None else repeat.fit_config(
+        rundir.write_config(run_dir, config if config is not None else runconfig.fit_config(
             store, model, optimizer, info, fan_in=fan_in, default_fan_in=FAN_IN,
             iterations=iterations, epochs=epochs, batch_size=batch_size, tol=tol, seed=seed,
             test_fraction=test_fraction, cache=cache, chunks_per_task=chunks_per_task,
