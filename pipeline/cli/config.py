@@ -273,8 +273,9 @@ def to_dict(args: argparse.Namespace) -> dict[str, Any]:
 def command_values(command: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """What :func:`to_dict` gives for ``fedpipe COMMAND`` run with the options ``values``.
 
-    ``values`` use the options' ``dest`` names; the others take the command's defaults. This is
-    how a run started from Python writes its ``config.toml`` in the CLI's own schema.
+    ``values`` use the options' ``dest`` names; the others take the command's defaults. A
+    ``config.toml`` written from Python (:mod:`fedpipe.runconfig`, which holds only what the
+    call said) reads as this through ``--config``.
 
     Raises
     ------
@@ -290,7 +291,7 @@ def command_values(command: str, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _command_spec(command: str) -> dict[str, argparse.Action]:
-    # Imported here: the command modules import the engines, which import this module.
+    # Imported here: the command modules import this module.
     from fedpipe.cli.main import _Parser, common_options
 
     parser = _Parser(prog="fedpipe")
