@@ -32,7 +32,8 @@ SCHEMA_KEYS = ("task", "dtype", "feature_names", "input_dtypes", "categorical", 
 
 def schema_digest(schema: Mapping[str, object]) -> str:
     """A short digest of a site's schema (without its labels): equal schemas, equal digests."""
-    text = json.dumps({k: schema.get(k) for k in SCHEMA_KEYS}, sort_keys=True, default=str)
+    text = json.dumps({k: _kind(schema.get(k)) if k == "task" else schema.get(k)
+                       for k in SCHEMA_KEYS}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -47,7 +48,9 @@ def schema_difference(reference: Mapping[str, object], site: Mapping[str, object
         return f"extra column(s) {', '.join(map(str, extra))}"
     if cols != ref_cols:
         return "the same columns in another order"
-    for key in ("task", "dtype", "target"):
+    if _kind(reference.get("task")) != _kind(site.get("task")):
+        return f"task {site.get('task')!r} where the others have {reference.get('task')!r}"
+    for key in ("dtype", "target"):
         if reference.get(key) != site.get(key):
             return f"{key} {site.get(key)!r} where the others have {reference.get(key)!r}"
     ref_types, types = dict(reference.get("input_dtypes") or {}), dict(site.get("input_dtypes") or {})
@@ -57,6 +60,18 @@ def schema_difference(reference: Mapping[str, object], site: Mapping[str, object
     if (reference.get("categorical") or {}) != (site.get("categorical") or {}):
         return "other categories of a categorical column"
     return None
+
+
+def _kind(task: object) -> object:
+    # binary or multiclass follows from the labels a site happens to hold: agreed as a union
+    return "classification" if task in ("binary", "multiclass") else task
+
+
+def agreed_task(task: str, union: Sequence[object] | None) -> str:
+    """The run's task: a classification task follows the size of the union of labels."""
+    if _kind(task) != "classification" or union is None:
+        return task
+    return "binary" if len(union) <= 2 else "multiclass"
 
 
 def reference_schema(schemas: Mapping[str, Mapping[str, object]],

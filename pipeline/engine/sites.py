@@ -170,7 +170,7 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
     stats_json = stats_to_json({k: stats[k] for k in ("count", "sum", "sumsq", "min", "max")})
     info = StoreInfo(url="sites:", n_rows=sum(rows.values()),
                      n_features=len(schema["feature_names"]), chunk_rows=0, n_chunks=0,
-                     task=schema["task"], classes=union,
+                     task=sites_math.agreed_task(schema["task"], union), classes=union,
                      feature_names=list(schema["feature_names"]), dtype=schema["dtype"],
                      preprocess={"impute": impute, "standardize": bool(standardize),
                                  "computed": "federated"},
