@@ -17,9 +17,11 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import dask
 import numpy as np
 from distributed import Client, Nanny, Scheduler, SpecCluster, Worker
 from fedpipe import rundir
+from fedpipe.cluster import worker_log_level
 from fedpipe.data import sites as site_tasks
 from fedpipe.data.stats import stats_to_json
 from fedpipe.data.store import StoreInfo
@@ -69,12 +71,16 @@ def site_cluster(workers: Sequence[tuple[Sequence[str], str]], *,
                                    "host": "127.0.0.1", "dashboard_address": ":0"}
         if processes:
             options["env"] = {**placement._BLAS_ENV, site_tasks.SITE_ENV: str(url)}
-            options["silence_logs"] = "error"
+            options["silence_logs"] = worker_log_level()
         else:
             options["plugins"] = [site_tasks.SiteStore(url)]
         specs[f"site-{j}"] = {"cls": Nanny if processes else Worker, "options": options}
     scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}}
-    with (SpecCluster(workers=specs, scheduler=scheduler, name="fedpipe-sites") as cluster,
+    # as placement.simulation_cluster: every task is pinned, so nothing to steal or profile
+    quiet = {"distributed.scheduler.work-stealing": False,
+             "distributed.worker.profile.enabled": False}
+    with (dask.config.set(quiet),
+          SpecCluster(workers=specs, scheduler=scheduler, name="fedpipe-sites") as cluster,
           Client(cluster) as dask_client):
         yield dask_client
 
