@@ -19,16 +19,16 @@ from typing import Any, NamedTuple
 
 import dask
 import numpy as np
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Nanny, Scheduler, SpecCluster, Worker
 from fedpipe import rundir
 from fedpipe.cluster import worker_log_level
 from fedpipe.data import sites as site_tasks
-from fedpipe.data.stats import stats_to_json
+from fedpipe.data.stats import stats_to_json, tree_reduce
 from fedpipe.data.store import StoreInfo
 from fedpipe.engine import fed_state, placement
 from fedpipe.engine import federate as fed
 from fedpipe.engine.fed_client import ClientSpec
-from fedpipe.engine.graph import tree_sum
 from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.model import saved as saved_model
 from fedpipe.tasks import aggregate
@@ -142,23 +142,35 @@ def federated_stats(dask_client: Client, clients: Sequence[str],
                     stages: Sequence[Stage] | None = None) -> dict[str, np.ndarray]:
     """Global per-feature statistics from the sites' packets, through the aggregation chain.
 
-    Each site's pinned task runs the chain's client part on its packet; the packets add up in
-    the fixed-order ``sum-stats`` tree on the workers; the chain's server part finishes them.
+    Each site's pinned ``stats-…`` task runs the chain's client part on its packet; the packets
+    add up in a fixed-order ``sum-stats-…`` tree on the workers (the grouping of
+    :func:`fedpipe.engine.graph.tree_sum`); the chain's server part finishes them on the driver.
+    Leaves and tree go as one graph: one round trip, as the pooled ``compute_stats``.
     """
     chain = tuple(stages) if stages is not None else (sites_math.stats_stage(),)
     states = aggregate.init_states(chain, 0)
-    leaves = _pinned(dask_client, clients, site_tasks.stats_report, chain, states,
-                     prefix="stats")
-    if len(leaves) == 1:
-        total = leaves[0].result()
-    else:
-        total = tree_sum(dask_client, leaves, fan_in=FAN_IN, key_prefix="sum-stats",
-                         add=aggregate.add_reports).result()
+    token = uuid.uuid4().hex[:8]
+    layers, deps = {}, {}
+    for c in clients:
+        key = (f"stats-{token}", c)
+        layers[key] = MaterializedLayer(
+            {key: (_thunk(site_tasks.stats_report, c, chain, states),)},
+            annotations={"resources": placement.resources_of([c])})
+        deps[key] = set()
+    leaves = {key: None for key in layers}
+    tree, root = tree_reduce(leaves, _add_reports, f"sum-stats-{token}", FAN_IN)
+    nodes = {k: v for k, v in tree.items() if k not in leaves}
+    layers["tree"], deps["tree"] = MaterializedLayer(nodes), set(leaves)
+    total = dask_client.get(HighLevelGraph(layers, deps), root)
     rejected = {c: r["rejected"] for c, r in total["clients"].items() if "rejected" in r}
     if rejected or total["packet"] is None:
         raise TrainingError(f"statistics refused by site(s): {rejected}")
     packet, _, _ = aggregate.server_side(chain, states, total["packet"])
     return sites_math.finish_stats(packet)
+
+
+def _add_reports(reports: list[dict]) -> dict:
+    return aggregate.add_reports(*reports)
 
 
 def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: bool = True,
