@@ -15,7 +15,7 @@ from fedpipe import rundir
 from fedpipe.cli.main import main
 from fedpipe.data.stats import compute_stats
 from fedpipe.engine import sites
-from fedpipe.errors import ValidationError
+from fedpipe.errors import StoreError, ValidationError
 from fedpipe.tasks import models
 from fedpipe.tasks import stats as stats_math
 from sites_support import ingest_site, site_rows
@@ -38,6 +38,8 @@ def test_sites_agree_compute_pooled_statistics_and_train(stores):
     workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
     with sites.site_cluster(workers, processes=False) as dc:
         plan = sites.prepare_sites(dc, label_hist=True)
+        with pytest.raises(ValidationError, match=r"^site client-1: unseen label\(s\) 2$"):
+            sites.agree(dc, plan.clients, classes=[0, 1])  # the user's label set, if given
         out = stores["tmp"] / "run"
         run = sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=8,
                                    lr=0.1, out=str(out))
@@ -103,3 +105,12 @@ def test_sites_options_are_checked_in_one_line(argv, why, capsys):
     assert main(["federate", *argv, "--model", "softmax", "--rounds", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and why in err[0]
+
+
+def test_a_worker_that_knows_no_store_is_named_in_one_line(stores, monkeypatch):
+    monkeypatch.delenv("FEDPIPE_SITE_STORE", raising=False)
+    workers = [(["0"], stores["sites"][0]), (["1"], "")]
+    with sites.site_cluster(workers, processes=False) as dc:
+        with pytest.raises(StoreError, match=r"carries client-1 but knows no site store: set "
+                                             r"FEDPIPE_SITE_STORE"):
+            sites.prepare_sites(dc)
