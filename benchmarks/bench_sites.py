@@ -85,6 +85,7 @@ def run(workdir: str, n_sites: int, rows: int, rounds: int, repeats: int) -> dic
     return {
         "sites": n_sites, "rows_per_site": rows, "features": N_FEATURES, "rounds": rounds,
         "repeats": repeats, "workers": 2, "seconds": times, "best": best,
+        "load_average_1min": os.getloadavg()[0],  # the machine is shared: how busy it was
         "stats_ratio": best["stats_sites"] / best["stats_pooled"], "stats_target": 1.5,
         "stats_max_relative_error": error, "stats_error_target": 1e-12,
         "round_ratio": best["round_sites"] / best["round_sim"], "round_target": 1.2,
@@ -97,7 +98,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=100)
     parser.add_argument("--rows", type=int, default=200)
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="10 sites, 3 rounds, 1 repeat")
     parser.add_argument("--out", default="benchmarks/results/sites.json")
