@@ -16,7 +16,7 @@ from fedpipe.cli.main import main
 from fedpipe.data.stats import compute_stats
 from fedpipe.engine import sites
 from fedpipe.errors import StoreError, ValidationError
-from fedpipe.tasks import models
+from fedpipe.tasks import aggregate, models
 from fedpipe.tasks import stats as stats_math
 from sites_support import ingest_site, site_rows
 
@@ -114,3 +114,19 @@ def test_a_worker_that_knows_no_store_is_named_in_one_line(stores, monkeypatch):
         with pytest.raises(StoreError, match=r"carries client-1 but knows no site store: set "
                                              r"FEDPIPE_SITE_STORE"):
             sites.prepare_sites(dc)
+
+
+def test_a_site_local_run_resumes_bit_identical(stores):
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    out = stores["tmp"] / "resumed"
+    with sites.site_cluster(workers, processes=False) as dc:
+        plan = sites.prepare_sites(dc)
+        whole = sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=4,
+                                     strategy=aggregate.fedadam(server_lr=0.05))
+        sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=2,
+                             strategy=aggregate.fedadam(server_lr=0.05), out=str(out))
+        resumed = sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=4,
+                                       strategy=aggregate.fedadam(server_lr=0.05),
+                                       out=str(out), resume=True)
+    assert resumed.state.round == 4 and len(resumed.history) == 2
+    np.testing.assert_array_equal(resumed.params, whole.params)
