@@ -11,6 +11,7 @@ from typing import Any
 
 from fedpipe.cli import config, registry
 from fedpipe.cli import report as cli_report
+from fedpipe.cli import sites as cli_sites
 from fedpipe.cli.argtypes import (
     Renamed,
     holdout,
@@ -35,7 +36,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add ``federate`` to the ``fedpipe`` parser."""
     p = subparsers.add_parser("federate", parents=parents,
                               help="federated training: clients pinned to their own workers")
-    p.add_argument("store", help="store path or fsspec URL")
+    p.add_argument("store", nargs="?", help="store path or fsspec URL (none with --sites)")
     data = p.add_argument_group("clients (a partition made for this run; default: the store's own)")
     data.add_argument("--clients", type=positive_int, help="partition the store among K clients first")
     # No default here: a --scheme given without --clients must be an error, not ignored.
@@ -108,6 +109,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                      help="replace the earlier run in --out once this one has finished")
     run.add_argument("--seed", type=nonneg_int, default=0, help="default 0")
     run.add_argument("--test-fraction", type=holdout, default=0.2, help="default 0.2")
+    cli_sites.add_options(p)
     cli_report.add_report_option(p)
     config.add_config_option(p)  # last: --config covers every option above
     p.set_defaults(func=run_federate)
@@ -118,6 +120,9 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     on_command_line = set(vars(args))  # config.resolve adds the options given elsewhere
     args = config.resolve(args)
     cli_report.check_report_option(args)
+    cli_sites.check_options(args)
+    if args.sites:  # site-local stores: no store here, each client's worker reads its own
+        return cli_sites.run_sites(args)
     _check_partition_options(args, on_command_line)
     partition = args.partition
     if args.clients is not None and not args.resume:
