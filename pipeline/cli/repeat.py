@@ -227,16 +227,18 @@ def strategy_options(strategy: Strategy) -> dict[str, Any]:
     """
     factory = registry.STRATEGIES.get(strategy.name)
     lr = None
+    if strategy.client is not None or strategy.stages is not None:
+        factory = None  # an optimizer of the strategy's own: no option reads it back (yet)
     if factory is not None:
         def server(server_lr: float) -> Optimizer:
-            return factory(server_lr=server_lr, mu=strategy.mu).server_optimizer
+            return factory(server_lr=server_lr, mu=strategy.mu).server
 
         try:
             ref = factory(mu=strategy.mu)
         except ValueError:  # a mu the CLI refuses
             ref = None
         if ref is not None and (ref.mu, ref.scaffold) == (strategy.mu, strategy.scaffold):
-            lr = _matching_rate(server, strategy.server_optimizer)
+            lr = _matching_rate(server, strategy.server)
     if lr is None:
         raise NotExpressible(f"{strategy.name!r} is not what --strategy NAME --server-lr RATE "
                              "--mu MU builds (other server hyperparameters or a strategy of "
