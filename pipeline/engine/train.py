@@ -30,6 +30,7 @@ from distributed import Client
 from fedpipe import cluster, rundir
 from fedpipe.cli import repeat
 from fedpipe.data.store import StoreInfo, read_info
+from fedpipe.engine.graph import FAN_IN
 from fedpipe.engine.minibatch import run_epochs
 from fedpipe.engine.train_data import (
     CACHE_MODES,
@@ -71,7 +72,6 @@ __all__ = [
 
 log = logging.getLogger("fedpipe")
 
-FAN_IN = 8  # inputs per add task of the reduction tree; the CLI has no option for it
 
 
 class FitResult(NamedTuple):
