@@ -62,7 +62,7 @@ def simulate(chain, parts, test, rounds, *, lr=0.05, seed=0, flip=frozenset(), h
     model = models.mlp(parts[0][0].shape[1], 10, hidden=(hidden,), task="multiclass")
     params = model.init(seed)
     states = aggregate.init_states(chain, model.n_params)
-    opt = aggregate.fedavg().server_optimizer
+    opt = aggregate.fedavg().server
     opt_state, kept, sent_bytes = opt.init(params), {}, []
     for r in range(rounds):
         packets = []

@@ -220,15 +220,17 @@ def strategy_options(strategy: Strategy) -> dict[str, Any]:
     NotExpressible
         Not a built-in strategy with its default server hyperparameters.
     """
-    server = optimizers.describe(strategy.server_optimizer) or {}
+    server = optimizers.describe(strategy.server) or {}
     same = False
-    if strategy.name in STRATEGIES and isinstance(server.get("lr"), float):
+    # a client optimizer, epochs or chain carried by the strategy itself has no CLI spelling yet
+    own = (strategy.client, strategy.local_epochs, strategy.stages) != (None, None, None)
+    if not own and strategy.name in STRATEGIES and isinstance(server.get("lr"), float):
         mu = {"mu": strategy.mu} if strategy.name == "fedprox" else {}
         try:
             ref = getattr(aggregate, strategy.name)(server_lr=server["lr"], **mu)
         except ValueError:  # a mu the factory refuses
             ref = None
-        same = ref is not None and (ref.mu, ref.scaffold, ref.server_optimizer.spec) == (
+        same = ref is not None and (ref.mu, ref.scaffold, ref.server.spec) == (
             strategy.mu, strategy.scaffold, server)
     if not same:
         raise NotExpressible(f"{strategy.name!r} is not what --strategy NAME --server-lr RATE "

@@ -325,6 +325,32 @@ STRATEGIES: dict[str, Callable[..., Any]] = {
 }
 """Federated strategies: name -> ``factory(server_lr=None, mu=...) -> fedpipe.tasks.aggregate.Strategy``."""
 
+CLIENT_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name != "lbfgs")
+"""``federate --client-optimizer``: the first-order :data:`OPTIMIZERS` (a client takes steps)."""
+
+
+def make_strategy(name: str, server_lr: float | None, mu: float | None,
+                  client_optimizer: str = "sgd", lr: float = 0.1) -> Any:
+    """The strategy of ``--strategy``, ``--server-lr``, ``--mu`` and ``--client-optimizer``.
+
+    ``--mu`` belongs to fedprox: given with another strategy it is refused, not dropped. The
+    default client ``sgd`` is left to the engine (its ``--lr-schedule`` counts rounds); another
+    name becomes the strategy's ``client`` optimizer at ``lr``.
+    """
+    if mu is not None and name != "fedprox":
+        raise ValidationError(f"--mu applies to --strategy fedprox, not {name}")
+    strategy = STRATEGIES[name](server_lr=server_lr,
+                                **({} if mu is None else {"mu": mu}))
+    if client_optimizer == "sgd":
+        return strategy
+    if client_optimizer not in CLIENT_OPTIMIZERS:
+        raise ValidationError(f"unknown --client-optimizer {client_optimizer!r}; choose from "
+                              f"{', '.join(CLIENT_OPTIMIZERS)}")
+    if strategy.scaffold:
+        raise ValidationError(f"--client-optimizer {client_optimizer}: scaffold's control "
+                              "variates assume the clients' sgd")
+    return strategy._replace(client=OPTIMIZERS[client_optimizer](lr))
+
 
 # --------------------------------------------------------------------------------------------
 # aggregation chain: --dp, --clip, --noise-multiplier, --aggregator, --compress

@@ -19,7 +19,7 @@ import numpy as np
 from distributed import Client, Future, wait
 from fedpipe.engine import placement
 from fedpipe.engine.fed_client import ClientSpec, eval_group, pack_spec, train_group
-from fedpipe.engine.graph import tree_sum
+from fedpipe.engine.graph import FAN_IN, tree_sum
 from fedpipe.errors import TrainingError
 from fedpipe.tasks import aggregate, reduce, sampling
 
@@ -27,7 +27,6 @@ log = logging.getLogger("fedpipe")
 
 # Leaves fetched and merged on the driver rather than summed by a tree of tasks on the workers.
 GATHER_AT_MOST = 2
-FAN_IN = 8
 
 
 class ServerState(NamedTuple):

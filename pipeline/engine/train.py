@@ -29,6 +29,7 @@ import numpy as np
 from distributed import Client
 from fedpipe import cluster, runconfig, rundir
 from fedpipe.data.store import StoreInfo, read_info
+from fedpipe.engine.graph import FAN_IN
 from fedpipe.engine.minibatch import run_epochs
 from fedpipe.engine.train_data import (
     CACHE_MODES,
@@ -70,7 +71,6 @@ __all__ = [
 
 log = logging.getLogger("fedpipe")
 
-FAN_IN = 8  # inputs per add task of the reduction tree; the CLI has no option for it
 
 
 class FitResult(NamedTuple):

@@ -87,6 +87,7 @@ def test_no_client_rows_leave_their_worker(fed_store):
 
         def disrupt(record):
             r = record["round"]
+            events.setdefault("records", []).append(record)  # per-client records: on_record
             for logs in dc.run(_outgoing).values():
                 transfers.extend(logs)
             if r == 0:
@@ -122,7 +123,7 @@ def test_no_client_rows_leave_their_worker(fed_store):
     restarted = [rep for rep in caches.values() if rep["resident"] == killed]
     assert restarted and restarted[0]["pid"] != by_worker[victim]["pid"]
     assert restarted[0]["reads"] == len(killed)
-    reread = [c for rec in run.history[2:] for c, m in rec["clients"].items() if m.get("read")]
+    reread = [c for rec in events["records"][2:] for c, m in rec["clients"].items() if m.get("read")]
     assert set(killed) <= set(reread)
     # The retired worker's clients were dropped from the last round, which still completed.
     last = run.history[-1]
