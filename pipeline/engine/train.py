@@ -37,6 +37,7 @@ from fedpipe.engine.train_data import (
     MEMORY_SHARE,
     Data,
     choose_cache,
+    choose_chunks_per_task,
     load_data,
     read_block,
     send_params,
@@ -64,7 +65,8 @@ from fedpipe.tasks.optimizers import Optimizer
 # Names that lived in this module before it was split; importable from here as before.
 __all__ = [
     "CACHE_MODES", "INLINE_PARAM_BYTES", "MEMORY_SHARE", "Data", "Engine", "FitResult",
-    "OnRecord", "Pass", "block_tasks", "check_finite", "choose_cache", "converged", "emit",
+    "OnRecord", "Pass", "block_tasks", "check_finite", "choose_cache", "choose_chunks_per_task",
+    "converged", "emit",
     "fit", "full_pass", "load_data", "pass_record", "read_block", "restore_state",
     "run_full_batch", "save_state", "send_params", "stream_block", "stream_chunk",
 ]
@@ -104,7 +106,7 @@ def fit(
     tol: float | None = None,
     cache: str = "auto",
     fan_in: int = FAN_IN,
-    chunks_per_task: int = 1,
+    chunks_per_task: int | None = None,
     on_record: OnRecord | None = None,
     workers: int | None = None,
     threads: int | None = None,
@@ -148,10 +150,12 @@ def fit(
         from the data size and the cluster's memory.
     fan_in : int
         Inputs per add task of the reduction tree.
-    chunks_per_task : int
+    chunks_per_task : int, optional
         Consecutive chunks per ``grad-…`` task (and per ``load-…`` task). Fewer, larger tasks
         cost less scheduling; with ``chunks_per_task == fan_in`` the result is bit-identical
-        to one task per chunk (the task computes the tree's first level itself).
+        to one task per chunk (the task computes the tree's first level itself). Default:
+        ``fan_in`` or 1, chosen from the number of chunks and the cluster
+        (:func:`fedpipe.engine.train_data.choose_chunks_per_task`).
     on_record : callable, optional
         Called with each metrics record right after it is appended to ``metrics.jsonl``
         (its run time is not counted in the records' ``seconds``).
@@ -192,8 +196,9 @@ def fit(
     with connection as dc:
         if dask_client is not None:
             log.info("dashboard: %s", cluster.dashboard_link(dc))
+        per_task = choose_chunks_per_task(dc, info.n_chunks, fan_in, chunks_per_task)
         with open_engine(dc, str(store), info, model, seed, test_fraction, cache, fan_in,
-                     chunks_per_task, run_dir, on_record) as engine:
+                     per_task, run_dir, on_record) as engine:
             start = time.perf_counter()
             params, records, stopped = _run_loop(engine, optimizer, iterations, epochs,
                                                  batch_size, seed, checkpoint_every, resume, tol)
@@ -246,7 +251,7 @@ def _check_arguments(model, optimizer, iterations, epochs, batch_size, test_frac
         raise ValidationError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     if fan_in < 2:
         raise ValidationError(f"fan_in must be at least 2, got {fan_in}")
-    if chunks_per_task < 1:
+    if chunks_per_task is not None and chunks_per_task < 1:
         raise ValidationError(f"chunks_per_task must be at least 1, got {chunks_per_task}")
 
 
