@@ -53,6 +53,9 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--chunks-per-task", type=positive_int,
                      help="consecutive chunks per gradient task (default: 8 or 1, chosen "
                           "from the chunks and the cluster; both give the same result)")
+    run.add_argument("--compute-dtype", choices=("float64", "float32"),
+                     help="float32: compute on a float32 store's rows in float32 (half the "
+                          "bytes per pass; default float64)")
     run.add_argument("--test-fraction", type=holdout, default=0.2,
                      help="held-out share of rows (default 0.2; 0 trains on every row)")
     run.add_argument("--out", help="run directory")
@@ -88,7 +91,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             chunks_per_task=args.chunks_per_task, workers=args.workers,
             threads=args.threads,
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,
-            config=config.to_dict(args))
+            config=config.to_dict(args), compute_dtype=args.compute_dtype)
     return cli_report.report_at_end(args, result.summary)
 
 

@@ -18,6 +18,7 @@ The loops: full-batch first-order (:mod:`fedpipe.engine.train_full`), mini-batch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -112,6 +113,7 @@ def fit(
     threads: int | None = None,
     scheduler: str | None = None,
     config: Mapping[str, Any] | None = None,
+    compute_dtype: str | None = None,
 ) -> FitResult:
     """Train ``model`` on the store at ``store`` with ``optimizer`` on a Dask cluster.
 
@@ -170,6 +172,11 @@ def fit(
         ``fan_in``) are left out and named under ``not_repeatable`` with one logged warning;
         ``fedpipe train --config`` then refuses the file in one line instead of running
         something else.
+    compute_dtype : {"float64", "float32"}, optional
+        ``"float32"`` keeps a float32 store's rows in float32 on the workers and computes the
+        built-in GLMs' matrix products in float32 (:mod:`fedpipe.tasks.kernels`): half the
+        bytes to read per pass. Parameters, sums and the optimizer stay float64. Default
+        float64; float32 needs a store ingested with ``dtype="float32"``.
 
     Returns
     -------
@@ -177,7 +184,7 @@ def fit(
     """
     _check_arguments(model, optimizer, iterations, epochs, batch_size, test_fraction,
                      checkpoint_every, tol, cache, fan_in, chunks_per_task)
-    info = read_info(store)
+    info = _with_compute_dtype(read_info(store), compute_dtype)
     _check_model_fits(model, info)
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if resume and run_dir is None:
@@ -188,6 +195,7 @@ def fit(
             iterations=iterations, epochs=epochs, batch_size=batch_size, tol=tol, seed=seed,
             test_fraction=test_fraction, cache=cache, chunks_per_task=chunks_per_task,
             checkpoint_every=checkpoint_every, resume=resume, out=out,
+            compute_dtype=compute_dtype,
             # a dask_client given overrides these; the result does not depend on the cluster
             **({} if dask_client is not None else
                {"workers": workers, "threads": threads, "scheduler": scheduler})))
@@ -253,6 +261,17 @@ def _check_arguments(model, optimizer, iterations, epochs, batch_size, test_frac
         raise ValidationError(f"fan_in must be at least 2, got {fan_in}")
     if chunks_per_task is not None and chunks_per_task < 1:
         raise ValidationError(f"chunks_per_task must be at least 1, got {chunks_per_task}")
+
+
+def _with_compute_dtype(info: StoreInfo, compute_dtype: str | None) -> StoreInfo:
+    if compute_dtype in (None, "float64"):
+        return info
+    if compute_dtype != "float32":
+        raise ValidationError(f"--compute-dtype must be float64 or float32, got {compute_dtype!r}")
+    if info.dtype != "float32":
+        raise ValidationError(f"--compute-dtype float32 needs a float32 store: {info.url} holds "
+                              f"{info.dtype} (fedpipe ingest --dtype float32)")
+    return dataclasses.replace(info, compute_dtype="float32")
 
 
 def _check_model_fits(model: Model, info: StoreInfo) -> None:
