@@ -57,8 +57,12 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                      help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--cache", default="auto", choices=CACHE_MODES,
                      help="keep chunks in worker memory or stream them (default auto)")
-    run.add_argument("--chunks-per-task", type=positive_int, default=1,
-                     help="consecutive chunks per gradient task (default 1)")
+    run.add_argument("--chunks-per-task", type=positive_int,
+                     help="consecutive chunks per gradient task (default: 8 or 1, chosen "
+                          "from the chunks and the cluster; both give the same result)")
+    run.add_argument("--compute-dtype", choices=("float64", "float32"),
+                     help="float32: compute on a float32 store's rows in float32 (half the "
+                          "bytes per pass; default float64)")
     run.add_argument("--test-fraction", type=holdout, default=0.2,
                      help="held-out share of rows (default 0.2; 0 trains on every row)")
     run.add_argument("--out", help="run directory")
@@ -94,7 +98,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             chunks_per_task=args.chunks_per_task, workers=args.workers,
             threads=args.threads,
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,
-            config=config.to_dict(args))
+            config=config.to_dict(args), compute_dtype=args.compute_dtype)
     return cli_report.report_at_end(args, result.summary)
 
 

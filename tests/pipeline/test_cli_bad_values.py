@@ -93,6 +93,8 @@ CASES: list[tuple[list[str], str]] = [
     ([*TRAIN, "--kubernetes", "a/b/c"], "--kubernetes"),
     ([*TRAIN, "--cache", "disk"], "--cache"),
     ([*TRAIN, "--chunks-per-task", "0"], "--chunks-per-task"),
+    ([*TRAIN, "--compute-dtype", "float16"], "--compute-dtype"),
+    ([*TRAIN, "--compute-dtype", "float32"], "--compute-dtype"),  # STORE holds float64
     ([*TRAIN, "--test-fraction", "1"], "--test-fraction"),
     ([*TRAIN, "--out", "FILE"], "FILE"),
     ([*TRAIN, "--out", "RUN"], "--overwrite"),  # an earlier run's results are never replaced
