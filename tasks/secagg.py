@@ -225,9 +225,9 @@ def share_secret(secret: bytes, xs: Sequence[int], t: int, entropy: bytes) -> di
     shares = {}
     for x in xs:
         y = 0
-        for c in reversed(coeffs):  # Horner
-            y = (y * x + c) % PRIME
-        shares[int(x)] = y.to_bytes(SHARE_BYTES, "big")
+        for c in reversed(coeffs):  # Horner; x is small, so one reduction at the end is cheaper
+            y = y * x + c
+        shares[int(x)] = (y % PRIME).to_bytes(SHARE_BYTES, "big")
     return shares
 
 

@@ -211,7 +211,11 @@ def secure_round(dc: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
                      f"or --min-clients {sampling_.min_clients}")
     gone = sorted(u2 - set(u3))
     answer = set(u3) - {c for c, p in plan.items() if p == "unmask"}
-    inbox = {v: {u: sealed[u][v] for u in u2 if v in sealed[u]} for v in answer}
+    inbox: dict[str, dict[str, bytes]] = {v: {} for v in answer}
+    for u in sorted(u2):  # over the sent ciphertexts, O(n k), not over all pairs
+        for v, ciphertext in sealed[u].items():
+            if v in inbox:
+                inbox[v][u] = ciphertext
     reveals, lost = _wave(dc, spec, groups, answer, "secagg-reveal", r, deadline,
                           lambda mine: functools.partial(
                               reveal_group, spec.token, mine, r, {c: inbox[c] for c in mine},
