@@ -2,7 +2,8 @@
 
 Run ``python -m benchmarks.bench_privacy [--quick] [--only SECTION] [--out FILE]`` from the
 repository root; prints one JSON object and writes it to ``benchmarks/results/privacy.json``
-(``--out`` to change). ``--quick`` shrinks every section so it runs in well under a minute.
+(``--out`` to change; with ``--only`` the file's other sections are kept). ``--quick`` shrinks
+every section so it runs in well under a minute.
 
 * ``overhead``: clip + noise against a round's client work at 100 clients: the serial time of
   100 clients' local training (digits, MLP 64, 1 epoch, batch 10) and of the aggregation chain
@@ -224,7 +225,10 @@ def main(argv=None) -> dict:
     report = {"quick": args.quick}
     for name in args.only or SECTIONS:
         report[name] = SECTIONS[name](args.quick)
-    pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    out = pathlib.Path(args.out)
+    if args.only and out.exists():  # --only refreshes its sections, keeps the file's others
+        report = {**json.loads(out.read_text()), **report}
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
     return report
 
