@@ -36,8 +36,9 @@ def _by_coordinate_blocks(rule: Callable[[np.ndarray], np.ndarray], x: np.ndarra
                           threads: int | None = None) -> np.ndarray:
     """``rule`` (a coordinate-wise function of a ``(K, b)`` block) over column blocks of ``x``.
 
-    NumPy's partition releases the GIL, so at 1,000 x 10,000 the blocks run on every core; the
-    result is the same bits as ``rule(x)`` because no coordinate depends on another.
+    NumPy's partition releases the GIL, so the blocks can use every core (no gain could be
+    measured on the loaded 2-core benchmark machine); the result is the same bits as
+    ``rule(x)`` because no coordinate depends on another.
     """
     threads = threads or min(os.cpu_count() or 1, 8)
     k, d = x.shape
