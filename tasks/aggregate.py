@@ -111,12 +111,17 @@ def add_packets(*packets: Packet) -> Packet:
     """Key-wise sum of packets, left to right (the reduction tree's add: same order, same bits)."""
     if not packets:
         raise ValueError("add_packets needs at least one packet")
-    total = packets[0]
+    keys = packets[0].keys()
     for packet in packets[1:]:
-        if total.keys() != packet.keys():
-            raise ValueError(f"packets with different keys: {sorted(total)} vs {sorted(packet)}")
-        total = {key: np.concatenate([total[key], packet[key]]) if key.startswith(GATHER)
-                 else total[key] + packet[key] for key in total}
+        if keys != packet.keys():
+            raise ValueError(f"packets with different keys: {sorted(keys)} vs {sorted(packet)}")
+    total = dict(packets[0])
+    for key in keys:
+        if key.startswith(GATHER):  # one copy into the (K, d) matrix, not one per add: O(K d)
+            total[key] = np.concatenate([packet[key] for packet in packets])
+            continue
+        for packet in packets[1:]:
+            total[key] = total[key] + packet[key]
     return total
 
 
