@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dask.array as da
+import fedpipe as fp
 import numpy as np
 import pytest
 import sklearn.datasets
@@ -83,3 +84,49 @@ def test_string_labels_and_partial_fit():
         inc.partial_fit(X, names, classes=est.classes_)
         losses.append(inc.score(X, names))
     assert inc.n_features_in_ == 4 and losses[-1] >= losses[0]
+
+
+def _gradient_descent(X, y, l2, lr, steps):
+    """Serial NumPy reference: full-batch gradient descent on fedpipe's logistic objective."""
+    from fedpipe.tasks import models
+
+    model = models.logistic(X.shape[1], l2=l2)
+    w = model.init(0)
+    for _ in range(steps):
+        _, grad_sum, n = model.loss_and_grad(w, X, y.astype(np.float64))
+        w = w - lr * (grad_sum / n + model.penalty(w)[1])
+    return model.unpack(w)
+
+
+def test_federated_rounds_clients_and_strategy():
+    X, y = sklearn.datasets.load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    full = dict(federated=True, rounds=15, local_epochs=2, batch_size=10_000, lr=0.5)
+    # One client taking full-batch steps is gradient descent: 15 rounds x 2 epochs = 30 steps.
+    one = fpe.LogisticRegression(clients=1, **full).fit(X, y)
+    ref = _gradient_descent(X, y, l2=1 / len(y), lr=0.5, steps=30)
+    np.testing.assert_allclose(one.coef_[0], ref["coef"], rtol=1e-9, atol=1e-12)
+    assert one.n_iter_ == 15
+    # Four clients drift apart between averages (2 local epochs): another model, as good.
+    four = fpe.LogisticRegression(clients=4, **full).fit(X, y)
+    assert np.abs(four.coef_ - one.coef_).max() > 1e-4
+    adam = fpe.LogisticRegression(clients=4, strategy=fp.strategies.fedadam(server_lr=0.05),
+                                  **full).fit(X, y)
+    assert np.abs(adam.coef_ - four.coef_).max() > 1e-3
+    best = sk.LogisticRegression().fit(X, y).score(X, y)
+    for est in (one, four, adam):
+        assert est.score(X, y) >= best - 0.02
+
+
+def test_federated_on_a_store_uses_its_partition(tmp_path):
+    X, y = sklearn.datasets.load_wine(return_X_y=True)
+    url = str(tmp_path / "wine.zarr")
+    fp.ingest("sklearn:wine", url, standardize=True, progress=False)
+    clf = fpe.SoftmaxRegression(federated=True, rounds=20, lr=0.1)
+    with pytest.raises(ValueError, match="one partition"):
+        clf.fit(url)
+    fp.partition(url, clients=3, scheme="dirichlet", alpha=1.0, seed=0)
+    clf.fit(url)
+    assert clf.n_iter_ == 20 and clf.score(StandardScaler().fit_transform(X), y) > 0.9
+    clf.partial_fit(url)  # one more round from the fitted parameters
+    assert clf.n_iter_ == 1
