@@ -28,7 +28,7 @@ import numpy as np
 from fedpipe.tasks import models
 from fedpipe.tasks.lbfgs import lbfgs
 from fedpipe.tasks.models import Model
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -78,6 +78,19 @@ class _DaskEstimator(BaseEstimator):
     """Shared ``fit``/``partial_fit``/``predict`` over the model :meth:`_build` returns."""
 
     _classifier = False
+
+    def __sklearn_clone__(self):
+        # clone() deep-copies every parameter, and a Client cannot be copied (it holds tasks,
+        # sockets, its event loop): GridSearchCV, cross_val_score and dask-ml's searches failed
+        # on dask_client=. A clone shares the cluster, as it shares the caller's default client.
+        params = {k: clone(v, safe=False) for k, v in self.get_params(deep=False).items()
+                  if k != "dask_client"}
+        return type(self)(**params, dask_client=self.dask_client)
+
+    def __getstate__(self):
+        # a pickled estimator (saved, or sent to a worker) carries no connection; unpickled,
+        # it predicts without a cluster and fits on the default client
+        return {**super().__getstate__(), "dask_client": None}
 
     def _build(self, n_features: int, n_classes: int, n_rows: int) -> Model:
         raise NotImplementedError

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import dask.array as da
 import fedpipe as fp
 import numpy as np
@@ -10,6 +12,8 @@ import sklearn.datasets
 import sklearn.linear_model as sk
 from distributed import Client, LocalCluster
 from fedpipe.model import estimators as fpe
+from sklearn.base import clone
+from sklearn.model_selection import cross_val_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -130,3 +134,17 @@ def test_federated_on_a_store_uses_its_partition(tmp_path):
     assert clf.n_iter_ == 20 and clf.score(StandardScaler().fit_transform(X), y) > 0.9
     clf.partial_fit(url)  # one more round from the fitted parameters
     assert clf.n_iter_ == 1
+
+
+def test_clone_shares_the_dask_client_and_pickle_drops_it(default_client):
+    X, y = sklearn.datasets.load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)[:, :5]
+    est = fpe.LogisticRegression(C=0.5, dask_client=default_client)
+    twin = clone(est)  # deep-copying the Client raised "cannot pickle '_asyncio.Task' object"
+    assert twin.dask_client is default_client and twin.C == 0.5 and twin is not est
+    scores = cross_val_score(est, X, y, cv=2)
+    assert scores.min() > 0.85
+    est.fit(X, y)
+    back = pickle.loads(pickle.dumps(est))
+    assert back.dask_client is None and est.dask_client is default_client
+    np.testing.assert_array_equal(back.predict(X), est.predict(X))
