@@ -35,7 +35,8 @@ EXPECTED_FAILED = {
 ESTIMATORS = [fpe.LogisticRegression(max_iter=30), fpe.SoftmaxRegression(max_iter=30),
               fpe.LinearRegression(max_iter=30),
               fpe.MLPClassifier(hidden_layer_sizes=(8,), max_iter=40),
-              fpe.MLPRegressor(hidden_layer_sizes=(8,), max_iter=40)]
+              fpe.MLPRegressor(hidden_layer_sizes=(8,), max_iter=40),
+              fpe.LogisticRegression(federated=True, clients=2, rounds=5)]
 
 
 @pytest.mark.slow
