@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable
 
+import dask
 import numpy  # noqa: F401  (loaded before threadpool_limits below, so that it reaches OpenBLAS)
 import pytest
 from distributed import Client, LocalCluster
@@ -15,6 +16,13 @@ from threadpoolctl import threadpool_limits
 # multi-threaded OpenBLAS at once oversubscribe two CI cores and once hung the suite. One BLAS
 # thread per call is what dask's nanny gives process workers too (OMP_NUM_THREADS=1).
 threadpool_limits(limits=1)
+
+# The suite's hang (tests/pipeline/test_estimators.py, caught again with gdb): on CPython 3.11,
+# sys._current_frames() holds the runtime's thread-list lock while it makes frame objects; a GC
+# run there that frees a threading.local takes that lock again and deadlocks holding the GIL
+# (CPython gh-106883, fixed in 3.12), so no other thread, and no signal handler, runs again.
+# distributed's worker profiler calls it every 10 ms on in-process workers' event loop.
+dask.config.set({"distributed.worker.profile.enabled": False})
 
 
 @pytest.fixture(scope="module")

@@ -51,9 +51,13 @@ def _client(dask_client) -> Iterator[Any]:
     if client is not None:
         yield client
         return
+    import dask
     from fedpipe.cluster import connect
 
-    with connect(workers=1, threads=2, processes=False, dashboard_address=":0") as dc:
+    # In-process workers' profiler calls sys._current_frames(), which can deadlock CPython
+    # 3.11 with the GIL held (gh-106883; see tests/conftest.py); this cluster needs no profile.
+    with (dask.config.set({"distributed.worker.profile.enabled": False}),
+          connect(workers=1, threads=2, processes=False, dashboard_address=":0") as dc):
         yield dc
 
 

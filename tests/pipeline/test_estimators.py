@@ -149,3 +149,9 @@ def test_clone_shares_the_dask_client_and_pickle_drops_it(default_client):
     back = pickle.loads(pickle.dumps(est))
     assert back.dask_client is None and est.dask_client is default_client
     np.testing.assert_array_equal(back.predict(X), est.predict(X))
+
+
+def test_in_process_workers_run_no_profiler(default_client):
+    # its sys._current_frames() calls deadlocked CPython 3.11 with the GIL held (tests/conftest.py)
+    flags = default_client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert flags and not any(flags.values())
