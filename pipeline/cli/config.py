@@ -36,6 +36,9 @@ NOT_SAVED = frozenset({"config", "json", "verbose", "quiet", "help", "func", "co
 # of your own): its config.toml names them under this key, and --config refuses the file rather
 # than run something else (fedpipe.cli.repeat writes it).
 NOT_REPEATABLE = "not_repeatable"
+# What a run records about itself beside its options (fedpipe.data.snapshot's digest of the data
+# it read): --resume checks it against the store, --config skips it (a repeat may use new data).
+RECORDS = frozenset({"data_snapshot"})
 _SPEC = "_fedpipe_config_spec"
 # --resume continues the run in --out: the options it does not give come from that run's
 # config.toml, and the ones it gives must equal the run's, except these, which do not change
@@ -186,6 +189,8 @@ def check_values(values: Mapping[str, Any], spec: Mapping[str, argparse.Action],
                           f"its '{NOT_REPEATABLE}' key and give those settings yourself")
     out = {}
     for key, value in values.items():
+        if key in RECORDS:
+            continue
         action = spec.get(key)
         if action is None or isinstance(value, dict):
             known = ", ".join(sorted(spec))
