@@ -110,3 +110,27 @@ def test_federate_keeps_its_deadline_when_a_worker_hangs_after_its_task(
     slack = 2.0  # a loaded 2-core CI machine
     assert max(seconds[1:]) < 2 * (deadline + 1.0) + slack, seconds
     assert resilience.worker_ttl(deadline) == TTL  # clamp(2 x 2 s, 5 s, configured 5 s)
+
+
+def test_a_task_whose_home_worker_died_runs_when_another_joins():
+    # Dask reschedules no-worker tasks on a joining worker by their restrictions only, loose
+    # or not: train's block homes (allow_other_workers) waited forever after a kill that left
+    # no running worker, until the no-workers timeout failed the run.
+    with (LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                       dashboard_address=None) as cluster, Client(cluster) as dc):
+        [home] = dc.scheduler_info()["workers"]
+        with resilience.bounded(dc, ttl=30, no_workers=30):
+            cluster.scale(0)
+            _until(lambda: not dc.scheduler_info()["workers"])
+            fut = dc.submit(sum, [1, 2], workers=[home], allow_other_workers=True, pure=False)
+            _until(lambda: dc.run_on_scheduler(
+                lambda dask_scheduler: len(dask_scheduler.unrunnable)) == 1)
+            cluster.scale(1)
+            assert fut.result(timeout=20) == 3
+
+
+def _until(condition, timeout: float = 20.0) -> None:
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end
+        time.sleep(0.05)
