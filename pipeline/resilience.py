@@ -77,7 +77,6 @@ def bounded(dask_client: Client, *, deadline: float | None = None, ttl: float | 
     values = {"worker_ttl": ttl if ttl is not None else worker_ttl(deadline),
               "no_workers_timeout": no_workers}
     before = dask_client.run_on_scheduler(_set, **values)
-    dask_client.register_plugin(ForgetDeadHomes())
     try:
         yield values
     finally:
@@ -92,6 +91,7 @@ def _set(worker_ttl: float | None, no_workers_timeout: float | None,
 
     before = {"worker_ttl": dask_scheduler.worker_ttl,
               "no_workers_timeout": dask_scheduler.no_workers_timeout}
+    dask_scheduler.add_plugin(ForgetDeadHomes(), idempotent=True)  # once per scheduler
     dask_scheduler.worker_ttl = worker_ttl
     dask_scheduler.no_workers_timeout = no_workers_timeout
     old = dask_scheduler.periodic_callbacks.pop("worker-ttl", None)
