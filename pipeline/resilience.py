@@ -80,8 +80,10 @@ def bounded(dask_client: Client, *, deadline: float | None = None, ttl: float | 
     try:
         yield values
     finally:
-        with contextlib.suppress(Exception):  # a lost scheduler has nothing to restore
-            dask_client.run_on_scheduler(_set, **before)
+        # a lost scheduler has nothing to restore, and asking would wait for a reconnection
+        if dask_client.status == "running":
+            with contextlib.suppress(Exception):
+                dask_client.run_on_scheduler(_set, **before)
 
 
 def _set(worker_ttl: float | None, no_workers_timeout: float | None,
