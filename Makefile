@@ -40,7 +40,7 @@ lint: $(STAMP)
 bench: $(UV)
 	$(SYNC) --extra dev --extra bench
 	rm -f $(STAMP)  # the bench extra is not part of the test environment
-	for b in bench_ingest bench_train bench_federate bench_predict; do \
+	for b in bench_ingest bench_train bench_speed bench_federate bench_predict; do \
 	  $(BIN)/python -m benchmarks.$$b --out benchmarks/results/$${b#bench_}.json || exit 1; done
 
 # Re-resolve every dependency to its newest allowed version and rewrite uv.lock.

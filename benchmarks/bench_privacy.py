@@ -2,13 +2,19 @@
 
 Run ``python -m benchmarks.bench_privacy [--quick] [--only SECTION] [--out FILE]`` from the
 repository root; prints one JSON object and writes it to ``benchmarks/results/privacy.json``
-(``--out`` to change). ``--quick`` shrinks every section so it runs in well under a minute.
+(``--out`` to change; with ``--only`` the file's other sections are kept). ``--quick`` shrinks
+every section so it runs in well under a minute.
 
 * ``overhead``: clip + noise against a round's client work at 100 clients: the serial time of
   100 clients' local training (digits, MLP 64, 1 epoch, batch 10) and of the aggregation chain
   with and without ``clip -> dp_mean -> gaussian_noise``.
 * ``robust``: one aggregation of K x d updates (1,000 x 10,000 in full) for the mean (a sum),
-  median, trimmed mean, Krum and Multi-Krum; ratios to the mean. Krum is O(K^2 d).
+  median, trimmed mean, Krum and Multi-Krum; ratios to the mean. Krum is O(K^2 d): its time
+  at K/4, K/2 and K shows the growth.
+* ``robust_round``: what a user gets from ``fedpipe federate --aggregator RULE``: the median
+  wall time of a federated round (``federate`` on 2 in-process workers, local training
+  included, round 0 left out) with each rule (the CLI's defaults) against the mean, at
+  1,000 clients x 10,000 parameters (softmax, 20 rows per client; 200 x 2,000 with --quick).
 * ``compression``: bytes per client per round for float64, fp16, int8 and top-1 %, and their
   ratios; digits accuracy after the same rounds with and without each.
 * ``attacks``: final digits test accuracy per (rule x attack), 100 Dirichlet(0.5) clients, 20 %
@@ -62,7 +68,7 @@ def simulate(chain, parts, test, rounds, *, lr=0.05, seed=0, flip=frozenset(), h
     model = models.mlp(parts[0][0].shape[1], 10, hidden=(hidden,), task="multiclass")
     params = model.init(seed)
     states = aggregate.init_states(chain, model.n_params)
-    opt = aggregate.fedavg().server_optimizer
+    opt = aggregate.fedavg().server
     opt_state, kept, sent_bytes = opt.init(params), {}, []
     for r in range(rounds):
         packets = []
@@ -130,10 +136,44 @@ def robust_rules(quick: bool) -> dict:
     mean = _time(lambda: aggregate.add_packets(*({"delta": row} for row in x)))
     timed = {"median": _time(lambda: robust.coordinate_median(x)),
              "trimmed_mean": _time(lambda: robust.trimmed_mean(x, f)),
-             "krum": _time(lambda: robust.krum(x, f), 1),
-             "multi_krum": _time(lambda: robust.multi_krum(x, f), 1)}
+             "krum": _time(lambda: robust.krum(x, f)),
+             "multi_krum": _time(lambda: robust.multi_krum(x, f))}
+    growth = {f"krum_s_at_K{k // q}": _time(lambda q=q: robust.krum(x[: k // q], f // q))
+              for q in (4, 2)}
     return {"K": k, "d": d, "mean_s": mean, **{f"{n}_s": t for n, t in timed.items()},
-            **{f"{n}_over_mean": t / mean for n, t in timed.items()}}
+            **growth, **{f"{n}_over_mean": t / mean for n, t in timed.items()}}
+
+
+def robust_round(quick: bool, rounds: int = 3) -> dict:
+    import statistics
+    import tempfile
+
+    from fedpipe.cli.registry import AGGREGATORS
+    from fedpipe.data import store
+    from fedpipe.engine import placement
+    from fedpipe.engine.federate import federate
+
+    from benchmarks.bench_secagg import _store
+
+    clients, params = (200, 2_000) if quick else (1_000, 10_000)
+    n_features = params // 10 - 1  # softmax: (features + 1) x 10 classes
+    out: dict = {"clients": clients, "params": params}
+    with tempfile.TemporaryDirectory() as tmp:
+        url = _store(tmp, clients, n_features)
+        info = store.read_info(url)
+        rows = {c: m["n_rows"] for c, m in info.partitions["bench"]["clients"].items()}
+        model = models.softmax(n_features, 10)
+        with placement.simulation_cluster(placement.assign_clients(rows, 2), processes=False,
+                                          dashboard_address=":0") as dc:
+            for rule in ("mean", "median", "trimmed-mean", "krum"):
+                chain = (aggregate.validate(), AGGREGATORS[rule]())
+                run = federate(url, model, rounds=rounds, batch_size=32, lr=0.1, stages=chain,
+                               dask_client=dc, eval_every=rounds)
+                out[f"{rule}_round_s"] = statistics.median(r["seconds"]
+                                                           for r in run.history[1:])
+    for rule in ("median", "trimmed-mean", "krum"):
+        out[f"{rule}_over_mean"] = out[f"{rule}_round_s"] / out["mean_round_s"]
+    return out
 
 
 def compression(quick: bool) -> dict:
@@ -172,8 +212,8 @@ def attack_table(quick: bool) -> dict:
     return table
 
 
-SECTIONS = {"overhead": overhead, "robust": robust_rules, "compression": compression,
-            "attacks": attack_table}
+SECTIONS = {"overhead": overhead, "robust": robust_rules, "robust_round": robust_round,
+            "compression": compression, "attacks": attack_table}
 
 
 def main(argv=None) -> dict:
@@ -182,10 +222,13 @@ def main(argv=None) -> dict:
     p.add_argument("--only", choices=list(SECTIONS), action="append")
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
-    report = {"quick": args.quick}
-    for name in args.only or SECTIONS:
-        report[name] = SECTIONS[name](args.quick)
-    pathlib.Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    report = {}
+    for name in args.only or SECTIONS:  # each section says its size: --only may mix runs
+        report[name] = {"quick": args.quick, **SECTIONS[name](args.quick)}
+    out = pathlib.Path(args.out)
+    if args.only and out.exists():  # --only refreshes its sections, keeps the file's others
+        report = {**json.loads(out.read_text()), **report}
+    out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report))
     return report
 

@@ -111,12 +111,17 @@ def add_packets(*packets: Packet) -> Packet:
     """Key-wise sum of packets, left to right (the reduction tree's add: same order, same bits)."""
     if not packets:
         raise ValueError("add_packets needs at least one packet")
-    total = packets[0]
+    keys = packets[0].keys()
     for packet in packets[1:]:
-        if total.keys() != packet.keys():
-            raise ValueError(f"packets with different keys: {sorted(total)} vs {sorted(packet)}")
-        total = {key: np.concatenate([total[key], packet[key]]) if key.startswith(GATHER)
-                 else total[key] + packet[key] for key in total}
+        if keys != packet.keys():
+            raise ValueError(f"packets with different keys: {sorted(keys)} vs {sorted(packet)}")
+    total = dict(packets[0])
+    for key in keys:
+        if key.startswith(GATHER):  # one copy into the (K, d) matrix, not one per add: O(K d)
+            total[key] = np.concatenate([packet[key] for packet in packets])
+            continue
+        for packet in packets[1:]:
+            total[key] = total[key] + packet[key]
     return total
 
 
@@ -260,25 +265,41 @@ def scaffold_control(control: np.ndarray, control_sum: np.ndarray, n_clients: in
 
 
 # --------------------------------------------------------------------------------------------
-# strategies: which server optimizer, which client options (plain values, no methods)
+# strategies: a federated algorithm as plain data (no methods, no per-round state)
 
 
 class Strategy(NamedTuple):
-    """A federated algorithm as data: the server optimizer and the client-side options.
+    """A federated algorithm as data: what clients run, how updates meet, what the server does.
+
+    A round: every sampled client runs ``client`` for ``local_epochs`` from the global params
+    (its optimizer state starts fresh each round), the packets go through ``stages`` around one
+    fixed-order sum, and ``server`` steps on minus the averaged delta (:func:`server_step`).
+    Data-parallel gradient descent is the special case ``client=sgd(1.0)``, one full-batch
+    step, ``weighted_mean``, ``server=`` the data-parallel optimizer.
 
     Attributes
     ----------
     name : str
-    server_optimizer : Optimizer
+    server : Optimizer
         Applied to minus the averaged delta by :func:`server_step`.
+    client : Optimizer, optional
+        The clients' local optimizer; None: ``sgd`` at :func:`fedpipe.engine.federate.federate`'s
+        ``lr`` (a float, or a schedule over rounds).
+    local_epochs : int, optional
+        Local epochs per round; None: ``federate``'s ``local_epochs``.
+    stages : tuple of Stage, optional
+        The aggregation chain; None: ``federate``'s ``stages`` or :func:`default_chain`.
     mu : float
-        FedProx proximal weight on the clients (0 = plain local SGD).
+        FedProx proximal weight on the clients (0 = plain local training).
     scaffold : bool
-        Clients keep SCAFFOLD control variates on their workers.
+        Clients keep SCAFFOLD control variates on their workers (needs the default sgd client).
     """
 
     name: str
-    server_optimizer: Optimizer
+    server: Optimizer
+    client: Optimizer | None = None
+    local_epochs: int | None = None
+    stages: tuple[Stage, ...] | None = None
     mu: float = 0.0
     scaffold: bool = False
 

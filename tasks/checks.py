@@ -10,12 +10,13 @@ Use them on your own model or optimizer before handing it to fedpipe::
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 
 import numpy as np
 
 from .models import TASKS, Model
-from .optimizers import Optimizer, apply_updates
+from .optimizers import Optimizer, apply_updates, describe, from_spec
 from .schedules import Schedule
 
 # --------------------------------------------------------------------------------------------
@@ -282,6 +283,31 @@ def _check_schedule(make_opt, p0, rng, steps: int = 5) -> None:
             _fail(f"step {t}: the learning-rate schedule is not honoured")
 
 
+def _check_spec(make_opt, grad, p0, steps: int = 4) -> None:
+    """A spec, when the optimizer has one, is plain JSON that :func:`from_spec` turns back
+    into an optimizer with the same spec and bit-identical updates."""
+    opt = make_opt(0.05)
+    spec = describe(opt)
+    if spec is None:
+        return  # an optimizer may not say how it was built: its runs then cannot be repeated
+    try:
+        reread = json.loads(json.dumps(spec))
+    except (TypeError, ValueError) as exc:
+        _fail(f"spec {spec!r} is not plain JSON: {exc}")
+    if reread != spec:
+        _fail(f"spec {spec!r} changes through JSON (tuples or non-string keys?)")
+    try:
+        rebuilt = from_spec(reread)
+    except (TypeError, ValueError, KeyError) as exc:
+        _fail(f"from_spec({spec!r}) fails: {exc}")
+    if describe(rebuilt) != spec:
+        _fail(f"from_spec gives an optimizer whose spec is {describe(rebuilt)!r}, not {spec!r}")
+    ours, _ = _run(opt, grad, p0, opt.init(p0), steps)
+    theirs, _ = _run(rebuilt, grad, p0, rebuilt.init(p0), steps)
+    if not np.array_equal(ours, theirs):
+        _fail(f"the optimizer rebuilt from its spec {spec!r} takes other steps")
+
+
 def check_optimizer(make_opt: MakeOptimizer, closed_form: ClosedForm | None = None,
                     n: int = 5, seed: int = 0) -> None:
     """Check that the optimizers built by ``make_opt(lr)`` honour the Optimizer contract.
@@ -290,7 +316,9 @@ def check_optimizer(make_opt: MakeOptimizer, closed_form: ClosedForm | None = No
     with a 0-d ``step`` that survives ``np.savez``; ``update`` does not mutate its inputs;
     the first update equals ``closed_form(lr, grads, params)`` when given; a state saved and
     reloaded half-way continues bit-identically; a schedule ``lr(t)`` scales update ``t`` by
-    exactly ``lr(t)``; 200 small steps decrease the loss.
+    exactly ``lr(t)``; a spec (``optimizer.spec``, if not ``None``) survives JSON and
+    ``from_spec`` rebuilds an optimizer that takes the same steps; 200 small steps decrease
+    the loss.
 
     Parameters
     ----------
@@ -311,6 +339,7 @@ def check_optimizer(make_opt: MakeOptimizer, closed_form: ClosedForm | None = No
     _check_first_step(make_opt, closed_form, grad, p0)
     _check_resume(make_opt, grad, p0)
     _check_schedule(make_opt, p0, rng)
+    _check_spec(make_opt, grad, p0)
     opt = make_opt(0.02)
     final, _ = _run(opt, grad, p0, opt.init(p0), 200)
     if not loss(final) < loss(p0):

@@ -572,6 +572,12 @@ BUILDERS: dict[str, Callable[..., Model]] = {"linear": linear, "logistic": logis
                                              "softmax": softmax, "mlp": mlp}
 
 
+def describe(model: Model) -> dict | None:
+    """How ``model`` was built (its ``spec``), e.g. ``{"kind": "softmax", "n_features": 13,
+    ...}``; ``None`` for a model that cannot say."""
+    return None if model.spec is None else dict(model.spec)
+
+
 def from_spec(spec: dict) -> Model:
     """The model ``spec`` describes (a ``Model.spec`` read back from JSON), built again.
 

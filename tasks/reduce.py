@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from fedpipe.tasks import kernels
 
 # Names of the entries of :func:`eval_sums`' vector (kept in one place for finish_metrics).
 EVAL_FIELDS = ("loss_sum", "n", "correct", "sse", "y_sum", "y_sq_sum")
@@ -69,9 +70,12 @@ def chunk_loss_and_grad(model: Any, params: np.ndarray, data: tuple[np.ndarray, 
     """``model.loss_and_grad`` on one chunk ``data = (X, y)``: ``(loss_sum, grad_sum, n)``.
 
     Computed over cache-sized :func:`row_slices` and added left to right: the same sums as
-    the whole chunk up to rounding, in a fixed order (bit-identical wherever it runs).
+    the whole chunk up to rounding, in a fixed order (bit-identical wherever it runs). The
+    built-in GLMs use their fused kernel (:func:`fedpipe.tasks.kernels.fused`) instead.
     """
     X, y, params = aligned(data[0]), aligned(data[1]), aligned(params)
+    if (kernel := kernels.fused(model)) is not None:
+        return kernel(params, X, y)
     return add_sums(*(model.loss_and_grad(params, X[rows], y[rows]) for rows in row_slices(X)))
 
 

@@ -16,7 +16,13 @@ centered clipping  f/K < 0.1-ish (see the paper)   O(iters K d)
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
+
+PARALLEL_AT = 1 << 21  # K * d from which coordinate blocks are selected in parallel threads
 
 
 def _stack(updates: np.ndarray) -> np.ndarray:
@@ -24,6 +30,29 @@ def _stack(updates: np.ndarray) -> np.ndarray:
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"updates must be a non-empty (K, d) array, got shape {x.shape}")
     return x
+
+
+def _by_coordinate_blocks(rule: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
+                          threads: int | None = None) -> np.ndarray:
+    """``rule`` (a coordinate-wise function of a ``(K, b)`` block) over column blocks of ``x``.
+
+    NumPy's partition releases the GIL, so the blocks can use every core (no gain could be
+    measured on the loaded 2-core benchmark machine); the result is the same bits as
+    ``rule(x)`` because no coordinate depends on another.
+    """
+    threads = threads or min(os.cpu_count() or 1, 8)
+    k, d = x.shape
+    if threads == 1 or k * d < PARALLEL_AT:
+        return rule(x)
+    step = -(-d // (4 * threads))  # a few blocks per thread evens out a loaded machine
+    out = np.empty(d)
+
+    def one(start: int) -> None:
+        out[start:start + step] = rule(x[:, start:start + step])
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(one, range(0, d, step)))
+    return out
 
 
 def coordinate_median(updates: np.ndarray) -> np.ndarray:
@@ -34,7 +63,7 @@ def coordinate_median(updates: np.ndarray) -> np.ndarray:
     Yin, Chen, Ramchandran & Bartlett, "Byzantine-Robust Distributed Learning: Towards Optimal
     Statistical Rates", ICML 2018.
     """
-    return np.median(_stack(updates), axis=0)
+    return _by_coordinate_blocks(lambda block: np.median(block, axis=0), _stack(updates))
 
 
 def trimmed_mean(updates: np.ndarray, f: int) -> np.ndarray:
@@ -50,9 +79,12 @@ def trimmed_mean(updates: np.ndarray, f: int) -> np.ndarray:
         raise ValueError(f"trimmed mean of {k} updates cannot drop {f} from each end")
     if f == 0:
         return x.mean(axis=0)
-    # partition puts the f smallest first and the f largest last, in O(K d)
-    part = np.partition(x, (f - 1, k - f), axis=0)
-    return part[f:k - f].mean(axis=0)
+
+    def rule(block: np.ndarray) -> np.ndarray:
+        # partition puts the f smallest first and the f largest last, in O(K d)
+        return np.partition(block, (f - 1, k - f), axis=0)[f:k - f].mean(axis=0)
+
+    return _by_coordinate_blocks(rule, x)
 
 
 def _pairwise_sq(x: np.ndarray) -> np.ndarray:

@@ -1,15 +1,30 @@
 """Learning-rate schedules: ``Schedule = Callable[[int], float]`` mapping a step to a rate.
 
 ``step`` counts the updates already applied, so ``schedule(0)`` is the rate of the first update.
-Each factory validates its arguments and returns a plain function (picklable by cloudpickle).
+Each factory validates its arguments and returns a :class:`NamedSchedule`: a callable that
+keeps the name and arguments it was built with (``schedule.spec``), so that a run's
+configuration is written by printing it and :func:`from_spec` builds it again.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 Schedule = Callable[[int], float]
+
+
+@dataclass(frozen=True, eq=False)  # hashed by identity, as the plain function it wraps
+class NamedSchedule:
+    """A schedule function with its spec, e.g. ``{"kind": "cosine", "lr": 0.1, ...}``."""
+
+    fn: Callable[[int], float]
+    spec: dict[str, Any]
+
+    def __call__(self, step: int) -> float:
+        return self.fn(step)
 
 
 def _check_rate(lr: float) -> float:
@@ -32,7 +47,7 @@ def constant(lr: float) -> Schedule:
     def schedule(step: int) -> float:
         return lr
 
-    return schedule
+    return NamedSchedule(schedule, {"kind": "constant", "lr": lr})
 
 
 def step_decay(lr: float, every: int = 10, factor: float = 0.5) -> Schedule:
@@ -45,7 +60,8 @@ def step_decay(lr: float, every: int = 10, factor: float = 0.5) -> Schedule:
     def schedule(step: int) -> float:
         return lr * factor ** (int(step) // every)
 
-    return schedule
+    return NamedSchedule(schedule, {"kind": "step_decay", "lr": lr, "every": every,
+                                    "factor": float(factor)})
 
 
 def exponential(lr: float, rate: float = 0.96, decay_steps: int = 1) -> Schedule:
@@ -58,7 +74,8 @@ def exponential(lr: float, rate: float = 0.96, decay_steps: int = 1) -> Schedule
     def schedule(step: int) -> float:
         return lr * rate ** (int(step) / decay_steps)
 
-    return schedule
+    return NamedSchedule(schedule, {"kind": "exponential", "lr": lr, "rate": float(rate),
+                                    "decay_steps": decay_steps})
 
 
 def inverse_time(lr: float, decay: float = 1.0, decay_steps: int = 1) -> Schedule:
@@ -76,7 +93,8 @@ def inverse_time(lr: float, decay: float = 1.0, decay_steps: int = 1) -> Schedul
     def schedule(step: int) -> float:
         return lr / (1.0 + decay * int(step) / decay_steps)
 
-    return schedule
+    return NamedSchedule(schedule, {"kind": "inverse_time", "lr": lr, "decay": float(decay),
+                                    "decay_steps": decay_steps})
 
 
 def cosine(lr: float, total_steps: int, final: float = 0.0) -> Schedule:
@@ -95,9 +113,40 @@ def cosine(lr: float, total_steps: int, final: float = 0.0) -> Schedule:
         progress = min(int(step), total_steps) / total_steps
         return final + 0.5 * (lr - final) * (1.0 + math.cos(math.pi * progress))
 
-    return schedule
+    return NamedSchedule(schedule, {"kind": "cosine", "lr": lr, "total_steps": total_steps,
+                                    "final": float(final)})
 
 
 def as_schedule(lr: float | Schedule) -> Schedule:
     """A schedule from a number (constant) or a schedule (returned unchanged)."""
     return lr if callable(lr) else constant(lr)
+
+
+BUILDERS: dict[str, Callable[..., NamedSchedule]] = {
+    "constant": constant, "step_decay": step_decay, "exponential": exponential,
+    "inverse_time": inverse_time, "cosine": cosine}
+
+
+def describe(schedule: float | Schedule) -> float | dict[str, Any] | None:
+    """A number as itself, a schedule as its spec; ``None`` for a function that has none."""
+    if not callable(schedule):
+        return float(schedule)
+    spec = getattr(schedule, "spec", None)
+    return dict(spec) if isinstance(spec, dict) else None
+
+
+def from_spec(spec: float | dict[str, Any]) -> float | NamedSchedule:
+    """What :func:`describe` gave, built again (a number stays a number).
+
+    Raises
+    ------
+    ValueError
+        An unknown ``kind`` or arguments its factory refuses.
+    """
+    if not isinstance(spec, dict):
+        return float(spec)
+    args = dict(spec)
+    kind = args.pop("kind", None)
+    if kind not in BUILDERS:
+        raise ValueError(f"unknown schedule kind {kind!r} (known: {', '.join(BUILDERS)})")
+    return BUILDERS[kind](**args)

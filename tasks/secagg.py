@@ -24,10 +24,11 @@ CCS 2020 (SecAgg+).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -143,8 +144,14 @@ def _raw(key) -> bytes:
 
 def exchange(secret: bytes, peer_public: bytes) -> bytes:
     """The raw X25519 shared secret (the same from either side); feed it to :func:`derive`."""
-    return X25519PrivateKey.from_private_bytes(secret).exchange(
-        X25519PublicKey.from_public_bytes(peer_public))
+    return exchanger(secret)(peer_public)
+
+
+def exchanger(secret: bytes) -> Callable[[bytes], bytes]:
+    """:func:`exchange` with ``secret`` fixed: loading the private key costs as much as an
+    exchange (it derives the public key), so a client agreeing with n peers loads it once."""
+    private = X25519PrivateKey.from_private_bytes(secret)
+    return lambda peer_public: private.exchange(X25519PublicKey.from_public_bytes(peer_public))
 
 
 def derive(shared: bytes, info: bytes) -> bytes:
@@ -165,12 +172,13 @@ def agree(secret: bytes, peer_public: bytes, info: bytes) -> bytes:
 def prg(seed: bytes, size: int, bits: int) -> np.ndarray:
     """``size`` uniform integers mod ``2^bits`` from the ChaCha20 keystream of a 32-byte seed."""
     dtype = np.uint32 if bits <= 32 else np.uint64
-    n_bytes = size * np.dtype(dtype).itemsize
+    words = np.zeros(size, dtype)
     stream = Cipher(algorithms.ChaCha20(seed, _ZERO_NONCE), mode=None).encryptor()
-    words = np.frombuffer(stream.update(bytes(n_bytes)), dtype=dtype)
-    if bits in (32, 64):
-        return words.copy()
-    return (words & dtype(2**bits - 1)).astype(dtype)
+    # the keystream XORed into zeros, written in place: no bytes object of the stream's size
+    stream.update_into(memoryview(words).cast("B"), memoryview(words).cast("B"))
+    if bits not in (32, 64):
+        words &= dtype(2**bits - 1)
+    return words
 
 
 def seal(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
@@ -217,9 +225,9 @@ def share_secret(secret: bytes, xs: Sequence[int], t: int, entropy: bytes) -> di
     shares = {}
     for x in xs:
         y = 0
-        for c in reversed(coeffs):  # Horner
-            y = (y * x + c) % PRIME
-        shares[int(x)] = y.to_bytes(SHARE_BYTES, "big")
+        for c in reversed(coeffs):  # Horner; x is small, so one reduction at the end is cheaper
+            y = y * x + c
+        shares[int(x)] = (y % PRIME).to_bytes(SHARE_BYTES, "big")
     return shares
 
 
@@ -228,17 +236,27 @@ def reconstruct(shares: Mapping[int, bytes], t: int) -> bytes:
     if len(shares) < t:
         raise ValueError(f"{len(shares)} shares, fewer than the threshold {t}")
     points = sorted(shares.items())[:t]
-    secret = 0
-    for i, (xi, yi) in enumerate(points):
-        num, den = 1, 1
-        for j, (xj, _) in enumerate(points):
-            if i != j:
-                num = num * (-xj) % PRIME
-                den = den * (xi - xj) % PRIME
-        secret = (secret + int.from_bytes(yi, "big") * num * pow(den, -1, PRIME)) % PRIME
+    weights = _lagrange_at_zero(tuple(x for x, _ in points))
+    secret = sum(int.from_bytes(y, "big") * w for (_, y), w in zip(points, weights,
+                                                                    strict=True)) % PRIME
     if secret >= 2**256:
         raise ValueError("shares do not interpolate to a 32-byte secret (corrupt share?)")
     return secret.to_bytes(32, "big")
+
+
+@functools.lru_cache(maxsize=64)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> tuple[int, ...]:
+    # The weights depend only on the (public) x-coordinates: the server reconstructing every
+    # uploader's seed from the same survivors computes them once, not once per secret.
+    weights = []
+    for i, xi in enumerate(xs):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if i != j:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        weights.append(num * pow(den, -1, PRIME) % PRIME)
+    return tuple(weights)
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,8 +292,13 @@ def mask_graph(clients: Sequence[str], kind: str, seed: bytes) -> dict[str, list
 
 def pair_seed(secret: bytes, peer_public: bytes, ctx: bytes, a: str, b: str) -> bytes:
     """The pairwise mask seed of clients ``a`` and ``b`` (the same from either side)."""
+    return _pair_seed(exchanger(secret), peer_public, ctx, a, b)
+
+
+def _pair_seed(exchange_: Callable[[bytes], bytes], peer_public: bytes, ctx: bytes, a: str,
+               b: str) -> bytes:
     lo, hi = sorted([str(a), str(b)])
-    return agree(secret, peer_public, pair_info(ctx, "mask", lo, hi))
+    return derive(exchange_(peer_public), pair_info(ctx, "mask", lo, hi))
 
 
 def client_mask(me: str, s_secret: bytes, self_seed: bytes, peers: Mapping[str, bytes],
@@ -286,9 +309,11 @@ def client_mask(me: str, s_secret: bytes, self_seed: bytes, peers: Mapping[str, 
     is added by the smaller client id and subtracted by the larger, so they cancel in a sum.
     """
     mask = prg(self_seed, size, bits)
+    agree_ = exchanger(s_secret)
     for peer, public in peers.items():
-        pm = prg(pair_seed(s_secret, public, ctx, me, peer), size, bits)
-        mask = mask + pm if str(me) < str(peer) else mask - pm  # wraps mod 2^32 / 2^64
+        pm = prg(_pair_seed(agree_, public, ctx, me, peer), size, bits)
+        # in place, wrapping mod 2^32 / 2^64
+        (np.add if str(me) < str(peer) else np.subtract)(mask, pm, out=mask)
     return mask
 
 
@@ -304,9 +329,12 @@ def server_unmask(total: np.ndarray, self_seeds: Mapping[str, bytes],
     size = total.size
     out = total.copy()
     for seed in self_seeds.values():
-        out = out - prg(seed, size, bits)
+        np.subtract(out, prg(seed, size, bits).astype(out.dtype, copy=False), out=out)
     for u, secret in dropped_secrets.items():
+        agree_ = exchanger(secret)
         for v in dropped_peers[u]:
-            pm = prg(pair_seed(secret, s_publics[v], ctx, u, v), size, bits)
-            out = out - pm if str(v) < str(u) else out + pm  # undo what v added for u
+            pm = prg(_pair_seed(agree_, s_publics[v], ctx, u, v), size, bits)
+            # undo what v added for u
+            (np.subtract if str(v) < str(u) else np.add)(out, pm.astype(out.dtype, copy=False),
+                                                         out=out)
     return _reduce(out.astype(np.uint64), bits).astype(out.dtype)

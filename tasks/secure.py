@@ -186,8 +186,9 @@ def share_keys(me: str, keys: RoundKeys, holders: Sequence[str], index: Mapping[
     b_shares = secagg.share_secret(self_seed, xs, t, entropy[32:64])
     s_shares = secagg.share_secret(keys.s_secret, xs, t, entropy[64:96])
     out, shared = {}, {}
+    exchange = secagg.exchanger(keys.c_secret)
     for h in holders:
-        shared[h] = secagg.exchange(keys.c_secret, c_publics[h])
+        shared[h] = exchange(c_publics[h])
         key = secagg.derive(shared[h], secagg.pair_info(ctx, "enc", me, h))
         out[h] = secagg.seal(key, b_shares[index[h]] + s_shares[index[h]],
                              secagg.pair_info(ctx, "share", me, h))
@@ -213,10 +214,14 @@ def reveal(me: str, keys: RoundKeys, inbox: Mapping[str, bytes], c_publics: Mapp
     if uploaded & dropped:
         raise ValueError(f"server asked for both shares of {sorted(uploaded & dropped)}")
     out: dict[str, dict[str, bytes]] = {"b": {}, "s": {}}
+    exchange = None
     for sender, ciphertext in inbox.items():
         if sender not in uploaded and sender not in dropped:
             continue
-        dh = (shared or {}).get(sender) or secagg.exchange(keys.c_secret, c_publics[sender])
+        dh = (shared or {}).get(sender)
+        if dh is None:
+            exchange = exchange or secagg.exchanger(keys.c_secret)
+            dh = exchange(c_publics[sender])
         key = secagg.derive(dh, secagg.pair_info(ctx, "enc", sender, me))
         plain = secagg.unseal(key, ciphertext, secagg.pair_info(ctx, "share", sender, me))
         if sender in uploaded:

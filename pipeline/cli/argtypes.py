@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -40,3 +41,16 @@ share = _ranged(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 holdout = _ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 # --delta: a probability strictly between 0 and 1.
 open_share = _ranged(float, lambda v: 0 < v < 1, "a number in (0, 1)")
+
+
+class Renamed(argparse.Action):
+    """An option also spelled the way an earlier fedpipe did: ``add_argument("--old", "--new",
+    action=Renamed)`` (the name last, as fedpipe's messages read it); the old spelling still
+    works and prints a one-line note on stderr."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        if option_string != self.option_strings[-1]:
+            print(f"fedpipe: {option_string} is deprecated, use {self.option_strings[-1]}",
+                  file=sys.stderr)
+        setattr(namespace, self.dest, values)

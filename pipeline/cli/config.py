@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,13 +30,12 @@ from typing import Any
 
 from fedpipe import rundir
 from fedpipe.errors import ConfigError
+from fedpipe.runconfig import NOT_REPEATABLE
 
 # Options that shape the terminal output or the config itself, never the run: not saved.
 NOT_SAVED = frozenset({"config", "json", "verbose", "quiet", "help", "func", "command"})
-# A run started from Python may hold settings no option expresses (a schedule function, a model
-# of your own): its config.toml names them under this key, and --config refuses the file rather
-# than run something else (fedpipe.cli.repeat writes it).
-NOT_REPEATABLE = "not_repeatable"
+# Keys that an earlier fedpipe wrote under another name: still read, with a note.
+RENAMED = {"schedule": "lr_schedule"}
 # What a run records about itself beside its options (fedpipe.data.snapshot's digest of the data
 # it read): --resume checks it against the store, --config skips it (a repeat may use new data).
 RECORDS = frozenset({"data_snapshot"})
@@ -122,7 +122,10 @@ def _resumed_run(explicit: Mapping[str, Any], spec: Mapping[str, argparse.Action
     path = Path(explicit["out"]) / rundir.CONFIG
     if not path.is_file():
         return None, {}  # nothing recorded to compare with (the engine says if it cannot resume)
-    return path, check_values(load_toml(path), spec, path)
+    # A run started from Python records what its call said: the options it left out are the
+    # command's defaults, as they are for a --config file.
+    defaults = {dest: getattr(action, "fedpipe_default", None) for dest, action in spec.items()}
+    return path, defaults | check_values(load_toml(path), spec, path)
 
 
 def check_resume(resolved: Mapping[str, Any], saved: Mapping[str, Any],
@@ -138,7 +141,7 @@ def check_resume(resolved: Mapping[str, Any], saved: Mapping[str, Any],
     ConfigError
         Naming the first option that differs, with both values.
     """
-    schedule = str(saved.get("schedule") or saved.get("lr_schedule") or "")
+    schedule = str(saved.get("lr_schedule") or "")
     fixed_length = schedule.startswith("cosine") and "total=" not in schedule
     for dest, action in spec.items():
         old, new = saved.get(dest), resolved.get(dest)
@@ -180,7 +183,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
 def check_values(values: Mapping[str, Any], spec: Mapping[str, argparse.Action], source: object = "config") -> dict[str, Any]:
     """Convert file values as the command line would, or raise :class:`ConfigError` naming the key.
 
-    A file listing settings under :data:`NOT_REPEATABLE` is refused, naming them.
+    A file listing settings under :data:`fedpipe.runconfig.NOT_REPEATABLE` is refused, naming
+    them; a key in :data:`RENAMED` is read under its new name, with a one-line note on stderr.
     """
     if NOT_REPEATABLE in values:
         settings = values[NOT_REPEATABLE]
@@ -191,6 +195,10 @@ def check_values(values: Mapping[str, Any], spec: Mapping[str, argparse.Action],
     for key, value in values.items():
         if key in RECORDS:
             continue
+        if key in RENAMED and RENAMED[key] in spec:
+            print(f"fedpipe: config key '{key}' in {source} is deprecated, read as "
+                  f"'{RENAMED[key]}'", file=sys.stderr)
+            key = RENAMED[key]
         action = spec.get(key)
         if action is None or isinstance(value, dict):
             known = ", ".join(sorted(spec))
@@ -270,8 +278,9 @@ def to_dict(args: argparse.Namespace) -> dict[str, Any]:
 def command_values(command: str, values: Mapping[str, Any]) -> dict[str, Any]:
     """What :func:`to_dict` gives for ``fedpipe COMMAND`` run with the options ``values``.
 
-    ``values`` use the options' ``dest`` names; the others take the command's defaults. This is
-    how a run started from Python writes its ``config.toml`` in the CLI's own schema.
+    ``values`` use the options' ``dest`` names; the others take the command's defaults. A
+    ``config.toml`` written from Python (:mod:`fedpipe.runconfig`, which holds only what the
+    call said) reads as this through ``--config``.
 
     Raises
     ------
@@ -287,7 +296,7 @@ def command_values(command: str, values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _command_spec(command: str) -> dict[str, argparse.Action]:
-    # Imported here: the command modules import the engines, which import this module.
+    # Imported here: the command modules import this module.
     from fedpipe.cli.main import _Parser, common_options
 
     parser = _Parser(prog="fedpipe")

@@ -56,6 +56,9 @@ def _cluster_options() -> argparse.ArgumentParser:
                          help="mount path of each client's data volume (default /data)")
     options.add_argument("--node-label", metavar="KEY",
                          help="client groups get nodeSelector KEY=<client id>")
+    options.add_argument("--site-store", metavar="PATH",
+                         help="site-local stores (federate --sites): each client worker reads "
+                              "PATH inside its own volume (FEDPIPE_SITE_STORE)")
     options.add_argument("--taint", metavar="KEY",
                          help="client groups tolerate the taint KEY=<client id>:NoSchedule")
     return options
@@ -93,6 +96,7 @@ def _render_options(args: argparse.Namespace) -> dict[str, Any]:
         "data_path": args.data_path,
         "node_label": args.node_label,
         "taint_key": args.taint,
+        "site_store": args.site_store,
     }
 
 

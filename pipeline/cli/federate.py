@@ -11,7 +11,9 @@ from typing import Any
 
 from fedpipe.cli import config, registry
 from fedpipe.cli import report as cli_report
+from fedpipe.cli import sites as cli_sites
 from fedpipe.cli.argtypes import (
+    Renamed,
     holdout,
     nonneg_float,
     nonneg_int,
@@ -34,7 +36,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     """Add ``federate`` to the ``fedpipe`` parser."""
     p = subparsers.add_parser("federate", parents=parents,
                               help="federated training: clients pinned to their own workers")
-    p.add_argument("store", help="store path or fsspec URL")
+    p.add_argument("store", nargs="?", help="store path or fsspec URL (none with --sites)")
     data = p.add_argument_group("clients (a partition made for this run; default: the store's own)")
     data.add_argument("--clients", type=positive_int, help="partition the store among K clients first")
     # No default here: a --scheme given without --clients must be an error, not ignored.
@@ -50,11 +52,15 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     model.add_argument("--local-epochs", type=positive_int, default=1, help="default 1")
     model.add_argument("--batch-size", type=positive_int, default=32, help="default 32")
     model.add_argument("--lr", type=positive_float, default=0.1, help="client step size (default 0.1)")
-    model.add_argument("--lr-schedule", help="client lr schedule over rounds, e.g. cosine")
+    model.add_argument("--schedule", "--lr-schedule", dest="lr_schedule", action=Renamed,
+                       help=registry.LR_SCHEDULE_HELP)
+    model.add_argument("--client-optimizer", default="sgd", choices=registry.CLIENT_OPTIMIZERS,
+                       help="the clients' local optimizer at --lr (default sgd)")
     server = p.add_argument_group("strategy and rounds")
     server.add_argument("--strategy", default="fedavg", choices=list(registry.STRATEGIES),
                         help=STRATEGY_HELP)
-    server.add_argument("--mu", type=nonneg_float, default=0.01, help="FedProx mu (default 0.01)")
+    server.add_argument("--mu", type=nonneg_float,
+                        help="FedProx mu (default 0.01; --strategy fedprox only)")
     server.add_argument("--server-lr", type=positive_float,
                         help="server step size (default 1.0; 0.01 for fedadam/yogi/adagrad)")
     sampled = server.add_mutually_exclusive_group()
@@ -106,6 +112,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                      help="replace the earlier run in --out once this one has finished")
     run.add_argument("--seed", type=nonneg_int, default=0, help="default 0")
     run.add_argument("--test-fraction", type=holdout, default=0.2, help="default 0.2")
+    cli_sites.add_options(p)
     cli_report.add_report_option(p)
     config.add_config_option(p)  # last: --config covers every option above
     p.set_defaults(func=run_federate)
@@ -116,6 +123,9 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     on_command_line = set(vars(args))  # config.resolve adds the options given elsewhere
     args = config.resolve(args)
     cli_report.check_report_option(args)
+    cli_sites.check_options(args)
+    if args.sites:  # site-local stores: no store here, each client's worker reads its own
+        return cli_sites.run_sites(args)
     _check_partition_options(args, on_command_line)
     partition = args.partition
     if args.clients is not None and not args.resume:
@@ -124,8 +134,12 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
         partition = _partition_name(args)  # resuming: reuse the partition the run started with
     info = store.read_info(args.store)
     model = registry.make_model(args.model, info, hidden=args.hidden, l2=args.l2)
-    strategy = registry.STRATEGIES[args.strategy](server_lr=args.server_lr, mu=args.mu)
-    lr = args.lr
+    strategy = registry.make_strategy(args.strategy, args.server_lr, _mu(args, on_command_line),
+                                      args.client_optimizer, args.lr)
+    lr = None if strategy.client is not None else args.lr
+    if args.lr_schedule and strategy.client is not None:
+        raise ValidationError(f"--lr-schedule counts rounds of the default client sgd; "
+                              f"--client-optimizer {args.client_optimizer} takes --lr only")
     if args.lr_schedule:
         lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds,
                                      flag="--lr-schedule")
@@ -145,6 +159,12 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
             stages=stages, delta=args.delta, target_epsilon=args.target_epsilon,
             config=config.to_dict(args))  # RUN_DIR/config.toml repeats the run
     return cli_report.report_at_end(args, result.summary)
+
+
+def _mu(args: argparse.Namespace, on_command_line: set[str]) -> float | None:
+    # Config files written before --mu lost its default hold mu = 0.01 for every strategy.
+    from_old_file = "mu" not in on_command_line and args.mu == 0.01 and args.strategy != "fedprox"
+    return None if from_old_file else args.mu
 
 
 _CHAIN_FLAGS = ("dp", "clip", "noise_multiplier", "target_epsilon", "delta", "compress")

@@ -175,12 +175,17 @@ def _cosine(lr: float, total_steps: int | None, total: int | None = None,
             final: float = 0.0) -> Schedule:
     steps = total if total is not None else total_steps
     if steps is None:
-        raise ValidationError("--schedule cosine needs the number of steps: give "
+        raise ValidationError("--lr-schedule cosine needs the number of steps: give "
                               "cosine:total=N or train for a fixed number of iterations/epochs")
     return schedules.cosine(lr, int(steps), final=final)
 
 
 ScheduleFactory = Callable[..., Schedule]
+
+LR_SCHEDULE_HELP = ("how --lr changes over the run, counted in updates of the global model (a "
+                    "train iteration or mini-batch step, a federate round): constant (default), "
+                    "step, exponential, inverse-time, cosine; parameters as "
+                    "step:every=10,factor=0.5")
 
 SCHEDULES: dict[str, ScheduleFactory] = {
     "constant": lambda lr, total_steps: schedules.constant(lr),
@@ -208,17 +213,17 @@ def _schedule_params(spec: str, factory: ScheduleFactory) -> dict[str, int | flo
         key, sep, value = item.partition("=")
         key = key.strip()
         if not sep or key not in allowed:
-            raise ValidationError(f"--schedule {spec!r}: {name} takes "
+            raise ValidationError(f"--lr-schedule {spec!r}: {name} takes "
                                   f"{', '.join(f'{a}=' for a in allowed) or 'no parameters'}")
         try:
             params[key] = _number(value.strip())
         except ValueError:
-            raise ValidationError(f"--schedule {spec!r}: {key} must be a number") from None
+            raise ValidationError(f"--lr-schedule {spec!r}: {key} must be a number") from None
     return params
 
 
 def parse_schedule(spec: str, lr: float, total_steps: int | None = None,
-                   flag: str = "--schedule") -> Schedule:
+                   flag: str = "--lr-schedule") -> Schedule:
     """A schedule from a spec like ``"cosine"`` or ``"step:every=10,factor=0.5"``.
 
     ``total_steps`` (the run's number of updates) is what ``cosine`` decays over unless the
@@ -235,8 +240,8 @@ def parse_schedule(spec: str, lr: float, total_steps: int | None = None,
     factory = SCHEDULES[name]
     try:
         return factory(lr, total_steps, **_schedule_params(spec, factory))
-    except ValidationError as exc:  # written for --schedule; federate calls it --lr-schedule
-        raise ValidationError(str(exc).replace("--schedule", flag)) from None
+    except ValidationError as exc:  # written for --lr-schedule; a caller may name another flag
+        raise ValidationError(str(exc).replace("--lr-schedule", flag)) from None
     except ValueError as exc:
         raise ValidationError(f"{flag} {spec!r}: {exc}") from None
 
@@ -285,7 +290,7 @@ def make_optimizer(name: str, lr: float, schedule: str | Schedule | None = None,
         raise ValidationError(f"--lr must be a positive number, got {lr!r}")
     if name == "lbfgs":
         if schedule not in (None, "constant"):
-            raise ValidationError("--optimizer lbfgs takes no --schedule (its line search "
+            raise ValidationError("--optimizer lbfgs takes no --lr-schedule (its line search "
                                   "chooses each step)")
         return OPTIMIZERS[name](lr)
     rate = schedule if callable(schedule) else parse_schedule(schedule or "constant", float(lr),
@@ -319,6 +324,32 @@ STRATEGIES: dict[str, Callable[..., Any]] = {
     "scaffold": _server(_aggregate.scaffold),
 }
 """Federated strategies: name -> ``factory(server_lr=None, mu=...) -> fedpipe.tasks.aggregate.Strategy``."""
+
+CLIENT_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name != "lbfgs")
+"""``federate --client-optimizer``: the first-order :data:`OPTIMIZERS` (a client takes steps)."""
+
+
+def make_strategy(name: str, server_lr: float | None, mu: float | None,
+                  client_optimizer: str = "sgd", lr: float = 0.1) -> Any:
+    """The strategy of ``--strategy``, ``--server-lr``, ``--mu`` and ``--client-optimizer``.
+
+    ``--mu`` belongs to fedprox: given with another strategy it is refused, not dropped. The
+    default client ``sgd`` is left to the engine (its ``--lr-schedule`` counts rounds); another
+    name becomes the strategy's ``client`` optimizer at ``lr``.
+    """
+    if mu is not None and name != "fedprox":
+        raise ValidationError(f"--mu applies to --strategy fedprox, not {name}")
+    strategy = STRATEGIES[name](server_lr=server_lr,
+                                **({} if mu is None else {"mu": mu}))
+    if client_optimizer == "sgd":
+        return strategy
+    if client_optimizer not in CLIENT_OPTIMIZERS:
+        raise ValidationError(f"unknown --client-optimizer {client_optimizer!r}; choose from "
+                              f"{', '.join(CLIENT_OPTIMIZERS)}")
+    if strategy.scaffold:
+        raise ValidationError(f"--client-optimizer {client_optimizer}: scaffold's control "
+                              "variates assume the clients' sgd")
+    return strategy._replace(client=OPTIMIZERS[client_optimizer](lr))
 
 
 # --------------------------------------------------------------------------------------------

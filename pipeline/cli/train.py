@@ -11,7 +11,14 @@ from typing import Any
 
 from fedpipe.cli import config, registry
 from fedpipe.cli import report as cli_report
-from fedpipe.cli.argtypes import holdout, nonneg_float, nonneg_int, positive_float, positive_int
+from fedpipe.cli.argtypes import (
+    Renamed,
+    holdout,
+    nonneg_float,
+    nonneg_int,
+    positive_float,
+    positive_int,
+)
 from fedpipe.data import store
 from fedpipe.deploy import kube
 from fedpipe.engine.train import CACHE_MODES, fit
@@ -34,8 +41,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     opt = p.add_argument_group("optimizer")
     opt.add_argument("--optimizer", default="sgd", help=", ".join(registry.OPTIMIZERS))
     opt.add_argument("--lr", type=positive_float, default=0.1, help="learning rate (default 0.1)")
-    opt.add_argument("--schedule", help="constant (default), step, exponential, inverse-time, "
-                                        "cosine; parameters as step:every=10,factor=0.5")
+    opt.add_argument("--schedule", "--lr-schedule", dest="lr_schedule", action=Renamed,
+                     help=registry.LR_SCHEDULE_HELP)
     length = p.add_mutually_exclusive_group()
     length.add_argument("--iterations", type=positive_int, help="full-batch iterations")
     length.add_argument("--epochs", type=positive_int, help="mini-batch epochs")
@@ -50,8 +57,12 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                      help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--cache", default="auto", choices=CACHE_MODES,
                      help="keep chunks in worker memory or stream them (default auto)")
-    run.add_argument("--chunks-per-task", type=positive_int, default=1,
-                     help="consecutive chunks per gradient task (default 1)")
+    run.add_argument("--chunks-per-task", type=positive_int,
+                     help="consecutive chunks per gradient task (default: 8 or 1, chosen "
+                          "from the chunks and the cluster; both give the same result)")
+    run.add_argument("--compute-dtype", choices=("float64", "float32"),
+                     help="float32: compute on a float32 store's rows in float32 (half the "
+                          "bytes per pass; default float64)")
     run.add_argument("--test-fraction", type=holdout, default=0.2,
                      help="held-out share of rows (default 0.2; 0 trains on every row)")
     run.add_argument("--out", help="run directory")
@@ -74,7 +85,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     info = store.read_info(args.store)
     model = registry.make_model(args.model, info, hidden=args.hidden, l2=args.l2, l1=args.l1)
     total = args.iterations if args.iterations is not None else args.epochs
-    optimizer = registry.make_optimizer(args.optimizer, args.lr, args.schedule,
+    optimizer = registry.make_optimizer(args.optimizer, args.lr, args.lr_schedule,
                                         total_steps=_total_steps(args, info))
     unit = "iteration" if args.iterations is not None else "epoch"
     with monitoring(args, None, mode="train", total=total, unit=unit,
@@ -87,7 +98,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             chunks_per_task=args.chunks_per_task, workers=args.workers,
             threads=args.threads,
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,
-            config=config.to_dict(args))
+            config=config.to_dict(args), compute_dtype=args.compute_dtype)
     return cli_report.report_at_end(args, result.summary)
 
 

@@ -78,6 +78,9 @@ class StoreInfo:
     categorical: dict[str, list] = field(default_factory=dict)
     input_dtypes: dict[str, str] = field(default_factory=dict)
     target: str | None = None
+    # Not stored: the dtype read_chunk hands X out in. fit sets "float32" on a float32 store
+    # when asked to compute in float32 (half the bytes per pass); float64 otherwise.
+    compute_dtype: str = "float64"
 
     @classmethod
     def from_attrs(cls, url: str, meta: dict[str, Any]) -> StoreInfo:
@@ -441,15 +444,16 @@ def stats_arrays(info: StoreInfo) -> dict[str, np.ndarray]:
 
 
 def apply_preprocess(X: np.ndarray, info: StoreInfo) -> np.ndarray:
-    """Float64 copy of a chunk with the store's imputation and standardisation applied."""
+    """Copy of a chunk (``info.compute_dtype``, float64 by default) with the store's imputation
+    and standardisation applied (in float64)."""
     impute = info.preprocess.get("impute", "none")
     standardize = bool(info.preprocess.get("standardize", False))
     if impute == "none" and not standardize:
-        return np.asarray(X, dtype=np.float64)
+        return np.asarray(X, dtype=info.compute_dtype)
     stats = stats_arrays(info)
     return stats_math.preprocess(
         X, stats, impute=impute, standardize=standardize, median=stats.get("median")
-    )
+    ).astype(info.compute_dtype, copy=False)
 
 
 def content_hash(x_digest: bytes, y_digest: bytes) -> str:

@@ -135,6 +135,7 @@ def render(
     taint_key: str | None = None,
     tls_secret: str | None = None,
     no_workers_timeout: str = "300s",
+    site_store: str | None = None,
 ) -> list[dict[str, Any]]:
     """The operator resources of one fedpipe cluster: a ``DaskCluster`` then one group per client.
 
@@ -167,6 +168,11 @@ def render(
     no_workers_timeout : str
         ``distributed.scheduler.no-workers-timeout``: a task pinned to a client whose workers are
         gone fails after this long instead of waiting forever.
+    site_store : str, optional
+        Site-local stores (``fedpipe federate --sites``): the path, inside each client's own
+        volume mounted at ``data_path``, of the store that site ingested. Each client worker
+        gets ``FEDPIPE_SITE_STORE=<data_path>/<site_store>`` naming its own volume's store only;
+        the server group mounts no client data.
 
     Returns
     -------
@@ -185,7 +191,12 @@ def render(
     unknown = sorted(set(placement) - set(ids))
     if unknown:
         raise ValidationError(f"placement given for unknown client id {unknown[0]!r}")
-    pod = _PodOptions(name, image, threads, memory, data_path, tls_secret, no_workers_timeout)
+    if site_store is not None and (not site_store or site_store.startswith("/")
+                                   or ".." in site_store.split("/")):
+        raise ValidationError(f"--site-store {site_store!r} must be a relative path inside "
+                              "the client's volume")
+    pod = _PodOptions(name, image, threads, memory, data_path, tls_secret, no_workers_timeout,
+                      site_store)
     resources = [_cluster(pod, server_workers, server_placement or Placement())]
     for client_id in ids:
         where = _client_placement(client_id, placement.get(client_id), node_label, taint_key)
@@ -205,6 +216,7 @@ class _PodOptions:
     data_path: str
     tls_secret: str | None
     no_workers_timeout: str
+    site_store: str | None = None
 
     @property
     def scheme(self) -> str:
@@ -288,7 +300,8 @@ def _worker(
         "name": "worker",
         "image": pod.image,
         "args": worker_command(pod.threads, worker_resources, pod.tls_secret is not None),
-        "env": _env(pod) + [_env_var("DASK_SCHEDULER_ADDRESS", scheduler_url(pod))],
+        "env": _env(pod) + [_env_var("DASK_SCHEDULER_ADDRESS", scheduler_url(pod))]
+        + _site_env(pod, client_id),
         "ports": [_container_port("http-dashboard", WORKER_DASHBOARD_PORT)],
         "resources": {
             "requests": {"cpu": str(pod.threads), "memory": pod.memory},
@@ -350,6 +363,14 @@ def _env(pod: _PodOptions) -> list[dict[str, str]]:
         return []
     # Refuse any plain-tcp peer, not just use TLS ourselves.
     return [_env_var("DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION", "True")]
+
+
+def _site_env(pod: _PodOptions, client_id: str | None) -> list[dict[str, str]]:
+    # A site's worker finds its own store from its own environment (fedpipe.data.sites).
+    if pod.site_store is None or client_id is None:
+        return []
+    path = f"{pod.data_path.rstrip('/')}/{pod.site_store}"
+    return [_env_var("FEDPIPE_SITE_STORE", path)]
 
 
 def _pod_spec(

@@ -20,6 +20,7 @@ from fedpipe.engine import placement
 from fedpipe.tasks import aggregate, local, reduce
 from fedpipe.tasks.aggregate import Stage
 from fedpipe.tasks.models import Model
+from fedpipe.tasks.optimizers import Optimizer
 from fedpipe.tasks.privacy import CLIENT_ID, client_tag
 
 
@@ -39,6 +40,7 @@ class ClientSpec(NamedTuple):
     scaffold: bool
     stages: tuple[Stage, ...]
     token: str
+    client_optimizer: Optimizer | None = None  # None: sgd at lr (the strategy's ``client``)
 
 
 class PackedSpec(NamedTuple):
@@ -76,10 +78,12 @@ def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int
     if spec.scaffold:
         c_i = cache.state.get((spec.token, client), {}).get("control", np.zeros_like(params))
         pair = (control, c_i)
+    # lr is None when the strategy's client optimizer carries its own rate
+    lr = 0.0 if spec.lr is None else local.round_lr(spec.lr, round_)
     result = local.local_train(
         spec.model, params, X, y, epochs=spec.epochs, batch_size=spec.batch_size,
-        lr=local.round_lr(spec.lr, round_), mu=spec.mu, control=pair,
-        rng=local.client_rng(spec.seed, round_, client))
+        lr=lr, mu=spec.mu, control=pair,
+        rng=local.client_rng(spec.seed, round_, client), optimizer=spec.client_optimizer)
     mine = dict(cache.state.get((spec.token, client), {}))
     if result.control is not None:
         mine["control"] = result.control

@@ -20,7 +20,7 @@ from distributed import Client, Future, wait
 from fedpipe import resilience
 from fedpipe.engine import placement
 from fedpipe.engine.fed_client import ClientSpec, eval_group, pack_spec, train_group
-from fedpipe.engine.graph import tree_sum
+from fedpipe.engine.graph import FAN_IN, tree_sum
 from fedpipe.errors import TrainingError
 from fedpipe.tasks import aggregate, reduce, sampling
 
@@ -31,7 +31,6 @@ GATHER_AT_MOST = 2
 # After the deadline, the finished leaves' results must arrive within this (a healthy worker
 # hands one over in milliseconds; a hung one never does).
 FETCH_GRACE = 1.0
-FAN_IN = 8
 
 
 class ServerState(NamedTuple):

@@ -31,7 +31,7 @@ def initial_state(model: Model, strategy: Strategy, stages: Sequence[Stage],
     """Round-0 state: the model's initial params, fresh optimizer and stage states."""
     params = model.init(seed)
     control = np.zeros_like(params) if strategy.scaffold else None
-    return ServerState(params, strategy.server_optimizer.init(params),
+    return ServerState(params, strategy.server.init(params),
                        aggregate.init_states(stages, model.n_params), control, 0, int(seed))
 
 

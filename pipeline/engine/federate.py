@@ -25,8 +25,7 @@ from typing import NamedTuple
 
 import numpy as np
 from distributed import Client
-from fedpipe import privacy, resilience, rundir
-from fedpipe.cli import repeat
+from fedpipe import privacy, resilience, runconfig, rundir
 from fedpipe.data import snapshot, store
 from fedpipe.engine import fed_state, lend, placement
 from fedpipe.engine.fed_client import ClientSpec
@@ -46,10 +45,17 @@ DEFAULT_NO_WORKER_TIMEOUT = 60.0
 RETRIES = 1  # a round short of min_clients is retried this often; the CLI has no option for it
 DIVERGE_FACTOR = 1e6  # a global training loss this many times round 0's stops the run
 DEFAULT_DELTA = 1e-5
+DEFAULT_LR = 0.1  # the default client sgd's step size
+DEFAULT_LOCAL_EPOCHS = 1
 
 
 class FederatedRun(NamedTuple):
-    """What :func:`federate` returns: final params and state, per-round history, summary."""
+    """What :func:`federate` returns: final params and state, per-round history, summary.
+
+    ``history`` holds each round's record without its per-client records (``clients``), which
+    are in ``metrics.jsonl`` and reach ``on_record``: the driver's memory does not grow with
+    clients times rounds.
+    """
 
     params: np.ndarray
     state: ServerState
@@ -58,8 +64,8 @@ class FederatedRun(NamedTuple):
 
 
 def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | None = None,
-             local_epochs: int = 1, batch_size: int = 32,
-             lr: float | Callable[[int], float] = 0.1, partition: str | None = None,
+             local_epochs: int | None = None, batch_size: int = 32,
+             lr: float | Callable[[int], float] | None = None, partition: str | None = None,
              fraction: float | None = None, clients_per_round: int | None = None,
              min_clients: int = 1, deadline: float | None = None, retries: int = RETRIES,
              stages: Sequence[Stage] | None = None, seed: int = 0, test_fraction: float = 0.2,
@@ -83,10 +89,12 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         Rounds to run (a resumed run continues up to this number).
     strategy : fedpipe.tasks.aggregate.Strategy, optional
         ``fedavg()`` (default), ``fedprox(mu)``, ``fedavgm``, ``fedadam``, ``fedyogi``,
-        ``fedadagrad`` or ``scaffold``.
+        ``fedadagrad`` or ``scaffold``; its ``client``, ``local_epochs`` and ``stages``, when
+        set, take the place of the keywords below (giving both is refused).
     local_epochs, batch_size, lr
-        Client training: epochs of mini-batch SGD, batch size, step size (float or a schedule
-        evaluated at the round number).
+        Client training: local epochs (default 1), batch size, and the step size (default 0.1;
+        a float or a schedule evaluated at the round number) of the default client ``sgd``,
+        used when the strategy names no ``client`` optimizer.
     partition : str, optional
         Partition name; default the store's only partition.
     fraction, clients_per_round : optional
@@ -97,7 +105,8 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     deadline : float, optional
         Seconds a round waits for its clients; late ones are dropped and logged.
     stages : sequence of Stage, optional
-        Aggregation chain; default ``(validate(), weighted_mean())``.
+        Aggregation chain (or the strategy's ``stages``); default
+        ``(validate(), weighted_mean())``.
     seed, test_fraction
         Run seed (sampling, batch order) and the share of each client's rows held out.
     eval_every : int
@@ -126,7 +135,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     config : mapping, optional
         Resolved options written to ``config.toml`` (the CLI passes its arguments). Without
         it, ``config.toml`` holds the ``fedpipe federate`` options that repeat this call, read
-        off the model and strategy (:mod:`fedpipe.cli.repeat`). Settings no option expresses (a
+        off the model and strategy (:mod:`fedpipe.runconfig`). Settings no option expresses (a
         model of your own or with an L1 penalty, a schedule function as ``lr``, ``stages``,
         non-default strategy hyperparameters, another ``retries``) are left out and named
         under ``not_repeatable`` with one logged warning; ``fedpipe federate --config`` then
@@ -158,11 +167,12 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     fed_state.check_partition(info, partition, client_rows)
     sampling_ = fed_state.check_sampling(len(clients), fraction, clients_per_round,
                                          min_clients, deadline, retries)
+    strategy = strategy or aggregate.fedavg()
+    local_epochs, lr, stages = _from_strategy(strategy, local_epochs, lr, stages)
     fed_state.check_positive(rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
                              eval_every=eval_every)
     if resume and out is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
-    strategy = strategy or aggregate.fedavg()
     chain = tuple(stages) if stages is not None else aggregate.default_chain()
     try:
         aggregate.check_chain(chain)
@@ -172,7 +182,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     spec = ClientSpec(str(store_url), partition, placement.rows_version(info, partition),
                       float(test_fraction), int(seed), model, int(local_epochs),
                       int(batch_size), lr, strategy.mu, strategy.scaffold, chain,
-                      uuid.uuid4().hex[:12])
+                      uuid.uuid4().hex[:12], strategy.client)
     round_fn = train_round
     if any(hasattr(stage.before_sum, "secagg") for stage in chain):  # secure_sum in the chain
         from fedpipe.engine import fed_secagg  # needs the cryptography package: only then
@@ -182,7 +192,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     data = snapshot.pin(str(store_url), run_dir, partition=partition, resume=resume)
     if run_dir is not None:
-        rundir.write_config(run_dir, config if config is not None else repeat.federate_config(
+        rundir.write_config(run_dir, config if config is not None else runconfig.federate_config(
             store_url, model, info, strategy=strategy, stages=stages, lr=lr,
             retries=retries, default_retries=RETRIES, partition=partition, rounds=rounds,
             local_epochs=local_epochs, batch_size=batch_size, fraction=fraction,
@@ -219,6 +229,30 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         rundir.write_summary(run_dir, summary)
         rundir.publish(run_dir)
     return FederatedRun(state.params, state, history, summary)
+
+
+def _from_strategy(strategy: Strategy, local_epochs: int | None,
+                   lr: float | Callable[[int], float] | None, stages: Sequence[Stage] | None):
+    """``(local_epochs, lr, stages)``: the strategy's own where it sets them, else the keywords'.
+
+    A setting given both ways is refused rather than one of them silently dropped.
+    """
+    given = [name for name, mine, kw in (("local_epochs", strategy.local_epochs, local_epochs),
+                                         ("stages", strategy.stages, stages),
+                                         ("client", strategy.client, lr)) if mine is not None
+             and kw is not None]
+    if given:
+        keyword = {"client": "lr"}.get(given[0], given[0])
+        raise ValidationError(f"strategy {strategy.name!r} sets {given[0]}: drop {keyword}= "
+                              "(or build the strategy without it)")
+    if strategy.client is not None and strategy.scaffold:
+        raise ValidationError("scaffold's control variates assume the clients' plain sgd: "
+                              "give no client optimizer")
+    if strategy.local_epochs is not None:
+        local_epochs = strategy.local_epochs
+    return (DEFAULT_LOCAL_EPOCHS if local_epochs is None else local_epochs,
+            DEFAULT_LR if lr is None and strategy.client is None else lr,
+            strategy.stages if strategy.stages is not None else stages)
 
 
 class _Guards(NamedTuple):
@@ -286,7 +320,7 @@ def _loop(dc: Client, spec: ClientSpec, groups, clients, state: ServerState,
             return state, history, why
         with _span(f"round-{r}"):
             state, record = round_fn(dc, spec, groups, clients, state, sampling_,
-                                     strategy.server_optimizer, batch_clients)
+                                     strategy.server, batch_clients)
             if (r + 1) % eval_every == 0 or r + 1 == rounds:
                 evaluation = evaluate(dc, spec, groups, state.params, r, sampling_.deadline)
                 for client, rec in evaluation.pop("eval_clients", {}).items():
@@ -297,14 +331,21 @@ def _loop(dc: Client, spec: ClientSpec, groups, clients, state: ServerState,
             record["epsilon"] = guards.dp.epsilon(state.round)
         record["update_bytes"] = _mean_bytes(record["clients"])
         _check_divergence(record, history, guards.diverge_factor)
-        history.append(record)
         if run_dir is not None:
             rundir.append_metrics(run_dir, record)
             if checkpoint_every and state.round % checkpoint_every == 0 and state.round < rounds:
                 fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
         if on_record is not None:
             on_record(record)
+        # Per-client records go to metrics.jsonl and on_record only: kept here, they grew the
+        # driver by ~0.9 MiB a round at 1,000 clients (issue 12).
+        history.append(_round_only(record))
     return state, history, None
+
+
+def _round_only(record: dict) -> dict:
+    """A round's record without its per-client records (what the driver keeps in memory)."""
+    return {k: v for k, v in record.items() if k != "clients"}
 
 
 def _mean_bytes(records: dict[str, dict]) -> float | None:

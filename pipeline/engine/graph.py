@@ -17,6 +17,8 @@ if TYPE_CHECKING:  # fedpipe.data.stats builds its tree without a cluster: no di
 
 T = TypeVar("T")
 
+FAN_IN = 8  # inputs per add task of every reduction tree (data-parallel and federated alike)
+
 
 def fold_tree(
     leaves: Sequence[T], fan_in: int, node: Callable[[int, int, list[T]], T], min_levels: int = 0
@@ -59,7 +61,7 @@ def fold_tree(
 def tree_sum(
     dask_client: Client,
     futures: Sequence[Future],
-    fan_in: int = 8,
+    fan_in: int = FAN_IN,
     key_prefix: str = "sum",
     add: Callable[..., Any] = add_sums,
 ) -> Future:
@@ -94,7 +96,7 @@ def tree_sum(
     return fold_tree(futures, fan_in, node)
 
 
-def tree_depth(n_leaves: int, fan_in: int = 8) -> int:
+def tree_depth(n_leaves: int, fan_in: int = FAN_IN) -> int:
     """Number of add levels :func:`tree_sum` (:func:`fold_tree`) builds for ``n_leaves`` inputs."""
     depth = 0
     while n_leaves > 1:

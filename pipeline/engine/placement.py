@@ -35,6 +35,7 @@ log = logging.getLogger("fedpipe")
 
 RESOURCE_PREFIX = "client-"
 CACHE_PLUGIN = "fedpipe-client-cache"
+SITE_SCHEME = "fedpipe-site:"  # fedpipe.data.sites.SCHEME (that module imports this one)
 # One BLAS thread per worker process: more oversubscribes the cores (see pipeline/cluster.py).
 _BLAS_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -302,6 +303,11 @@ def client_rows(url: str, partition: str, client: str, *, test_fraction: float,
     -------
     ((X_train, y_train, X_test, y_test), was_read)
     """
+    if url.startswith(SITE_SCHEME):  # a site-local run: the worker's own store, not ``url``
+        from fedpipe.data import sites
+
+        return sites.site_rows(url, client, test_fraction=test_fraction, seed=seed, run=run,
+                               version=version)
     cache = worker_cache()
     if (url, run) not in cache.info:
         group = store.open_group(url)

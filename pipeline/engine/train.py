@@ -18,6 +18,7 @@ The loops: full-batch first-order (:mod:`fedpipe.engine.train_full`), mini-batch
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -27,10 +28,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from distributed import Client
-from fedpipe import cluster, resilience, rundir
-from fedpipe.cli import repeat
+from fedpipe import cluster, resilience, runconfig, rundir
 from fedpipe.data import snapshot
 from fedpipe.data.store import StoreInfo, read_info
+from fedpipe.engine.graph import FAN_IN
 from fedpipe.engine.minibatch import run_epochs
 from fedpipe.engine.train_data import (
     CACHE_MODES,
@@ -38,6 +39,7 @@ from fedpipe.engine.train_data import (
     MEMORY_SHARE,
     Data,
     choose_cache,
+    choose_chunks_per_task,
     load_data,
     read_block,
     send_params,
@@ -65,14 +67,14 @@ from fedpipe.tasks.optimizers import Optimizer
 # Names that lived in this module before it was split; importable from here as before.
 __all__ = [
     "CACHE_MODES", "INLINE_PARAM_BYTES", "MEMORY_SHARE", "Data", "Engine", "FitResult",
-    "OnRecord", "Pass", "block_tasks", "check_finite", "choose_cache", "converged", "emit",
+    "OnRecord", "Pass", "block_tasks", "check_finite", "choose_cache", "choose_chunks_per_task",
+    "converged", "emit",
     "fit", "full_pass", "load_data", "pass_record", "read_block", "restore_state",
     "run_full_batch", "save_state", "send_params", "stream_block", "stream_chunk",
 ]
 
 log = logging.getLogger("fedpipe")
 
-FAN_IN = 8  # inputs per add task of the reduction tree; the CLI has no option for it
 
 
 class FitResult(NamedTuple):
@@ -105,12 +107,13 @@ def fit(
     tol: float | None = None,
     cache: str = "auto",
     fan_in: int = FAN_IN,
-    chunks_per_task: int = 1,
+    chunks_per_task: int | None = None,
     on_record: OnRecord | None = None,
     workers: int | None = None,
     threads: int | None = None,
     scheduler: str | None = None,
     config: Mapping[str, Any] | None = None,
+    compute_dtype: str | None = None,
 ) -> FitResult:
     """Train ``model`` on the store at ``store`` with ``optimizer`` on a Dask cluster.
 
@@ -149,10 +152,12 @@ def fit(
         from the data size and the cluster's memory.
     fan_in : int
         Inputs per add task of the reduction tree.
-    chunks_per_task : int
+    chunks_per_task : int, optional
         Consecutive chunks per ``grad-…`` task (and per ``load-…`` task). Fewer, larger tasks
         cost less scheduling; with ``chunks_per_task == fan_in`` the result is bit-identical
-        to one task per chunk (the task computes the tree's first level itself).
+        to one task per chunk (the task computes the tree's first level itself). Default:
+        ``fan_in`` or 1, chosen from the number of chunks and the cluster
+        (:func:`fedpipe.engine.train_data.choose_chunks_per_task`).
     on_record : callable, optional
         Called with each metrics record right after it is appended to ``metrics.jsonl``
         (its run time is not counted in the records' ``seconds``).
@@ -162,11 +167,16 @@ def fit(
     config : mapping, optional
         Resolved options written to ``config.toml`` (the CLI passes its arguments). Without
         it, ``config.toml`` holds the ``fedpipe train`` options that repeat this call, read off
-        the model and optimizer (:mod:`fedpipe.cli.repeat`). Settings no option expresses (a model
+        the model and optimizer (:mod:`fedpipe.runconfig`). Settings no option expresses (a model
         of your own, a learning-rate schedule, non-default optimizer hyperparameters, another
         ``fan_in``) are left out and named under ``not_repeatable`` with one logged warning;
         ``fedpipe train --config`` then refuses the file in one line instead of running
         something else.
+    compute_dtype : {"float64", "float32"}, optional
+        ``"float32"`` keeps a float32 store's rows in float32 on the workers and computes the
+        built-in GLMs' matrix products in float32 (:mod:`fedpipe.tasks.kernels`): half the
+        bytes to read per pass. Parameters, sums and the optimizer stay float64. Default
+        float64; float32 needs a store ingested with ``dtype="float32"``.
 
     Returns
     -------
@@ -174,18 +184,19 @@ def fit(
     """
     _check_arguments(model, optimizer, iterations, epochs, batch_size, test_fraction,
                      checkpoint_every, tol, cache, fan_in, chunks_per_task)
-    info = read_info(store)
+    info = _with_compute_dtype(read_info(store), compute_dtype)
     _check_model_fits(model, info)
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if resume and run_dir is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
     data = snapshot.pin(store, run_dir, resume=resume)  # a refused resume writes nothing
     if run_dir is not None:
-        rundir.write_config(run_dir, config if config is not None else repeat.fit_config(
+        rundir.write_config(run_dir, config if config is not None else runconfig.fit_config(
             store, model, optimizer, info, fan_in=fan_in, default_fan_in=FAN_IN,
             iterations=iterations, epochs=epochs, batch_size=batch_size, tol=tol, seed=seed,
             test_fraction=test_fraction, cache=cache, chunks_per_task=chunks_per_task,
             checkpoint_every=checkpoint_every, resume=resume, out=out,
+            compute_dtype=compute_dtype,
             # a dask_client given overrides these; the result does not depend on the cluster
             **({} if dask_client is not None else
                {"workers": workers, "threads": threads, "scheduler": scheduler})))
@@ -195,8 +206,9 @@ def fit(
     with data, connection as dc, resilience.bounded(dc):
         if dask_client is not None:
             log.info("dashboard: %s", cluster.dashboard_link(dc))
+        per_task = choose_chunks_per_task(dc, info.n_chunks, fan_in, chunks_per_task)
         with open_engine(dc, str(store), info, model, seed, test_fraction, cache, fan_in,
-                     chunks_per_task, run_dir, on_record) as engine:
+                     per_task, run_dir, on_record) as engine:
             start = time.perf_counter()
             params, records, stopped = _run_loop(engine, optimizer, iterations, epochs,
                                                  batch_size, seed, checkpoint_every, resume, tol)
@@ -250,8 +262,19 @@ def _check_arguments(model, optimizer, iterations, epochs, batch_size, test_frac
         raise ValidationError(f"--cache must be one of {', '.join(CACHE_MODES)}, got {cache!r}")
     if fan_in < 2:
         raise ValidationError(f"fan_in must be at least 2, got {fan_in}")
-    if chunks_per_task < 1:
+    if chunks_per_task is not None and chunks_per_task < 1:
         raise ValidationError(f"chunks_per_task must be at least 1, got {chunks_per_task}")
+
+
+def _with_compute_dtype(info: StoreInfo, compute_dtype: str | None) -> StoreInfo:
+    if compute_dtype in (None, "float64"):
+        return info
+    if compute_dtype != "float32":
+        raise ValidationError(f"--compute-dtype must be float64 or float32, got {compute_dtype!r}")
+    if info.dtype != "float32":
+        raise ValidationError(f"--compute-dtype float32 needs a float32 store: {info.url} holds "
+                              f"{info.dtype} (fedpipe ingest --dtype float32)")
+    return dataclasses.replace(info, compute_dtype="float32")
 
 
 def _check_model_fits(model: Model, info: StoreInfo) -> None:

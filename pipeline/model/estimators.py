@@ -10,6 +10,11 @@ scikit-learn's default ``lbfgs`` solver) on a fedpipe store: a NumPy or Dask arr
 to a temporary store block by block (never whole in memory for a Dask array), a ``str`` is a
 store already written. The cluster is ``dask_client``, else the default ``distributed``
 client, else a LocalCluster started for the call.
+
+``federated=True`` trains with :func:`fedpipe.engine.federate.federate` instead: the rows are
+split IID among ``clients`` simulated clients (a partition of the temporary store, or the
+partition of a store URL given), each client's rows are read and kept on the worker lent to
+it, and ``rounds`` rounds of ``strategy`` run ``local_epochs`` of mini-batch SGD per client.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import numpy as np
 from fedpipe.tasks import models
 from fedpipe.tasks.lbfgs import lbfgs
 from fedpipe.tasks.models import Model
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, clone
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -73,6 +78,19 @@ class _DaskEstimator(BaseEstimator):
     """Shared ``fit``/``partial_fit``/``predict`` over the model :meth:`_build` returns."""
 
     _classifier = False
+
+    def __sklearn_clone__(self):
+        # clone() deep-copies every parameter, and a Client cannot be copied (it holds tasks,
+        # sockets, its event loop): GridSearchCV, cross_val_score and dask-ml's searches failed
+        # on dask_client=. A clone shares the cluster, as it shares the caller's default client.
+        params = {k: clone(v, safe=False) for k, v in self.get_params(deep=False).items()
+                  if k != "dask_client"}
+        return type(self)(**params, dask_client=self.dask_client)
+
+    def __getstate__(self):
+        # a pickled estimator (saved, or sent to a worker) carries no connection; unpickled,
+        # it predicts without a cluster and fits on the default client
+        return {**super().__getstate__(), "dask_client": None}
 
     def _build(self, n_features: int, n_classes: int, n_rows: int) -> Model:
         raise NotImplementedError
@@ -140,12 +158,38 @@ class _DaskEstimator(BaseEstimator):
             model = model._replace(init=lambda seed: start.copy())
         iterations = 1 if warm else self.max_iter
         with _client(self.dask_client) as dc, _as_store(X, y, self.chunk_rows, model.task) as url:
-            result = fit(url, model, lbfgs(), iterations=iterations, tol=self.tol,
-                         test_fraction=0.0, dask_client=dc, seed=self.random_state)
-        self.params_ = result.params
-        self.n_iter_ = max(1, len(result.metrics))
+            if self.federated:
+                self.params_, self.n_iter_ = self._federate(url, model, dc, warm,
+                                                            given=isinstance(X, str))
+            else:
+                result = fit(url, model, lbfgs(), iterations=iterations, tol=self.tol,
+                             test_fraction=0.0, dask_client=dc, seed=self.random_state)
+                self.params_, self.n_iter_ = result.params, max(1, len(result.metrics))
         self._set_attributes(model)
         return self
+
+    def _federate(self, url: str, model: Model, dc, warm: bool, given: bool):
+        """``rounds`` federated rounds (one for ``partial_fit``): ``(params, rounds run)``.
+
+        A store written here is split into ``clients`` IID clients; a store URL the user gave
+        is trained on its own partition, which is not replaced (it may be a natural split).
+        """
+        from fedpipe.data.partition import partition
+        from fedpipe.data.store import read_info
+        from fedpipe.engine.federate import federate
+
+        name = None
+        if not given:
+            name = "estimator"
+            partition(url, clients=self.clients, seed=self.random_state, name=name)
+        elif len(read_info(url).partitions) != 1:
+            raise ValueError(f"federated=True on store {url} needs exactly one partition of it: "
+                             "make one with fp.partition(url, clients=K)")
+        result = federate(url, model, rounds=1 if warm else self.rounds, strategy=self.strategy,
+                          partition=name, local_epochs=self.local_epochs,
+                          batch_size=self.batch_size, lr=self.lr, seed=self.random_state,
+                          test_fraction=0.0, dask_client=dc)
+        return result.params, result.summary["rounds_run"]
 
     def _again(self, y):
         """Later partial_fit calls: labels indexed by the classes of the first call."""
@@ -216,12 +260,23 @@ class LogisticRegression(_Classifier):
     chunk_rows : int, optional
         Rows per chunk of the temporary store written from a NumPy/Dask array.
     random_state : int
+    federated : bool
+        Train federated (FedAvg-style rounds) instead of data-parallel L-BFGS.
+    clients, rounds, strategy : int, int, fedpipe.tasks.aggregate.Strategy
+        With ``federated``: simulated IID clients, rounds, and the algorithm (default
+        ``fp.strategies.fedavg()``).
+    lr, local_epochs, batch_size : float, int, int
+        With ``federated``: each client's mini-batch SGD.
     """
 
     def __init__(self, C=1.0, *, max_iter=200, tol=1e-10, dask_client=None, chunk_rows=None,
-                 random_state=0):
+                 random_state=0, federated=False, clients=4, rounds=20, strategy=None, lr=0.1,
+                 local_epochs=1, batch_size=32):
         self.C, self.max_iter, self.tol = C, max_iter, tol
         self.dask_client, self.chunk_rows, self.random_state = dask_client, chunk_rows, random_state
+        self.federated, self.clients, self.rounds = federated, clients, rounds
+        self.strategy, self.lr = strategy, lr
+        self.local_epochs, self.batch_size = local_epochs, batch_size
 
     def _l2(self, n_rows: int) -> float:
         return 0.0 if self.C is None else 1.0 / (float(self.C) * n_rows)
@@ -243,9 +298,13 @@ class LinearRegression(RegressorMixin, _DaskEstimator):
     """Ordinary least squares, as scikit-learn's ``LinearRegression`` (solved by L-BFGS)."""
 
     def __init__(self, *, max_iter=200, tol=1e-12, dask_client=None, chunk_rows=None,
-                 random_state=0):
+                 random_state=0, federated=False, clients=4, rounds=20, strategy=None, lr=0.1,
+                 local_epochs=1, batch_size=32):
         self.max_iter, self.tol = max_iter, tol
         self.dask_client, self.chunk_rows, self.random_state = dask_client, chunk_rows, random_state
+        self.federated, self.clients, self.rounds = federated, clients, rounds
+        self.strategy, self.lr = strategy, lr
+        self.local_epochs, self.batch_size = local_epochs, batch_size
 
     def _build(self, n_features, n_classes, n_rows):
         return models.linear(n_features)
@@ -253,10 +312,14 @@ class LinearRegression(RegressorMixin, _DaskEstimator):
 
 class _MLP(_DaskEstimator):
     def __init__(self, hidden_layer_sizes=(100,), *, alpha=1e-4, max_iter=200, tol=1e-8,
-                 dask_client=None, chunk_rows=None, random_state=0):
+                 dask_client=None, chunk_rows=None, random_state=0, federated=False, clients=4,
+                 rounds=20, strategy=None, lr=0.1, local_epochs=1, batch_size=32):
         self.hidden_layer_sizes, self.alpha = hidden_layer_sizes, alpha
         self.max_iter, self.tol = max_iter, tol
         self.dask_client, self.chunk_rows, self.random_state = dask_client, chunk_rows, random_state
+        self.federated, self.clients, self.rounds = federated, clients, rounds
+        self.strategy, self.lr = strategy, lr
+        self.local_epochs, self.batch_size = local_epochs, batch_size
 
     def _build(self, n_features, n_classes, n_rows):
         task = "regression" if not self._classifier else (

@@ -149,3 +149,23 @@ def test_a_file_naming_settings_it_lacks_is_refused_in_one_line(tmp_path) -> Non
     with pytest.raises(ConfigError, match=r"cannot repeat its run.*'mine'.*fan_in: 4") as info:
         resolve(["--config", str(path)])
     assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("command", [["train", "s.zarr", "--model", "softmax"],
+                                     ["federate", "s.zarr", "--model", "softmax", "--rounds", "2"]])
+def test_lr_schedule_is_one_option_and_the_old_spelling_still_works(command, tmp_path,
+                                                                     capsys) -> None:
+    from fedpipe.cli.main import build_parser
+
+    parser = build_parser()
+    new = config.resolve(parser.parse_args([*command, "--lr-schedule", "step:every=2"]))
+    assert new.lr_schedule == "step:every=2" and capsys.readouterr().err == ""
+    old = config.resolve(parser.parse_args([*command, "--schedule", "step:every=2"]))
+    assert old.lr_schedule == "step:every=2"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "fedpipe: --schedule is deprecated, use --lr-schedule"]
+    # a config.toml written before the rename
+    (tmp_path / "old.toml").write_text('schedule = "cosine"\n')
+    saved = config.resolve(parser.parse_args([*command, "--config", str(tmp_path / "old.toml")]))
+    assert saved.lr_schedule == "cosine"
+    assert "'schedule'" in capsys.readouterr().err

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import pickle
+
 import dask.array as da
+import fedpipe as fp
 import numpy as np
 import pytest
 import sklearn.datasets
 import sklearn.linear_model as sk
 from distributed import Client, LocalCluster
 from fedpipe.model import estimators as fpe
+from sklearn.base import clone
+from sklearn.model_selection import cross_val_score
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
@@ -30,7 +35,8 @@ EXPECTED_FAILED = {
 ESTIMATORS = [fpe.LogisticRegression(max_iter=30), fpe.SoftmaxRegression(max_iter=30),
               fpe.LinearRegression(max_iter=30),
               fpe.MLPClassifier(hidden_layer_sizes=(8,), max_iter=40),
-              fpe.MLPRegressor(hidden_layer_sizes=(8,), max_iter=40)]
+              fpe.MLPRegressor(hidden_layer_sizes=(8,), max_iter=40),
+              fpe.LogisticRegression(federated=True, clients=2, rounds=5)]
 
 
 @pytest.mark.slow
@@ -83,3 +89,63 @@ def test_string_labels_and_partial_fit():
         inc.partial_fit(X, names, classes=est.classes_)
         losses.append(inc.score(X, names))
     assert inc.n_features_in_ == 4 and losses[-1] >= losses[0]
+
+
+def _gradient_descent(X, y, l2, lr, steps):
+    """Serial NumPy reference: full-batch gradient descent on fedpipe's logistic objective."""
+    from fedpipe.tasks import models
+
+    model = models.logistic(X.shape[1], l2=l2)
+    w = model.init(0)
+    for _ in range(steps):
+        _, grad_sum, n = model.loss_and_grad(w, X, y.astype(np.float64))
+        w = w - lr * (grad_sum / n + model.penalty(w)[1])
+    return model.unpack(w)
+
+
+def test_federated_rounds_clients_and_strategy():
+    X, y = sklearn.datasets.load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    full = dict(federated=True, rounds=15, local_epochs=2, batch_size=10_000, lr=0.5)
+    # One client taking full-batch steps is gradient descent: 15 rounds x 2 epochs = 30 steps.
+    one = fpe.LogisticRegression(clients=1, **full).fit(X, y)
+    ref = _gradient_descent(X, y, l2=1 / len(y), lr=0.5, steps=30)
+    np.testing.assert_allclose(one.coef_[0], ref["coef"], rtol=1e-9, atol=1e-12)
+    assert one.n_iter_ == 15
+    # Four clients drift apart between averages (2 local epochs): another model, as good.
+    four = fpe.LogisticRegression(clients=4, **full).fit(X, y)
+    assert np.abs(four.coef_ - one.coef_).max() > 1e-4
+    adam = fpe.LogisticRegression(clients=4, strategy=fp.strategies.fedadam(server_lr=0.05),
+                                  **full).fit(X, y)
+    assert np.abs(adam.coef_ - four.coef_).max() > 1e-3
+    best = sk.LogisticRegression().fit(X, y).score(X, y)
+    for est in (one, four, adam):
+        assert est.score(X, y) >= best - 0.02
+
+
+def test_federated_on_a_store_uses_its_partition(tmp_path):
+    X, y = sklearn.datasets.load_wine(return_X_y=True)
+    url = str(tmp_path / "wine.zarr")
+    fp.ingest("sklearn:wine", url, standardize=True, progress=False)
+    clf = fpe.SoftmaxRegression(federated=True, rounds=20, lr=0.1)
+    with pytest.raises(ValueError, match="one partition"):
+        clf.fit(url)
+    fp.partition(url, clients=3, scheme="dirichlet", alpha=1.0, seed=0)
+    clf.fit(url)
+    assert clf.n_iter_ == 20 and clf.score(StandardScaler().fit_transform(X), y) > 0.9
+    clf.partial_fit(url)  # one more round from the fitted parameters
+    assert clf.n_iter_ == 1
+
+
+def test_clone_shares_the_dask_client_and_pickle_drops_it(default_client):
+    X, y = sklearn.datasets.load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)[:, :5]
+    est = fpe.LogisticRegression(C=0.5, dask_client=default_client)
+    twin = clone(est)  # deep-copying the Client raised "cannot pickle '_asyncio.Task' object"
+    assert twin.dask_client is default_client and twin.C == 0.5 and twin is not est
+    scores = cross_val_score(est, X, y, cv=2)
+    assert scores.min() > 0.85
+    est.fit(X, y)
+    back = pickle.loads(pickle.dumps(est))
+    assert back.dask_client is None and est.dask_client is default_client
+    np.testing.assert_array_equal(back.predict(X), est.predict(X))

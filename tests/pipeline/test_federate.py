@@ -102,12 +102,14 @@ def test_regression_run_reports_the_data_parallel_test_metrics(dask_client, tmp_
     url = partitioned_store(str(tmp_path / "reg.zarr"), source=REGRESSION, clients=N_CLIENTS,
                             chunk_rows=50, name="fed")
     model = models.linear(5)
-    run = federate(url, model, rounds=2, lr=0.1, dask_client=dask_client)
+    records: list[dict] = []  # with per-client records, which run.history leaves out
+    run = federate(url, model, rounds=2, lr=0.1, dask_client=dask_client,
+                   on_record=records.append)
     assert all({"test_loss", "test_rmse", "test_r2"} <= set(r) for r in run.history)
     # The serial reference: the data-parallel engine's sums of each client's own test rows.
     sums = {c: reduce.eval_sums(model, run.params, _client_test_rows(url, c))
             for c in map(str, range(N_CLIENTS))}
-    record = run.history[-1]
+    record = records[-1]
     for client, client_sums in sums.items():
         expected = reduce.finish_metrics(client_sums, model.task)
         assert set(expected) == {"test_loss", "test_rmse", "test_r2"}
@@ -118,8 +120,10 @@ def test_regression_run_reports_the_data_parallel_test_metrics(dask_client, tmp_
 
 def test_no_test_rows_means_no_test_metrics(fed_store, dask_client):
     # As `fedpipe train --test-fraction 0`: no test_* entry, not a test_loss of 0/0.
-    run = federate(fed_store, _model(), rounds=1, test_fraction=0.0, dask_client=dask_client)
-    record = run.history[0]
+    records: list[dict] = []
+    federate(fed_store, _model(), rounds=1, test_fraction=0.0, dask_client=dask_client,
+             on_record=records.append)
+    record = records[0]
     assert record["aggregated"] == N_CLIENTS and not _test_metrics(record)
     assert not any(_test_metrics(rec) for rec in record["clients"].values())
 
@@ -145,8 +149,10 @@ def _on_client(model, marker, effect):
 
 def test_non_finite_update_is_rejected_and_the_round_goes_on(fed_store, dask_client):
     model = _on_client(_model(), _marker(fed_store, "3"), lambda g: g * np.nan)
-    run = federate(fed_store, model, rounds=2, dask_client=dask_client, lr=0.1)
-    for record in run.history:
+    records: list[dict] = []
+    run = federate(fed_store, model, rounds=2, dask_client=dask_client, lr=0.1,
+                   on_record=records.append)
+    for record in records:
         assert "non-finite" in record["rejected"]["3"]
         assert record["aggregated"] == N_CLIENTS - 1
         # Each client reports its time to finish and what it sent; a rejected one sent nothing.
@@ -169,9 +175,10 @@ def test_late_client_is_dropped_at_the_deadline(fed_store, dask_client):
 
     model = _on_client(_model(), _marker(fed_store, "5"), slow)
     start = time.perf_counter()
-    run = federate(fed_store, model, rounds=1, dask_client=dask_client, deadline=2.0,
-                   batch_size=1000, eval_every=1)
-    record = run.history[0]
+    records: list[dict] = []
+    federate(fed_store, model, rounds=1, dask_client=dask_client, deadline=2.0,
+             batch_size=1000, eval_every=1, on_record=records.append)
+    record = records[0]
     assert record["dropped"]["5"] == "late"
     assert 1 <= record["aggregated"] < N_CLIENTS
     assert "train_loss" not in record["clients"].get("5", {})  # its late result was discarded
@@ -266,3 +273,54 @@ def test_scheme_iid_from_an_earlier_runs_config_file_is_not_an_error():
     with pytest.raises(ValidationError, match="--scheme only apply with --clients"):
         _check_partition_options(argparse.Namespace(clients=None, scheme="dirichlet",
                                                     alpha=None), set())
+
+
+def test_driver_history_keeps_no_per_client_records(fed_store, dask_client, tmp_path):
+    # Issue 12: per-client records belong in metrics.jsonl; kept on the driver they grew it by
+    # clients x rounds. What stays in memory per round must not depend on the clients.
+    seen: list[dict] = []
+    run = federate(fed_store, _model(), rounds=3, lr=0.1, dask_client=dask_client,
+                   out=str(tmp_path / "run"), on_record=seen.append)
+    assert all(len(rec["clients"]) == N_CLIENTS for rec in seen)  # on_record gets everything
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
+    assert [len(rec["clients"]) for rec in lines] == [N_CLIENTS] * 3  # and so does the file
+    # The driver keeps each round's own figures, nothing per client.
+    assert run.history == [{k: v for k, v in rec.items() if k != "clients"} for rec in seen]
+
+
+def _rows_of(url: str, client: str) -> tuple[np.ndarray, np.ndarray]:
+    info = store.read_info(url)
+    parts = [store.read_chunk(url, ref, split="train", test_fraction=0.2, seed=0, info=info)
+             for ref in store.chunk_refs(info, partition="fed", client=client)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def test_strategy_as_data_clients_run_its_optimizer(fed_store, dask_client):
+    # Strategy(client=adam, local_epochs=2, server=adam): the serial reference runs the same
+    # values by hand, client by client.
+    from fedpipe.tasks import optimizers
+
+    client, server = optimizers.adam(0.05), optimizers.adam(0.1)
+    strategy = aggregate.Strategy("adam-adam", server, client=client, local_epochs=2)
+    model = _model()
+    run = federate(fed_store, model, rounds=2, strategy=strategy, batch_size=10_000,
+                   dask_client=dask_client, eval_every=2)
+    p, server_state = model.init(0), server.init(model.init(0))
+    rows = {c: _rows_of(fed_store, c) for c in map(str, range(N_CLIENTS))}
+    for _ in range(2):
+        weighted, total = np.zeros_like(p), 0
+        for X, y in rows.values():
+            w, state = p.copy(), client.init(p)
+            for _ in range(2):
+                _, g, n = model.loss_and_grad(w, X, y)
+                updates, state = client.update(g / n + model.penalty(w)[1], state, w)
+                w = w + updates
+            weighted, total = weighted + len(y) * (w - p), total + len(y)
+        updates, server_state = server.update(-weighted / total, server_state, p)
+        p = p + updates
+    np.testing.assert_allclose(run.params, p, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValidationError, match="sets client: drop lr="):
+        federate(fed_store, model, rounds=1, strategy=strategy, lr=0.1, dask_client=dask_client)
+    with pytest.raises(ValidationError, match="sets local_epochs"):
+        federate(fed_store, model, rounds=1, strategy=strategy, local_epochs=3,
+                 dask_client=dask_client)

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 
 import numpy as np
 import pytest
 from distributed.diagnostics.plugin import SchedulerPlugin
+from fedpipe.data import sites as site_tasks
 from fedpipe.data import store
-from fedpipe.engine import placement
+from fedpipe.engine import placement, sites
 from fedpipe.engine.federate import federate
 from fedpipe.tasks import models
+from sites_support import ingest_site, site_rows
 from test_federate_support import partitioned_store
 
 N_FEATURES, N_CLIENTS = 20, 6
@@ -84,6 +87,7 @@ def test_no_client_rows_leave_their_worker(fed_store):
 
         def disrupt(record):
             r = record["round"]
+            events.setdefault("records", []).append(record)  # per-client records: on_record
             for logs in dc.run(_outgoing).values():
                 transfers.extend(logs)
             if r == 0:
@@ -119,7 +123,7 @@ def test_no_client_rows_leave_their_worker(fed_store):
     restarted = [rep for rep in caches.values() if rep["resident"] == killed]
     assert restarted and restarted[0]["pid"] != by_worker[victim]["pid"]
     assert restarted[0]["reads"] == len(killed)
-    reread = [c for rec in run.history[2:] for c, m in rec["clients"].items() if m.get("read")]
+    reread = [c for rec in events["records"][2:] for c, m in rec["clients"].items() if m.get("read")]
     assert set(killed) <= set(reread)
     # The retired worker's clients were dropped from the last round, which still completed.
     last = run.history[-1]
@@ -130,3 +134,61 @@ def test_no_client_rows_leave_their_worker(fed_store):
 
 def _cache_report_of(dc, worker: str) -> dict:
     return dc.run(_cache_report, workers=[worker])[worker]
+
+
+# Paths the driver process opened while an audit was on (sys.addaudithook cannot be removed:
+# one hook for the module, switched on by _OPENED["on"]).
+_OPENED: dict = {"on": False, "paths": []}
+
+
+def _audit(event, args):
+    if _OPENED["on"] and event == "open" and args and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED["paths"].append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+def _site_report(dask_worker):
+    cache = placement.worker_cache(dask_worker)
+    return {"store": os.environ.get(site_tasks.SITE_ENV), "cached": sorted(k[2] for k in cache.rows),
+            "resident": sorted(r[len(placement.RESOURCE_PREFIX):]
+                               for r in dask_worker.state.total_resources)}
+
+
+def test_site_local_rows_and_stores_never_reach_the_driver(tmp_path):
+    """The site-local path, statistics included: results and transfers are model-sized, each
+    worker knows and caches only its own site, the driver process opens no site file."""
+    parts = site_rows(n_sites=3, n_rows=4800, n_features=N_FEATURES, seed=1)
+    urls = [ingest_site(tmp_path, f"site-{i}", X, y) for i, (X, y) in enumerate(parts)]
+    assert min(len(y) for _, y in parts) * 0.8 * N_FEATURES * 8 > 5 * BOUND
+    transfers: list[dict] = []
+    events: dict[str, object] = {}
+    with sites.site_cluster([([str(i)], u) for i, u in enumerate(urls)]) as dc:
+        recorder = ResultRecorder(dc.cluster.scheduler)
+        dc.cluster.scheduler.add_plugin(recorder)
+
+        def disrupt(record):
+            for logs in dc.run(_outgoing).values():
+                transfers.extend(logs)
+            if record["round"] == 0:
+                dc.rebalance()
+            events["caches"] = dc.run(_site_report)
+
+        _OPENED.update(on=True, paths=[])
+        try:
+            plan = sites.prepare_sites(dc)
+            run = sites.federate_sites(plan, models.softmax(N_FEATURES, 3), dask_client=dc,
+                                       rounds=3, lr=0.1, deadline=30, on_record=disrupt)
+        finally:
+            _OPENED["on"] = False
+        for logs in dc.run(_outgoing).values():
+            transfers.extend(logs)
+    assert recorder.seen
+    assert {k: v["nbytes"] for k, v in recorder.seen.items() if v["nbytes"] > BOUND} == {}
+    assert {k: n for t in transfers for k, n in t["keys"].items() if n > BOUND} == {}
+    assert not [p for p in _OPENED["paths"] if str(tmp_path) in p]  # no site file, ever
+    reports = sorted(events["caches"].values(), key=lambda r: r["resident"])
+    assert [r["store"] for r in reports] == urls  # each worker was told its own store only
+    assert [r["cached"] for r in reports] == [r["resident"] for r in reports] == [["0"], ["1"], ["2"]]
+    assert run.summary["test_accuracy"] > 0.7

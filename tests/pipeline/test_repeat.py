@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
-from fedpipe import rundir
-from fedpipe.cli import config, repeat
+from fedpipe import runconfig, rundir
+from fedpipe.cli import config, registry
 from fedpipe.cli.main import main
 from fedpipe.data import store
 from fedpipe.engine import placement
@@ -52,10 +54,11 @@ def _repeat(command: str, run, again, dask_client, capsys) -> int:
     return code
 
 
-def _same_config_but_where(one, two) -> None:
-    """The CLI's own config.toml of the repeat has the same keys and values, but out/scheduler."""
+def _same_config_but_where(command, one, two) -> None:
+    """The CLI's own config.toml of the repeat holds what the Python call's said, and the
+    command's defaults for the rest (out and scheduler aside)."""
     a, b = rundir.load_run(one).config, rundir.load_run(two).config
-    assert {k: v for k, v in a.items() if k != "out"} == {
+    assert config.command_values(command, {k: v for k, v in a.items() if k != "out"}) == {
         k: v for k, v in b.items() if k not in ("out", "scheduler")}
 
 
@@ -68,30 +71,32 @@ def _same_config_but_where(one, two) -> None:
     (models.mlp(5, 3, hidden=(8,), l2=1e-4, l1=1e-5), optimizers.nesterov(0.1),
      {"epochs": 2, "batch_size": 64}),
     (models.softmax(5, 3, l2=1e-2), lbfgs(), {"iterations": 3}),
-], ids=["adam", "mlp-minibatch", "lbfgs"])
+    (models.softmax(5, 3), optimizers.sgd(schedules.step_decay(0.5, every=2)),
+     {"iterations": 3}),
+], ids=["adam", "mlp-minibatch", "lbfgs", "schedule"])
 def test_fit_from_python_repeats_with_fedpipe_train(fed_store, dask_client, tmp_path, capsys,
                                                     model, optimizer, length):
     first, again = tmp_path / "first", tmp_path / "again"
     fit(fed_store, model, optimizer, seed=3, test_fraction=0.25, dask_client=dask_client,
         out=first, **length)
-    assert config.NOT_REPEATABLE not in rundir.load_run(first).config
+    assert runconfig.NOT_REPEATABLE not in rundir.load_run(first).config
     assert _repeat("train", first, again, dask_client, capsys) == 0
     _same_params(first, again)
-    _same_config_but_where(first, again)
+    _same_config_but_where("train", first, again)
 
 
-def test_fit_with_a_schedule_names_it_and_the_cli_refuses(fed_store, dask_client, tmp_path,
-                                                          capsys, caplog):
+def test_fit_with_a_rate_function_names_it_and_the_cli_refuses(fed_store, dask_client, tmp_path,
+                                                               capsys, caplog):
     run = tmp_path / "scheduled"
     with caplog.at_level(logging.WARNING, logger="fedpipe"):
-        fit(fed_store, models.softmax(5, 3), optimizers.sgd(schedules.step_decay(0.5, 2)),
+        fit(fed_store, models.softmax(5, 3), optimizers.sgd(lambda step: 0.5 / (1 + step)),
             iterations=3, dask_client=dask_client, out=run)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "optimizer: " in warnings[0]
     saved = rundir.load_run(run).config
     assert saved["model"] == "softmax" and saved["iterations"] == 3  # what can be said, is
     assert "optimizer" not in saved and "lr" not in saved  # never the CLI's default sgd 0.1
-    assert saved[config.NOT_REPEATABLE][0].startswith("optimizer: ")
+    assert saved[runconfig.NOT_REPEATABLE][0].startswith("optimizer: ")
     assert main(["train", "--config", str(run / "config.toml"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot repeat its run" in err and "optimizer" in err
@@ -116,21 +121,32 @@ def test_federate_from_python_repeats_with_fedpipe_federate(fed_store, dask_clie
              lr=0.1, seed=4, test_fraction=0.25, dask_client=dask_client, out=str(first),
              **options)
     saved = rundir.load_run(first).config
-    assert config.NOT_REPEATABLE not in saved and saved["partition"] == "p4"
+    assert runconfig.NOT_REPEATABLE not in saved and saved["partition"] == "p4"
     assert _repeat("federate", first, again, dask_client, capsys) == 0
     _same_params(first, again)
-    _same_config_but_where(first, again)
+    _same_config_but_where("federate", first, again)
 
 
-def test_federate_with_a_schedule_and_stages_names_them(fed_store, dask_client, tmp_path,
-                                                        capsys, caplog):
+def test_federate_with_a_schedule_repeats_it(fed_store, dask_client, tmp_path, capsys):
+    first, again = tmp_path / "first", tmp_path / "again"
+    federate(fed_store, models.softmax(5, 3), rounds=2, lr=schedules.cosine(0.2, 5, final=0.01),
+             batch_size=16, dask_client=dask_client, out=str(first))
+    saved = rundir.load_run(first).config
+    assert (saved["lr"], saved["lr_schedule"]) == (0.2, "cosine:total=5,final=0.01")
+    assert _repeat("federate", first, again, dask_client, capsys) == 0
+    _same_params(first, again)
+    _same_config_but_where("federate", first, again)
+
+
+def test_federate_with_stages_and_a_rate_function_names_them(fed_store, dask_client, tmp_path,
+                                                             capsys, caplog):
     run = tmp_path / "custom"
     with caplog.at_level(logging.WARNING, logger="fedpipe"):
-        federate(fed_store, models.softmax(5, 3), rounds=1, lr=schedules.cosine(0.1, 5),
+        federate(fed_store, models.softmax(5, 3), rounds=1, lr=lambda rnd: 0.1 * 0.5**rnd,
                  stages=aggregate.default_chain(), dask_client=dask_client, out=str(run))
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     saved = rundir.load_run(run).config
-    assert [s.split(":")[0] for s in saved[config.NOT_REPEATABLE]] == ["lr", "stages"]
+    assert [s.split(":")[0] for s in saved[runconfig.NOT_REPEATABLE]] == ["lr", "stages"]
     assert "lr" not in saved and saved["strategy"] == "fedavg"
     assert main(["federate", "--config", str(run / "config.toml")]) == 2
     err = capsys.readouterr().err.strip()
@@ -150,49 +166,81 @@ def test_federate_with_a_schedule_and_stages_names_them(fed_store, dask_client, 
     (models.mlp(5, 3, hidden=()), {"model": "mlp", "hidden": "", "l2": 0.0, "l1": 0.0}),
 ])
 def test_model_options_rebuild_the_model(model, expected):
-    assert repeat.model_options(model, INFO, seed=0) == {"hidden": None, **expected}
+    assert runconfig.model_options(model, INFO) == {"hidden": None, **expected}
+    options = {k: v for k, v in expected.items() if k != "model"}
+    assert registry.make_model(expected["model"], INFO, **options).spec == model.spec
 
 
 @pytest.mark.parametrize("model", [
     models.softmax(5, 3, intercept=False),
     models.Model("mine", *models.softmax(5, 3)[1:]),
     models.linear(5),  # does not fit a classification store
-], ids=["no-intercept", "renamed", "wrong-task"])
+    models.softmax(4, 3),  # another number of features
+    models.softmax(5, 3)._replace(spec=None),  # a model that cannot say how it was built
+], ids=["no-intercept", "renamed", "wrong-task", "wrong-size", "no-spec"])
 def test_models_the_cli_cannot_build(model):
-    with pytest.raises(repeat.NotExpressible, match=repr(model.name)):
-        repeat.model_options(model, INFO, seed=0)
+    with pytest.raises(runconfig.NotExpressible, match=repr(model.name)):
+        runconfig.model_options(model, INFO)
 
 
 def test_federate_has_no_l1():
-    with pytest.raises(repeat.NotExpressible, match="no --l1"):
-        repeat.model_options(models.softmax(5, 3, l1=0.1), INFO, seed=0, l1_option=False)
+    with pytest.raises(runconfig.NotExpressible, match="no --l1"):
+        runconfig.model_options(models.softmax(5, 3, l1=0.1), INFO, l1_option=False)
 
 
 @pytest.mark.parametrize("name", ["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam",
                                   "adamw", "yogi"])
 @pytest.mark.parametrize("lr", [0.1, 0.123456789, 3e-5])
 def test_optimizer_options_read_the_rate_exactly(name, lr):
-    assert repeat.optimizer_options(getattr(optimizers, name)(lr)) == {"optimizer": name,
-                                                                      "lr": lr}
+    assert runconfig.optimizer_options(getattr(optimizers, name)(lr)) == {"optimizer": name,
+                                                                         "lr": lr}
+
+
+@pytest.mark.parametrize("schedule", [
+    schedules.constant(0.3), schedules.step_decay(0.1, every=10),
+    schedules.exponential(0.2, rate=0.9, decay_steps=3), schedules.inverse_time(1e-5, decay=2),
+    schedules.cosine(0.1, 40, final=0.001),
+], ids=lambda s: s.spec["kind"])
+def test_a_schedule_is_written_as_the_lr_schedule_the_cli_reads(schedule):
+    options = runconfig.optimizer_options(optimizers.adam(schedule))
+    rebuilt = registry.make_optimizer(options["optimizer"], options["lr"],
+                                      options.get("lr_schedule"), total_steps=7)
+    assert optimizers.describe(rebuilt)["lr"] in (schedule.spec, schedule.spec["lr"])
 
 
 @pytest.mark.parametrize("optimizer", [
-    optimizers.sgd(schedules.step_decay(0.1, every=10)),  # constant over the first steps
+    optimizers.sgd(lambda step: 0.1),
     optimizers.adam(0.1, b1=0.8),
     optimizers.momentum(0.1, beta=0.95),
+    optimizers.chain(optimizers.clip_by_global_norm(1.0), optimizers.scale(-0.1)),
     lbfgs(memory=5),
-], ids=["schedule", "adam-b1", "momentum-beta", "lbfgs-memory"])
+], ids=["rate-function", "adam-b1", "momentum-beta", "chain", "lbfgs-memory"])
 def test_optimizers_the_cli_cannot_build(optimizer):
-    with pytest.raises(repeat.NotExpressible):
-        repeat.optimizer_options(optimizer)
+    with pytest.raises(runconfig.NotExpressible):
+        runconfig.optimizer_options(optimizer)
 
 
 def test_strategy_options():
-    assert repeat.strategy_options(aggregate.fedprox(0.2, server_lr=0.5)) == {
+    assert runconfig.strategy_options(aggregate.fedprox(0.2, server_lr=0.5)) == {
         "strategy": "fedprox", "server_lr": 0.5, "mu": 0.2}
-    assert repeat.strategy_options(aggregate.fedyogi(0.03)) == {"strategy": "fedyogi",
-                                                                "server_lr": 0.03}
+    assert runconfig.strategy_options(aggregate.fedyogi(0.03)) == {"strategy": "fedyogi",
+                                                                   "server_lr": 0.03}
     for other in (aggregate.fedadam(0.05, eps=1e-2), aggregate.fedavgm(beta=0.5),
                   aggregate.Strategy("mine", optimizers.sgd(1.0))):
-        with pytest.raises(repeat.NotExpressible, match=repr(other.name)):
-            repeat.strategy_options(other)
+        with pytest.raises(runconfig.NotExpressible, match=repr(other.name)):
+            runconfig.strategy_options(other)
+
+
+def test_runconfig_writes_the_names_the_cli_reads():
+    assert {*optimizers.OPTIMIZERS, "lbfgs"} == set(registry.OPTIMIZERS)
+    assert set(runconfig.SCHEDULE_NAMES.values()) == set(registry.SCHEDULES)
+    assert set(runconfig.STRATEGIES) == set(registry.STRATEGIES)
+    assert set(models.BUILDERS) == set(registry.MODELS)
+
+
+def test_the_engines_import_nothing_of_the_cli():
+    code = ("import sys, fedpipe.engine.train, fedpipe.engine.federate; "
+            "print(sorted(m for m in sys.modules if m.startswith('fedpipe.cli')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip() == "[]"

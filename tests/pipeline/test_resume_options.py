@@ -44,7 +44,7 @@ def _replace(argv: list[str], flag: str, value: str) -> list[str]:
 
 @pytest.mark.parametrize(("flag", "value"), [
     ("--lr", "0.5"), ("--optimizer", "sgd"), ("--seed", "3"), ("--l2", "0.1"),
-    ("--test-fraction", "0.5"), ("--iterations", "1"), ("--epochs", "2"), ("--schedule", "step"),
+    ("--test-fraction", "0.5"), ("--iterations", "1"), ("--epochs", "2"), ("--lr-schedule", "step"),
 ])
 def test_train_resume_with_a_changed_option_is_refused_before_writing(train_run, capsys, flag,
                                                                       value):
@@ -75,7 +75,7 @@ def test_train_resume_may_extend_and_move_and_takes_the_rest_from_the_run(train_
 
 def test_a_cosine_run_cannot_be_extended_without_total(small_store, tmp_path, capsys,
                                                        dask_client):
-    argv = ["train", small_store(), "--model", "softmax", "--schedule", "cosine",
+    argv = ["train", small_store(), "--model", "softmax", "--lr-schedule", "cosine",
             "--iterations", "2", "--out", str(tmp_path / "run"), "--scheduler",
             dask_client.scheduler.address, "-q"]
     assert main(argv) == 0

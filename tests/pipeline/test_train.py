@@ -64,6 +64,37 @@ def test_bit_identical_whatever_the_workers_and_cache(store):
     assert runs[0] == runs[1] == runs[2] == runs[3]
 
 
+def test_default_chunks_per_task_follows_the_cluster_and_changes_no_bit(store):
+    # 6 chunks, fan_in 2: blocks of 2 unless a worker would get 4 of the 6 chunks (2 workers)
+    model, runs = models.softmax(5, 3, l2=1e-3), {}
+    for workers, processes, per_task in ((1, False, None), (2, True, None), (3, False, None),
+                                         (2, False, 1)):
+        with connect(workers=workers, threads=1, processes=processes,
+                     dashboard_address=":0") as dc:
+            result = fit(store, model, optimizers.adam(0.05), iterations=4, dask_client=dc,
+                         fan_in=2, chunks_per_task=per_task)
+        runs[workers, per_task] = result.params.tobytes(), result.summary["chunks_per_task"]
+    assert {key: per_task for key, (_, per_task) in runs.items()} == {
+        (1, None): 2, (2, None): 1, (3, None): 2, (2, 1): 1}
+    assert len({params for params, _ in runs.values()}) == 1
+
+
+def test_float32_compute_on_a_float32_store(dask_client, small_store):
+    url, model = small_store(dtype="float32", standardize=True), models.softmax(5, 3)
+    with connect(workers=1, threads=1, processes=True, dashboard_address=":0") as dc:
+        one = fit(url, model, optimizers.sgd(0.5), iterations=5, dask_client=dc,
+                  compute_dtype="float32")
+    two = fit(url, model, optimizers.sgd(0.5), iterations=5, dask_client=dask_client,
+              compute_dtype="float32", cache="stream")
+    wide = fit(url, model, optimizers.sgd(0.5), iterations=5, dask_client=dask_client)
+    assert one.params.tobytes() == two.params.tobytes()  # any workers, either cache
+    gap = np.abs(one.params - wide.params).max() / np.abs(wide.params).max()
+    assert 0 < gap < 1e-5  # float32 products: a few units of float32's 6e-8 per step
+    with pytest.raises(ValidationError, match="float32 store"):
+        fit(small_store(), model, optimizers.sgd(0.5), iterations=1, dask_client=dask_client,
+            compute_dtype="float32")
+
+
 @pytest.mark.parametrize("cache", ["memory", "stream"])
 def test_blocks_spread_over_the_workers(dask_client, store, cache):
     # Two blocks of three chunks on two workers: each worker gets one, every pass. (Left to

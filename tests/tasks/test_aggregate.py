@@ -114,8 +114,8 @@ def test_rejection_from_any_stage():
 def test_fedavg_server_step_adds_the_mean_delta():
     strategy = aggregate.fedavg()
     p, delta = np.array([1.0, 2.0]), np.array([0.5, -1.0])
-    new, _ = aggregate.server_step(strategy.server_optimizer, p,
-                                   strategy.server_optimizer.init(p), delta)
+    new, _ = aggregate.server_step(strategy.server, p,
+                                   strategy.server.init(p), delta)
     np.testing.assert_allclose(new, p + delta)
 
 
@@ -127,10 +127,10 @@ def test_fedavg_server_step_adds_the_mean_delta():
 ])
 def test_adaptive_servers_are_the_optimizers_on_minus_delta(strategy, optimizer):
     p = np.array([1.0, -1.0, 0.5])
-    s1, s2 = strategy.server_optimizer.init(p), optimizer.init(p)
+    s1, s2 = strategy.server.init(p), optimizer.init(p)
     q1 = q2 = p
     for delta in (np.array([0.1, 0.2, -0.3]), np.array([0.0, -0.1, 0.2])):
-        q1, s1 = aggregate.server_step(strategy.server_optimizer, q1, s1, delta)
+        q1, s1 = aggregate.server_step(strategy.server, q1, s1, delta)
         updates, s2 = optimizer.update(-delta, s2, q2)
         q2 = q2 + updates
     np.testing.assert_array_equal(q1, q2)

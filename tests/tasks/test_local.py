@@ -94,3 +94,26 @@ def test_client_test_sums_add_up_and_an_empty_client_has_no_metrics(data, model)
 def test_round_lr_takes_a_constant_or_a_schedule():
     assert round_lr(0.5, 9) == 0.5
     assert round_lr(lambda r: 1.0 / (r + 1), 3) == 0.25
+
+
+def test_any_optimizer_runs_the_local_steps(data):
+    # The client update is an Optimizer: sgd(lr) is the default bit for bit, and adam's
+    # full-batch steps follow its own init/update from a fresh state every round.
+    from fedpipe.tasks import optimizers
+
+    X, y = data
+    model = models.logistic(4, l2=0.1)
+    p = model.init(0) + 0.1
+    default = _train(model, p, X, y, epochs=2)
+    explicit = _train(model, p, X, y, epochs=2, optimizer=optimizers.sgd(0.1))
+    np.testing.assert_array_equal(default.packet["delta"], explicit.packet["delta"])
+    adam = optimizers.adam(0.05)
+    out = _train(model, p, X, y, epochs=3, batch_size=len(y), optimizer=adam)
+    w, state = p.copy(), adam.init(p)
+    for _ in range(3):
+        _, g, n = model.loss_and_grad(w, X, y)
+        updates, state = adam.update(g / n + model.penalty(w)[1], state, w)
+        w = w + updates
+    np.testing.assert_allclose(out.packet["delta"], w - p, rtol=1e-12, atol=1e-15)
+    assert not np.allclose(out.packet["delta"], _train(model, p, X, y, epochs=3,
+                                                       batch_size=len(y)).packet["delta"])

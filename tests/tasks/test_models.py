@@ -1,5 +1,7 @@
 """Models: the conformance suite on every model, closed forms, stability, and real-data sanity."""
 
+import json
+
 import numpy as np
 import pytest
 from fedpipe.tasks import models as M
@@ -350,3 +352,20 @@ def test_models_survive_cloudpickle_like_dask_ships_them():
     clone = cloudpickle.loads(cloudpickle.dumps(model))
     p = model.init(0)
     assert clone.loss_and_grad(p, X, y)[0] == model.loss_and_grad(p, X, y)[0]
+
+
+@pytest.mark.parametrize("model", [
+    M.linear(4, l2=0.1, l1=0.01), M.logistic(4, intercept=False),
+    M.softmax(4, 3, l2=1e-3), M.mlp(4, 3, hidden=(5, 2), l2=1e-4),
+    M.mlp(4, 1, hidden=(), task="regression"),
+], ids=lambda m: m.name)
+def test_describe_and_from_spec_round_trip(model):
+    spec = M.describe(model)
+    rebuilt = M.from_spec(json.loads(json.dumps(spec)))
+    assert M.describe(rebuilt) == spec and rebuilt.name == model.name
+    params = model.init(3)
+    assert rebuilt.init(3).tobytes() == params.tobytes()
+    X = np.random.default_rng(0).normal(size=(6, 4))
+    assert np.asarray(rebuilt.predict(params, X)).tobytes() == np.asarray(
+        model.predict(params, X)).tobytes()
+    assert M.describe(model._replace(spec=None)) is None

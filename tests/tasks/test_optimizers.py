@@ -1,8 +1,11 @@
 """Optimizers: the conformance suite on each, closed forms of the first steps, properties."""
 
+import json
+
 import numpy as np
 import pytest
 from fedpipe.tasks import optimizers as opt
+from fedpipe.tasks import schedules as sch
 from fedpipe.tasks.checks import check_optimizer
 
 EPS = 1e-8
@@ -138,3 +141,88 @@ def test_check_optimizer_catches_state_hidden_outside_the_state_dict():
 
     with pytest.raises(AssertionError):
         check_optimizer(hidden)
+
+
+# ---------------------------------------------------------------------------------------------
+# transforms, chain and specs
+
+
+def _steps(optimizer, grads, params):
+    state, out = optimizer.init(params), []
+    for g in grads:
+        updates, state = optimizer.update(g, state, params)
+        out.append(updates)
+        params = opt.apply_updates(params, updates)
+    return np.array(out), state
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_is_a_chain_of_transforms(weight_decay):
+    rng = np.random.default_rng(1)
+    grads, p0 = rng.normal(size=(8, 5)), rng.normal(size=5)
+    decay = [opt.add_decayed_weights(weight_decay)] if weight_decay else []
+    chained = opt.chain(opt.scale_by_adam(), *decay, opt.scale(-0.03))
+    ours, state = _steps(opt.adam(0.03, weight_decay=weight_decay), grads, p0)
+    theirs, chained_state = _steps(chained, grads, p0)
+    assert ours.tobytes() == theirs.tobytes()
+    assert state.keys() == chained_state.keys() == {"mu", "nu", "step"}
+
+
+def test_clip_by_global_norm_bounds_the_norm_and_keeps_the_direction():
+    rng = np.random.default_rng(2)
+    clip = opt.clip_by_global_norm(1.5)
+    state = clip.init(np.zeros(4))
+    for g in rng.normal(size=(20, 4)) * rng.uniform(0.1, 5.0, size=(20, 1)):
+        clipped, _ = clip.update(g, state, None)
+        assert np.linalg.norm(clipped) <= 1.5 * (1 + 1e-12)
+        assert np.allclose(clipped / np.linalg.norm(clipped), g / np.linalg.norm(g))
+        if np.linalg.norm(g) <= 1.5:
+            assert np.array_equal(clipped, g)
+
+
+def test_a_schedule_scales_by_its_value_at_the_step():
+    grads = np.ones((4, 2))
+    updates, _ = _steps(opt.scale_by_schedule(sch.step_decay(1.0, every=2, factor=0.5)), grads,
+                        np.zeros(2))
+    assert updates[:, 0].tolist() == [1.0, 1.0, 0.5, 0.5]
+
+
+def test_chain_refuses_two_transforms_with_the_same_state():
+    with pytest.raises(ValueError, match="mu"):
+        opt.chain(opt.scale_by_adam(), opt.scale_by_yogi()).init(np.zeros(3))
+
+
+@pytest.mark.parametrize("optimizer", [
+    *(factory(0.05) for factory in opt.OPTIMIZERS.values()),
+    opt.adam(sch.cosine(0.1, 50, final=0.01), b1=0.8, weight_decay=1e-3),
+    opt.momentum(sch.step_decay(0.2, every=3), beta=0.5, nesterov=True),
+    opt.chain(opt.clip_by_global_norm(2.0), opt.scale_by_rms(0.8),
+              opt.scale_by_schedule(sch.exponential(0.1, rate=0.9))),
+], ids=lambda o: o.spec["kind"])
+def test_describe_and_from_spec_round_trip(optimizer):
+    spec = opt.describe(optimizer)
+    rebuilt = opt.from_spec(json.loads(json.dumps(spec)))
+    assert opt.describe(rebuilt) == spec
+    rng = np.random.default_rng(3)
+    grads, p0 = rng.normal(size=(6, 4)), rng.normal(size=4)
+    assert _steps(rebuilt, grads, p0)[0].tobytes() == _steps(optimizer, grads, p0)[0].tobytes()
+
+
+def test_the_spec_names_the_factory_and_its_hyperparameters():
+    assert opt.describe(opt.adam(0.01)) == {"kind": "adam", "lr": 0.01, "b1": 0.9, "b2": 0.999,
+                                            "eps": 1e-8, "weight_decay": 0.0}
+    assert opt.describe(opt.sgd(sch.constant(0.2)))["lr"] == {"kind": "constant", "lr": 0.2}
+    # a rate function of your own cannot be written down: the optimizer says so
+    assert opt.describe(opt.sgd(lambda step: 0.1)) is None
+    with pytest.raises(ValueError, match="unknown optimizer kind 'lion'"):
+        opt.from_spec({"kind": "lion", "lr": 0.1})
+
+
+def test_check_optimizer_catches_a_spec_that_does_not_rebuild_it():
+    def doubled(lr):
+        inner = opt.sgd(lr)
+        return inner._replace(update=lambda g, s, p: (2 * inner.update(g, s, p)[0],
+                                                      inner.update(g, s, p)[1]))
+
+    with pytest.raises(AssertionError, match="rebuilt from its spec"):
+        check_optimizer(doubled)

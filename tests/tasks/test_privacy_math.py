@@ -165,6 +165,17 @@ def test_robust_rules_ignore_a_huge_attacker_within_their_bound():
         assert np.all(np.isfinite(out)) and np.linalg.norm(out - center) < 3.0
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_median_and_trimmed_mean_by_coordinate_blocks_are_the_same_bits(monkeypatch, threads):
+    x = np.random.default_rng(4).normal(size=(51, 1003))  # odd K, d not a multiple of blocks
+    whole_median, whole_trimmed = np.median(x, axis=0), robust.trimmed_mean(x, 5)
+    monkeypatch.setattr(robust, "PARALLEL_AT", 1)
+    monkeypatch.setattr(robust.os, "cpu_count", lambda: threads)
+    np.testing.assert_array_equal(robust.coordinate_median(x), whole_median)
+    np.testing.assert_array_equal(robust.trimmed_mean(x, 5), whole_trimmed)
+    np.testing.assert_allclose(whole_trimmed, np.sort(x, axis=0)[5:46].mean(axis=0))
+
+
 def test_trimmed_mean_drops_f_at_each_end_per_coordinate():
     rng = np.random.default_rng(1)
     x = rng.normal(size=(11, 6))

@@ -1,5 +1,6 @@
 """Learning-rate schedules: values from their defining formulas and their shape properties."""
 
+import json
 import math
 
 import numpy as np
@@ -72,3 +73,22 @@ def test_as_schedule():
 def test_bad_arguments_raise(bad):
     with pytest.raises(ValueError):
         bad()
+
+
+@pytest.mark.parametrize("schedule", [
+    sch.constant(0.3), sch.step_decay(0.1, every=7, factor=0.3),
+    sch.exponential(0.1, rate=0.97, decay_steps=3), sch.inverse_time(0.1, decay=0.2),
+    sch.cosine(0.1, total_steps=150, final=0.001),
+], ids=lambda s: s.spec["kind"])
+def test_a_schedule_keeps_its_spec_and_is_rebuilt_from_it(schedule):
+    spec = sch.describe(schedule)
+    rebuilt = sch.from_spec(json.loads(json.dumps(spec)))
+    assert sch.describe(rebuilt) == spec
+    assert [rebuilt(t) for t in STEPS] == [schedule(t) for t in STEPS]
+
+
+def test_describe_a_number_or_a_function_of_your_own():
+    assert sch.describe(0.5) == 0.5 and sch.from_spec(0.5) == 0.5
+    assert sch.describe(lambda step: 0.1) is None
+    with pytest.raises(ValueError, match="unknown schedule kind"):
+        sch.from_spec({"kind": "zigzag", "lr": 0.1})

@@ -172,3 +172,32 @@ def test_dropout_plan_is_deterministic_and_sized():
     assert len(plan) == 10 and set(plan.values()) == {"upload", "unmask"}
     assert plan == secure.dropout_plan(clients, 3, 7, 1 / 3, "mixed")
     assert plan != secure.dropout_plan(clients, 4, 7, 1 / 3, "mixed")
+
+
+@pytest.mark.parametrize("bits", [16, 32, 64])
+def test_prg_is_the_chacha20_keystream_reduced_mod_2k(bits):
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    seed = bytes(range(32))
+    dtype = np.uint32 if bits <= 32 else np.uint64
+    stream = Cipher(algorithms.ChaCha20(seed, bytes(16)), mode=None).encryptor()
+    expected = np.frombuffer(stream.update(bytes(1000 * np.dtype(dtype).itemsize)), dtype)
+    got = secagg.prg(seed, 1000, bits)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, expected & dtype(2**bits - 1) if bits < 32 else expected)
+
+
+def test_lagrange_weights_shared_across_secrets_reconstruct_each():
+    rng = np.random.default_rng(3)
+    secrets = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(3)]
+    shares = [secagg.share_secret(s, [1, 2, 3, 4], 3, bytes(32 + i)) for i, s in enumerate(secrets)]
+    # same holders (so the same cached weights) for every secret, then another holder set
+    assert [secagg.reconstruct({x: sh[x] for x in (1, 2, 4)}, 3) for sh in shares] == secrets
+    assert [secagg.reconstruct({x: sh[x] for x in (2, 3, 4)}, 3) for sh in shares] == secrets
+
+
+def test_one_exchanger_agrees_with_each_peer_like_exchange():
+    me, a, b = (secagg.round_keys(bytes([i]) * 64) for i in (1, 2, 3))
+    agree = secagg.exchanger(me.c_secret)
+    for peer in (a, b):
+        assert agree(peer.c_public) == secagg.exchange(peer.c_secret, me.c_public)

@@ -1,0 +1,161 @@
+"""Site-local federated data: schema agreement and preprocessing statistics from per-site sums.
+
+Each site reports its schema (feature names, dtypes, label set) and a *statistics packet* of
+plain sums (rows, count, sum, sum of squares, missing counts; min and max as gathered rows).
+Packets go through the same aggregation chain as model updates
+(:func:`fedpipe.tasks.aggregate.client_side` -> fixed-order :func:`~fedpipe.tasks.aggregate.add_packets`
+tree -> :func:`~fedpipe.tasks.aggregate.server_side`), so the global statistics equal the pooled
+computation up to floating-point rounding, and no row leaves its site.
+
+References
+----------
+FATE, "Federated feature engineering": imputer and normaliser from aggregated statistics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from . import stats as stats_math
+from .aggregate import GATHER, Packet, Stage, StageSpec, StageState
+
+SCHEMA_KEYS = ("task", "dtype", "feature_names", "input_dtypes", "categorical", "target")
+
+
+# --------------------------------------------------------------------------------------------
+# schema agreement
+
+
+def schema_digest(schema: Mapping[str, object]) -> str:
+    """A short digest of a site's schema (without its labels): equal schemas, equal digests."""
+    text = json.dumps({k: _kind(schema.get(k)) if k == "task" else schema.get(k)
+                       for k in SCHEMA_KEYS}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def schema_difference(reference: Mapping[str, object], site: Mapping[str, object]) -> str | None:
+    """How ``site``'s schema differs from ``reference`` in words, or None when they agree."""
+    ref_cols, cols = list(reference["feature_names"]), list(site["feature_names"])
+    missing = [c for c in ref_cols if c not in cols]
+    extra = [c for c in cols if c not in ref_cols]
+    if missing:
+        return f"missing column(s) {', '.join(map(str, missing))}"
+    if extra:
+        return f"extra column(s) {', '.join(map(str, extra))}"
+    if cols != ref_cols:
+        return "the same columns in another order"
+    if _kind(reference.get("task")) != _kind(site.get("task")):
+        return f"task {site.get('task')!r} where the others have {reference.get('task')!r}"
+    for key in ("dtype", "target"):
+        if reference.get(key) != site.get(key):
+            return f"{key} {site.get(key)!r} where the others have {reference.get(key)!r}"
+    ref_types, types = dict(reference.get("input_dtypes") or {}), dict(site.get("input_dtypes") or {})
+    for col in sorted(set(ref_types) | set(types), key=str):
+        if ref_types.get(col) != types.get(col):
+            return f"column {col} has dtype {types.get(col)} where the others have {ref_types.get(col)}"
+    if (reference.get("categorical") or {}) != (site.get("categorical") or {}):
+        return "other categories of a categorical column"
+    return None
+
+
+def _kind(task: object) -> object:
+    # binary or multiclass follows from the labels a site happens to hold: agreed as a union
+    return "classification" if task in ("binary", "multiclass") else task
+
+
+def agreed_task(task: str, union: Sequence[object] | None) -> str:
+    """The run's task: a classification task follows the size of the union of labels."""
+    if _kind(task) != "classification" or union is None:
+        return task
+    return "binary" if len(union) <= 2 else "multiclass"
+
+
+def reference_schema(schemas: Mapping[str, Mapping[str, object]],
+                     order: Sequence[str]) -> Mapping[str, object]:
+    """The schema most sites share (ties: the first site's in ``order``): the one others must match."""
+    digests = {c: schema_digest(schemas[c]) for c in order}
+    counts: dict[str, int] = {}
+    for d in digests.values():
+        counts[d] = counts.get(d, 0) + 1
+    best = max(counts.values())
+    first = next(c for c in order if counts[digests[c]] == best)
+    return schemas[first]
+
+
+def union_labels(label_sets: Sequence[Sequence[object] | None]) -> list | None:
+    """The union of the sites' label sets in a deterministic order (sorted; numbers before text)."""
+    if all(labels is None for labels in label_sets):
+        return None
+    seen = {label for labels in label_sets for label in (labels or ())}
+    return sorted(seen, key=lambda v: (isinstance(v, str), v))
+
+
+def label_map(site_labels: Sequence[object], union: Sequence[object]) -> np.ndarray:
+    """``index_in_union[site_index]``: a site's label indices become the union's."""
+    position = {label: i for i, label in enumerate(union)}
+    return np.array([position[label] for label in site_labels], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# statistics through the aggregation chain
+
+
+def stats_packet(X: np.ndarray) -> Packet:
+    """One site's statistics packet: sums that add across sites, min/max as gathered rows."""
+    return stats_packet_of(stats_math.chunk_stats(X), X.shape[0])
+
+
+def stats_packet_of(s: stats_math.Stats, n_rows: int) -> Packet:
+    """The packet of a site's merged :func:`fedpipe.tasks.stats.chunk_stats` over ``n_rows``."""
+    return {"rows": np.array([float(n_rows)]), "count": s["count"].astype(np.float64),
+            "sum": s["sum"], "sumsq": s["sumsq"],
+            "missing": (n_rows - s["count"]).astype(np.float64),
+            f"{GATHER}min": s["min"][None, :], f"{GATHER}max": s["max"][None, :]}
+
+
+def stats_stage(name: str = "stats") -> Stage:
+    """The statistics' aggregation stage: refuses non-finite sums on the site, reduces the
+    gathered min/max rows on the server. Its ``"gather"`` reduction keeps one row per site."""
+
+    def init(n_params: int) -> StageState:
+        return {}
+
+    def before_sum(packet: Packet, state: StageState) -> Packet:
+        from .aggregate import RejectedUpdate
+
+        if not all(np.all(np.isfinite(packet[k])) for k in ("rows", "count", "sum", "sumsq")):
+            raise RejectedUpdate("non-finite statistics")
+        return packet
+
+    def after_sum(total: Packet, state: StageState):
+        out = {k: v for k, v in total.items() if not k.startswith(GATHER)}
+        out["min"] = total[f"{GATHER}min"].min(axis=0, initial=np.inf)
+        out["max"] = total[f"{GATHER}max"].max(axis=0, initial=-np.inf)
+        return out, state, {"sites": float(total[f"{GATHER}min"].shape[0])}
+
+    return Stage(name, init, before_sum, after_sum, reduction="gather",
+                 spec=StageSpec(kind="stats"))
+
+
+def finish_stats(total: Packet) -> dict[str, np.ndarray]:
+    """Global statistics from the server part's output: count, sum, sumsq, min, max, missing,
+    mean and population variance per feature (the shape :mod:`fedpipe.tasks.stats` uses)."""
+    out = {"count": np.rint(total["count"]).astype(np.int64), "sum": total["sum"],
+           "sumsq": total["sumsq"], "min": total["min"], "max": total["max"],
+           "missing": np.rint(total["missing"]).astype(np.int64)}
+    n = np.maximum(out["count"], 1).astype(np.float64)
+    out["mean"] = out["sum"] / n
+    out["var"] = np.maximum(out["sumsq"] - out["sum"] * out["mean"], 0.0) / n
+    return out
+
+
+def preprocess_rows(X: np.ndarray, stats: Mapping[str, np.ndarray] | None, impute: str,
+                    standardize: bool) -> np.ndarray:
+    """A site's rows as float64 with the global imputation (mean) and standardisation applied."""
+    if stats is None or (impute == "none" and not standardize):
+        return np.asarray(X, dtype=np.float64)
+    return stats_math.preprocess(X, stats, impute=impute, standardize=standardize)

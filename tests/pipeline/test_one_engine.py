@@ -1,0 +1,47 @@
+"""Data-parallel training is federated training with chunk blocks as participants (issue 12)."""
+
+from __future__ import annotations
+
+import fedpipe as fp
+import numpy as np
+import pytest
+
+CHUNK_ROWS, N_CHUNKS = 50, 6
+
+
+@pytest.fixture(scope="module")
+def chunk_store(tmp_path_factory) -> str:
+    # A "block" feature numbers each row's chunk, so a column partition makes one client per
+    # stored chunk: the participants of data-parallel training.
+    rng = np.random.default_rng(7)
+    X = rng.normal(size=(CHUNK_ROWS * N_CHUNKS, 4))
+    y = np.argmax(X @ rng.normal(size=(4, 3)) + rng.normal(scale=0.5, size=(len(X), 3)), axis=1)
+    block = np.repeat(np.arange(N_CHUNKS), CHUNK_ROWS)[:, None].astype(float)
+    path = str(tmp_path_factory.mktemp("one") / "chunks.zarr")
+    from fedpipe.data.ingest import ingest_arrays
+
+    ingest_arrays(np.hstack([X, block]), y, path, chunk_rows=CHUNK_ROWS,
+                  feature_names=["a", "b", "c", "d", "block"])
+    fp.partition(path, clients=N_CHUNKS, scheme="column", column="block", name="chunks")
+    return path
+
+
+@pytest.mark.parametrize("optimizer", [fp.optimizers.sgd(0.5), fp.optimizers.adam(0.05)],
+                         ids=["sgd", "adam"])
+def test_fit_equals_federate_with_chunks_as_participants(chunk_store, dask_client, optimizer):
+    info = fp.read_info(chunk_store)
+    clients = info.partitions["chunks"]["clients"]
+    assert sorted(m["n_rows"] for m in clients.values()) == [CHUNK_ROWS] * N_CHUNKS
+    model, rounds = fp.models.softmax(5, 3, l2=0.01), 4
+    fitted = fp.fit(chunk_store, model, optimizer, iterations=rounds, test_fraction=0.0,
+                    dask_client=dask_client)
+    # Every participant every round, one full-batch sgd(1) step, weighted mean, server=optimizer.
+    data_parallel = fp.strategies.Strategy("data-parallel", server=optimizer,
+                                           client=fp.optimizers.sgd(1.0), local_epochs=1,
+                                           stages=fp.strategies.default_chain())
+    run = fp.federate(chunk_store, model, rounds=rounds, strategy=data_parallel,
+                      partition="chunks", batch_size=CHUNK_ROWS, test_fraction=0.0,
+                      dask_client=dask_client)
+    assert [r["aggregated"] for r in run.history] == [N_CHUNKS] * rounds
+    np.testing.assert_allclose(run.params, fitted.params, rtol=1e-10, atol=1e-13)
+    assert not np.allclose(fitted.params, model.init(0))  # it did train

@@ -1,0 +1,132 @@
+"""Site-local federated learning: each client's worker knows only its own store.
+
+Stores are ingested one per site; workers are given only their own location (a ``SiteStore``
+plugin here, ``FEDPIPE_SITE_STORE`` in the process test of test_no_data_leaves.py). The driver
+agrees the schema, computes the statistics through the aggregation chain and trains.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fedpipe import rundir
+from fedpipe.cli.main import main
+from fedpipe.data.stats import compute_stats
+from fedpipe.engine import sites
+from fedpipe.errors import StoreError, ValidationError
+from fedpipe.tasks import aggregate, models
+from fedpipe.tasks import stats as stats_math
+from sites_support import ingest_site, site_rows
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sites")
+    parts = site_rows()
+    urls = [ingest_site(tmp, f"site-{i}", X, y) for i, (X, y) in enumerate(parts)]
+    pooled = ingest_site(tmp, "pooled", np.concatenate([p[0] for p in parts]),
+                         np.concatenate([p[1] for p in parts]))
+    X, y = parts[0]
+    odd = {"extra": ingest_site(tmp, "extra", np.c_[X, X[:, 0]], y),
+           "dtype": ingest_site(tmp, "dtype", X, y, "--dtype", "float32")}
+    return {"sites": urls, "pooled": pooled, "parts": parts, "odd": odd, "tmp": tmp}
+
+
+def test_sites_agree_compute_pooled_statistics_and_train(stores):
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    with sites.site_cluster(workers, processes=False) as dc:
+        plan = sites.prepare_sites(dc, label_hist=True)
+        with pytest.raises(ValidationError, match=r"^site client-1: unseen label\(s\) 2$"):
+            sites.agree(dc, plan.clients, classes=[0, 1])  # the user's label set, if given
+        out = stores["tmp"] / "run"
+        run = sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=8,
+                                   lr=0.1, out=str(out))
+    assert plan.clients == ["0", "1", "2"]
+    assert plan.info.classes == [0, 1, 2]  # site 0 has no class 2: the union has it
+    assert set(plan.label_hist["0"]) == {"0", "1"}
+    assert plan.rows == {str(i): len(p[1]) for i, p in enumerate(stores["parts"])}
+    assert not any(url in repr(plan) for url in stores["sites"])  # the driver never knew them
+    pooled = compute_stats(stores["pooled"])
+    for key in ("sum", "sumsq", "min", "max"):
+        np.testing.assert_allclose(plan.stats[key], pooled[key], rtol=1e-12)
+    np.testing.assert_array_equal(plan.stats["count"], pooled["count"])
+    assert plan.stats["missing"][2] > 0 and plan.stats["missing"].sum() == plan.stats["missing"][2]
+    assert run.summary["sites"] == 3 and run.summary["test_accuracy"] > 0.8
+    # The run holds the federated statistics: predicting raw rows applies them.
+    X = np.concatenate([p[0] for p in stores["parts"]])
+    y = np.concatenate([p[1] for p in stores["parts"]])
+    loaded = rundir.load_run(out)
+    ready = stats_math.preprocess(X, pooled, impute="mean", standardize=True)
+    expected = models.softmax(5, 3).predict(run.params, ready)
+    np.testing.assert_array_equal(loaded.predict(X), expected)
+    assert np.mean(loaded.predict(X) == y) > 0.8
+
+
+@pytest.mark.parametrize(("odd", "why"), [("extra", "site client-2: extra column(s) x5"),
+                                          ("dtype", "site client-2: dtype 'float32' where the "
+                                                    "others have 'float64'")])
+def test_a_mismatched_site_is_refused_in_one_line(stores, odd, why, capsys):
+    urls = [*stores["sites"][:2], stores["odd"][odd]]
+    with sites.site_cluster([([str(i)], u) for i, u in enumerate(urls)], processes=False) as dc:
+        with pytest.raises(ValidationError) as caught:
+            sites.prepare_sites(dc)
+        assert str(caught.value) == why
+        address = dc.scheduler.address
+        assert main(["federate", "--sites", "--scheduler", address, "--model", "softmax",
+                     "--rounds", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0]
+
+
+def test_federate_sites_on_the_command_line(stores, capsys):
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    out = stores["tmp"] / "cli-run"
+    with sites.site_cluster(workers, processes=False) as dc:
+        argv = ["federate", "--sites", "--scheduler", dc.scheduler.address, "--model",
+                "softmax", "--rounds", "3", "--out", str(out), "--json"]
+        assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sites"] == 3 and summary["rounds"] == 3
+    assert summary["preprocess"] == {"impute": "mean", "standardize": True,
+                                     "computed": "federated"}
+    assert {"params.npz", "metrics.jsonl", "summary.json", "config.toml"} <= {
+        p.name for p in out.iterdir()}
+
+
+@pytest.mark.parametrize(("argv", "why"), [
+    (["STORE", "--sites"], "--sites reads each client's own store on its worker"),
+    (["--sites", "--clients", "3"], "--clients do not apply with --sites"),
+    (["--sites"], "--sites needs --scheduler ADDRESS"),
+    (["--no-standardize"], "--no-standardize only apply with --sites"),
+])
+def test_sites_options_are_checked_in_one_line(argv, why, capsys):
+    assert main(["federate", *argv, "--model", "softmax", "--rounds", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and why in err[0]
+
+
+def test_a_worker_that_knows_no_store_is_named_in_one_line(stores, monkeypatch):
+    monkeypatch.delenv("FEDPIPE_SITE_STORE", raising=False)
+    workers = [(["0"], stores["sites"][0]), (["1"], "")]
+    with sites.site_cluster(workers, processes=False) as dc:
+        with pytest.raises(StoreError, match=r"carries client-1 but knows no site store: set "
+                                             r"FEDPIPE_SITE_STORE"):
+            sites.prepare_sites(dc)
+
+
+def test_a_site_local_run_resumes_bit_identical(stores):
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    out = stores["tmp"] / "resumed"
+    with sites.site_cluster(workers, processes=False) as dc:
+        plan = sites.prepare_sites(dc)
+        whole = sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=4,
+                                     strategy=aggregate.fedadam(server_lr=0.05))
+        sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=2,
+                             strategy=aggregate.fedadam(server_lr=0.05), out=str(out))
+        resumed = sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=4,
+                                       strategy=aggregate.fedadam(server_lr=0.05),
+                                       out=str(out), resume=True)
+    assert resumed.state.round == 4 and len(resumed.history) == 2
+    np.testing.assert_array_equal(resumed.params, whole.params)
