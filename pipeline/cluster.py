@@ -72,13 +72,15 @@ def connect(
             log.info("dashboard: %s", dashboard_link(dask_client))
             yield dask_client
         return
+    # A local cluster serves this machine only: every server it opens (scheduler, workers and
+    # their HTTP servers) listens on loopback, never on all interfaces. Threads-only clusters
+    # talk over inproc://, which takes no host, but their HTTP servers still listen.
     if cluster_kwargs.get("processes", True):
-        # A local cluster serves this machine only: listen on loopback, not on every interface.
-        # (Threads-only clusters talk over inproc://, which takes no host, and their dashboard
-        # link names the machine's address, so their dashboard keeps listening on all.)
-        cluster_kwargs.setdefault("host", "127.0.0.1")
-        cluster_kwargs.setdefault("dashboard_address", "127.0.0.1:0")
-    cluster_kwargs.setdefault("dashboard_address", ":0")  # never fight over port 8787
+        cluster_kwargs.setdefault("host", LOOPBACK)
+    cluster_kwargs["dashboard_address"] = loopback_address(
+        cluster_kwargs.get("dashboard_address", ":0"))  # ":0" never fights over port 8787
+    cluster_kwargs["worker_dashboard_address"] = loopback_address(
+        cluster_kwargs.get("worker_dashboard_address", ":0"))
     cluster_kwargs.setdefault("env", dict(_SINGLE_THREADED_BLAS))
     cluster_kwargs.setdefault("silence_logs", worker_log_level())
     if cluster_kwargs.get("processes") is False:
@@ -94,6 +96,21 @@ def connect(
     ):
         log.info("dashboard: %s", dashboard_link(dask_client))
         yield dask_client
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def loopback_address(address: str | None) -> str | None:
+    """``address`` with loopback as its host when it names none (``":8787"`` -> loopback).
+
+    Dask reads a host-less ``":PORT"`` dashboard address as "every interface"; the clusters
+    fedpipe starts serve this machine only.
+    """
+    if address is None:
+        return None
+    host, sep, port = str(address).rpartition(":")
+    return f"{LOOPBACK}:{port}" if sep and host in ("", "0.0.0.0", "[::]", "::") else address
 
 
 def worker_log_level() -> int:
@@ -139,9 +156,15 @@ def _check_scheduler(address: str, security: Any) -> None:
 def dashboard_link(dask_client: Client) -> str | None:
     """The dashboard URL of the client's scheduler, or ``None`` when it runs without one."""
     try:
-        return dask_client.dashboard_link
+        link = dask_client.dashboard_link
     except (KeyError, AttributeError):
         return None
+    # An inproc:// scheduler's link names the machine's address, but fedpipe's threads-only
+    # clusters serve their dashboard on loopback only.
+    if link and str(dask_client.scheduler.address).startswith("inproc://"):
+        scheme, _, rest = link.partition("://")
+        link = f"{scheme}://{LOOPBACK}:{rest.partition(':')[2]}"
+    return link
 
 
 def cluster_memory(dask_client: Client) -> int:

@@ -36,6 +36,9 @@ from fedpipe.runconfig import NOT_REPEATABLE
 NOT_SAVED = frozenset({"config", "json", "verbose", "quiet", "help", "func", "command"})
 # Keys that an earlier fedpipe wrote under another name: still read, with a note.
 RENAMED = {"schedule": "lr_schedule"}
+# What a run records about itself beside its options (fedpipe.data.snapshot's digest of the data
+# it read): --resume checks it against the store, --config skips it (a repeat may use new data).
+RECORDS = frozenset({"data_snapshot"})
 _SPEC = "_fedpipe_config_spec"
 # --resume continues the run in --out: the options it does not give come from that run's
 # config.toml, and the ones it gives must equal the run's, except these, which do not change
@@ -190,6 +193,8 @@ def check_values(values: Mapping[str, Any], spec: Mapping[str, argparse.Action],
                           f"its '{NOT_REPEATABLE}' key and give those settings yourself")
     out = {}
     for key, value in values.items():
+        if key in RECORDS:
+            continue
         if key in RENAMED and RENAMED[key] in spec:
             print(f"fedpipe: config key '{key}' in {source} is deprecated, read as "
                   f"'{RENAMED[key]}'", file=sys.stderr)

@@ -90,6 +90,7 @@ def run_info(args: argparse.Namespace) -> dict[str, Any]:
             "corrupt": [list(r) for r in report.corrupt],
             "content_hash_ok": report.content_hash_ok,
             "partition_hash_ok": report.partition_hash_ok,
+            "unchecked": report.unchecked,
         }
     if console := _console(args):
         _print_info(console, info, summary.get("verify"))
@@ -107,6 +108,9 @@ def _verify_line(store: str, report) -> str:
         parts.append("content hash differs")
     parts += [f"partition {name!r} content hash differs"
               for name, ok in report.partition_hash_ok.items() if ok is False]
+    if report.unchecked:
+        parts.append(f"no crc32c checksum on {', '.join(report.unchecked)} (a flipped bit "
+                     "decodes silently: re-ingest with this fedpipe)")
     return f"{store}: " + "; ".join(parts)
 
 

@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 import zarr
-from fedpipe.data import index
+from fedpipe.data import index, lease
 from fedpipe.data.store import (
     StoreInfo,
     array_path,
@@ -82,6 +82,7 @@ def partition(
         ``offset`` (first row in the sorted copy at ``path``).
     """
     info = read_info(store, partitions=False)  # other partitions' size must not matter
+    lease.check_unused(store, f"partition {name!r}", partition=name)  # never pull it from a run
     alpha = _check_args(info, clients, scheme, alpha, column, min_size, name)
     (y,) = read_rows(open_group(store), info, range(info.n_chunks), ("y",))
     labels, n_labels, edges = _labels(y, info)

@@ -32,6 +32,7 @@ import dask.array as da
 import fsspec
 import numpy as np
 import zarr
+from fedpipe.data import lease
 from fedpipe.data.index import read_partitions
 from fedpipe.errors import StoreError, ValidationError
 from fedpipe.tasks import split as split_math
@@ -108,11 +109,13 @@ class VerifyReport:
     corrupt: list[ChunkRef]
     content_hash_ok: bool | None
     partition_hash_ok: dict[str, bool | None] = field(default_factory=dict)
+    # arrays written without a checksum codec: a flipped bit there decodes silently
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return (not self.missing and not self.corrupt and self.content_hash_ok is not False
-                and False not in self.partition_hash_ok.values())
+                and False not in self.partition_hash_ok.values() and not self.unchecked)
 
 
 def codecs() -> list:
@@ -469,14 +472,18 @@ def verify_store(url: str) -> VerifyReport:
     group = open_group(url)
     n_checked, missing, corrupt, hash_ok = _verify_rows(group, info, "", ("X", "y"), info.n_chunks)
     part_ok = {}
+    arrays = ["X", "y"]
     for name, part in info.partitions.items():
         n_chunks = -(-part["n_rows"] // info.chunk_rows)
         n, m, c, ok = _verify_rows(group, info, part["path"], ("X", "y", "assignment"), n_chunks)
         n_checked, missing, corrupt = n_checked + n, missing + m, corrupt + c
         part_ok[name] = None if ok is None else ok == part["content_hash"]
+        arrays += [f"{part['path']}/{a}" for a in ("X", "y", "assignment")]
+    unchecked = [a for a in arrays if a in group and not any(
+        isinstance(codec, Crc32cCodec) for codec in group[a].metadata.codecs)]
     return VerifyReport(n_checked=n_checked, missing=missing, corrupt=corrupt,
                         content_hash_ok=None if hash_ok is None else hash_ok == info.content_hash,
-                        partition_hash_ok=part_ok)
+                        partition_hash_ok=part_ok, unchecked=unchecked)
 
 
 def _verify_rows(group, info: StoreInfo, prefix: str, names: tuple[str, ...], n_chunks: int
@@ -511,10 +518,13 @@ def staged(url: str, *, overwrite: bool) -> Iterator[str]:
             raise ValidationError(f"store {url} already exists (pass --overwrite to replace it)")
         if not fs.exists(f"{path}/zarr.json"):
             raise ValidationError(f"{url} exists and is not a zarr store; refusing to overwrite it")
+        lease.check_unused(url, "--overwrite")
     parent, _, name = path.rpartition("/")
     tmp = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
     try:
         yield tmp if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(tmp)
+        if fs.exists(path):
+            lease.check_unused(url, "--overwrite")  # again: a run may have started meanwhile
     except BaseException:
         if fs.exists(tmp):
             fs.rm(tmp, recursive=True)

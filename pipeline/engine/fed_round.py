@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from distributed import Client, Future, wait
+from fedpipe import resilience
 from fedpipe.engine import placement
 from fedpipe.engine.fed_client import ClientSpec, eval_group, pack_spec, train_group
 from fedpipe.engine.graph import FAN_IN, tree_sum
@@ -27,6 +28,9 @@ log = logging.getLogger("fedpipe")
 
 # Leaves fetched and merged on the driver rather than summed by a tree of tasks on the workers.
 GATHER_AT_MOST = 2
+# After the deadline, the finished leaves' results must arrive within this (a healthy worker
+# hands one over in milliseconds; a hung one never does).
+FETCH_GRACE = 1.0
 
 
 class ServerState(NamedTuple):
@@ -92,11 +96,16 @@ def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: in
     with contextlib.suppress(TimeoutError):
         wait(leaves.futures, timeout=remaining)
     done, dropped = [], {}
+    # a worker may hang after finishing its task: only results it still hands over count
+    finished = [f for f in leaves.futures if f.status == "finished"]
+    usable = {f.key for f, ok in zip(finished, resilience.fetchable(
+        dask_client, finished, FETCH_GRACE), strict=True) if ok}
     for fut, owners in zip(leaves.futures, leaves.clients, strict=True):
-        if fut.status == "finished":
+        if fut.key in usable:
             done.append(fut)
             continue
-        reason = "late" if fut.status == "pending" else f"failed ({_error_name(fut)})"
+        reason = ("late" if fut.status in ("pending", "finished")
+                  else f"failed ({_error_name(fut)})")
         dropped.update(dict.fromkeys(owners, reason))
         fut.cancel()  # a late result is discarded, never waited for
     if dropped:
@@ -116,10 +125,8 @@ def _sum_leaves(dask_client: Client, futures: Sequence[Future], timeout: float |
     a loaded 2-core machine); the driver merges them with the same add in the same order, so
     the bits are those of the tree.
     """
-    if len(futures) <= GATHER_AT_MOST:
-        if timeout is not None:  # gather has no timeout; without one it waits by itself
-            wait(futures, timeout=timeout)  # (one hand-off to the client's loop fewer)
-        return aggregate.add_reports(*dask_client.gather(list(futures)))
+    if len(futures) <= GATHER_AT_MOST:  # the fetch too is bounded by the deadline
+        return aggregate.add_reports(*resilience.fetch(dask_client, futures, timeout))
     root = tree_sum(dask_client, futures, fan_in=FAN_IN, key_prefix=f"sum-{what}",
                     add=aggregate.add_reports)
     try:

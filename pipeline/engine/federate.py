@@ -25,8 +25,8 @@ from typing import NamedTuple
 
 import numpy as np
 from distributed import Client
-from fedpipe import privacy, runconfig, rundir
-from fedpipe.data import store
+from fedpipe import privacy, resilience, runconfig, rundir
+from fedpipe.data import snapshot, store
 from fedpipe.engine import fed_state, lend, placement
 from fedpipe.engine.fed_client import ClientSpec
 from fedpipe.engine.fed_round import Sampling, ServerState, evaluate, train_round
@@ -190,6 +190,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         fed_secagg.prepare(chain, len(clients), sampling_)  # refused here, before round 0
         round_fn = fed_secagg.secure_round
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
+    data = snapshot.pin(str(store_url), run_dir, partition=partition, resume=resume)
     if run_dir is not None:
         rundir.write_config(run_dir, config if config is not None else runconfig.federate_config(
             store_url, model, info, strategy=strategy, stages=stages, lr=lr,
@@ -200,9 +201,12 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
             checkpoint_every=checkpoint_every, resume=resume,
             # a dask_client given overrides these; the result does not depend on the cluster
             **({} if dask_client is not None else {"workers": workers, "scheduler": scheduler})))
-    with (_cluster(dask_client, scheduler, workers, client_rows, spec.token) as (dc, groups),
-          placement.run_scope(dc, spec.token)):
-        placement.set_no_workers_timeout(dc, deadline or DEFAULT_NO_WORKER_TIMEOUT)
+    with (data,  # the store is leased, and checked at both ends
+          _cluster(dask_client, scheduler, workers, client_rows, spec.token) as (dc, groups),
+          placement.run_scope(dc, spec.token),
+          # a silent worker is dropped within ~2 deadlines, an unplaceable task fails
+          resilience.bounded(dc, deadline=deadline,
+                             no_workers=deadline or DEFAULT_NO_WORKER_TIMEOUT)):
         state = fed_state.initial_state(model, strategy, chain, seed)
         if resume:
             state = fed_state.resume(dc, run_dir, spec, groups, state)
@@ -216,6 +220,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
             fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
     summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
     summary |= _chain_summary(chain, dp, history, state.round, target_epsilon, rounds, stopped)
+    summary[snapshot.KEY] = data.digest
     if round_fn is not train_round:
         summary["secagg"] = fed_secagg.summary(history)
     if run_dir is not None:

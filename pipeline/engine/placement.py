@@ -27,7 +27,7 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Future, Nanny, Scheduler, SpecCluster, Worker, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
-from fedpipe.cluster import worker_log_level
+from fedpipe.cluster import LOOPBACK, loopback_address, worker_log_level
 from fedpipe.data import store
 from fedpipe.errors import TrainingError
 
@@ -133,9 +133,10 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
     """
     cls = Nanny if processes else Worker
     extra = dict(worker_kwargs or {})
-    extra.setdefault("dashboard_address", ":0")  # workers' HTTP servers never fight over 8787
-    # A simulation serves this machine only: scheduler and workers listen on loopback.
-    extra.setdefault("host", "127.0.0.1")
+    # A simulation serves this machine only: scheduler, workers and their HTTP servers listen on
+    # loopback (Dask reads a host-less ":0" as every interface); ":0" never fights over 8787.
+    extra.setdefault("host", LOOPBACK)
+    extra["dashboard_address"] = loopback_address(extra.get("dashboard_address", ":0"))
     if processes:
         extra.setdefault("env", dict(_BLAS_ENV))
         # Worker processes log every connection at INFO; keep the CLI's stderr readable.
@@ -145,7 +146,8 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
                                              **extra}}
         for j, g in enumerate(groups)
     }
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": dashboard_address,
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": loopback_address(
+                                                   dashboard_address),
                                                "host": extra["host"]}}
     # Nannies set MALLOC_TRIM_THRESHOLD_=65536 in their workers by default; glibc then unmaps
     # every large temporary (each epoch's shuffled copy of a client's rows) and local training

@@ -28,7 +28,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from distributed import Client
-from fedpipe import cluster, runconfig, rundir
+from fedpipe import cluster, resilience, runconfig, rundir
+from fedpipe.data import snapshot
 from fedpipe.data.store import StoreInfo, read_info
 from fedpipe.engine.graph import FAN_IN
 from fedpipe.engine.minibatch import run_epochs
@@ -188,6 +189,7 @@ def fit(
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if resume and run_dir is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
+    data = snapshot.pin(store, run_dir, resume=resume)  # a refused resume writes nothing
     if run_dir is not None:
         rundir.write_config(run_dir, config if config is not None else runconfig.fit_config(
             store, model, optimizer, info, fan_in=fan_in, default_fan_in=FAN_IN,
@@ -200,7 +202,8 @@ def fit(
                {"workers": workers, "threads": threads, "scheduler": scheduler})))
     connection = (nullcontext(dask_client) if dask_client is not None
                   else cluster.connect(workers, threads, scheduler))
-    with connection as dc:
+    # the store is leased and checked at both ends; a silent worker is dropped, not waited for
+    with data, connection as dc, resilience.bounded(dc):
         if dask_client is not None:
             log.info("dashboard: %s", cluster.dashboard_link(dc))
         per_task = choose_chunks_per_task(dc, info.n_chunks, fan_in, chunks_per_task)
@@ -210,6 +213,7 @@ def fit(
             params, records, stopped = _run_loop(engine, optimizer, iterations, epochs,
                                                  batch_size, seed, checkpoint_every, resume, tol)
             summary = run_summary(engine, optimizer, records, stopped, time.perf_counter() - start)
+            summary[snapshot.KEY] = data.digest
     named = model.unpack(params)
     if run_dir is not None:
         rundir.write_params(run_dir, named)

@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from distributed import Client, Future
-from fedpipe import cluster
+from fedpipe import cluster, resilience
 from fedpipe.data.store import ChunkRef, StoreInfo, chunk_refs, read_chunk
 from fedpipe.tasks import reduce
 from fedpipe.tasks.models import Model
@@ -23,7 +23,7 @@ CACHE_MODES = ("auto", "memory", "stream")
 # Keep data in worker memory when it takes at most this share of the cluster's memory limit:
 # the rest is headroom for gradients, temporaries and Dask's own bookkeeping.
 MEMORY_SHARE = 0.5
-# Parameters up to this size travel inside each task; larger ones are scattered once per pass.
+# Parameters up to this size travel inside each task; larger ones are shipped once per pass.
 INLINE_PARAM_BYTES = 256 * 1024
 
 
@@ -139,8 +139,7 @@ def send_params(dask_client: Client, params: np.ndarray) -> np.ndarray | Future:
     """Ship the parameters once per pass: inline when small, one broadcast scatter when large."""
     if params.nbytes <= INLINE_PARAM_BYTES:
         return params
-    [future] = dask_client.scatter([params], broadcast=True, hash=False)
-    return future
+    return resilience.recomputable(dask_client, params, f"params-{uuid.uuid4().hex}")
 
 
 def stream_block(func: Callable, model: Model, params: np.ndarray, url: str,

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from distributed import Client, Future, wait
+from fedpipe import resilience
 from fedpipe.data.store import StoreInfo
 from fedpipe.engine.graph import tree_sum
 from fedpipe.engine.train_data import Data, choose_cache, load_data, send_params, stream_block
@@ -60,7 +61,7 @@ def open_engine(dask_client: Client, url: str, info: StoreInfo, model: Model, se
     mode = choose_cache(dask_client, info, cache)
     log.info("training on %d chunks of %s (%s)", info.n_chunks, url, mode)
     # One copy of the model's functions on every worker instead of one per task.
-    [model_future] = dask_client.scatter([model], broadcast=True, hash=False)
+    model_future = resilience.recomputable(dask_client, model, f"model-{uuid.uuid4().hex}")
     data = load_data(dask_client, url, info, mode, test_fraction, seed, chunks_per_task)
     # Wait for the loads here so that iteration times measure training, not reading.
     start = time.perf_counter()

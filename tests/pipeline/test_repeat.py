@@ -59,7 +59,7 @@ def _same_config_but_where(command, one, two) -> None:
     command's defaults for the rest (out and scheduler aside)."""
     a, b = rundir.load_run(one).config, rundir.load_run(two).config
     assert config.command_values(command, {k: v for k, v in a.items() if k != "out"}) == {
-        k: v for k, v in b.items() if k not in ("out", "scheduler")}
+        k: v for k, v in b.items() if k not in ("out", "scheduler", *config.RECORDS)}
 
 
 # ---------------------------------------------------------------------------------------------
