@@ -83,12 +83,16 @@ def connect(
         cluster_kwargs.get("worker_dashboard_address", ":0"))
     cluster_kwargs.setdefault("env", dict(_SINGLE_THREADED_BLAS))
     cluster_kwargs.setdefault("silence_logs", worker_log_level())
+    settings = {"distributed.scheduler.work-stealing": False}
     if cluster_kwargs.get("processes") is False:
         cluster_kwargs.pop("env")  # threads share the driver's environment; Worker has no env
+        # In-process workers' profiler calls sys._current_frames() every 10 ms, which can
+        # deadlock CPython 3.11 with the GIL held (seen as a hung test; tests/conftest.py).
+        settings["distributed.worker.profile.enabled"] = False
     # Every task runs where its chunks already sit in memory; work stealing can only move one
     # (and its chunks) to another worker, which showed up as 0.5 s stalls in L-BFGS passes.
     with (
-        dask.config.set({"distributed.scheduler.work-stealing": False}),
+        dask.config.set(settings),
         LocalCluster(
             n_workers=workers, threads_per_worker=threads, security=security, **cluster_kwargs
         ) as cluster,

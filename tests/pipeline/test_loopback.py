@@ -51,3 +51,14 @@ def test_loopback_address_keeps_explicit_hosts():
     assert cluster.loopback_address("0.0.0.0:0") == "127.0.0.1:0"
     assert cluster.loopback_address("10.1.2.3:8787") == "10.1.2.3:8787"
     assert cluster.loopback_address(None) is None
+
+
+def test_in_process_cluster_runs_no_worker_profiler():
+    # The profiler's sys._current_frames() deadlocked CPython 3.11 with the GIL held
+    # (tests/conftest.py); connect() turns it off even where the user's config turns it on.
+    import dask
+
+    with dask.config.set({"distributed.worker.profile.enabled": True}), \
+            cluster.connect(workers=1, threads=1, processes=False) as dc:
+        flags = dc.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
+    assert flags and not any(flags.values())
