@@ -53,6 +53,7 @@ def partition(
     min_size: int = 1,
     seed: int = 0,
     name: str = "default",
+    assignment: np.ndarray | None = None,
 ) -> dict:
     """Partition the rows of ``store`` among ``clients`` clients and write the partition index.
 
@@ -73,6 +74,10 @@ def partition(
     name : str
         Partition name; an existing partition of that name is replaced (atomically: readers
         see the old partition or the new one).
+    assignment : array of int, optional
+        A split the caller already has: the client index ``0..clients-1`` of every row, in the
+        store's row order (e.g. scikit-learn's ``groups``); the partition records the scheme
+        ``"given"``, and ``scheme``, ``alpha`` and ``column`` must be left at their defaults.
 
     Returns
     -------
@@ -87,7 +92,12 @@ def partition(
     (y,) = read_rows(open_group(store), info, range(info.n_chunks), ("y",))
     labels, n_labels, edges = _labels(y, info)
     try:
-        assignment = _assign(store, info, labels, clients, scheme, alpha, column, min_size, seed)
+        if assignment is None:
+            assignment = _assign(store, info, labels, clients, scheme, alpha, column, min_size,
+                                 seed)
+        else:
+            assignment, scheme = _given(assignment, info, clients, scheme, alpha, column), "given"
+            _check_sizes(assignment, clients, min_size)
     except ValueError as exc:
         raise ValidationError(f"partition {name!r}: {exc}") from None
     hist = part_math.label_histograms(labels, assignment, clients, n_labels)
@@ -174,11 +184,28 @@ def _assign(store, info, labels, clients, scheme, alpha, column, min_size, seed)
         return part_math.quantity(info.n_rows, clients, alpha, seed, min_size)
     else:
         assignment = part_math.by_values(_column(store, info, column), clients)
+    _check_sizes(assignment, clients, min_size)
+    return assignment
+
+
+def _check_sizes(assignment: np.ndarray, clients: int, min_size: int) -> None:
     sizes = np.bincount(assignment, minlength=clients)
     if sizes.min() < min_size:
         k = int(np.argmin(sizes))
         raise ValueError(f"client {k} gets {sizes[k]} rows, fewer than --min-size {min_size}")
-    return assignment
+
+
+def _given(assignment, info: StoreInfo, clients: int, scheme, alpha, column) -> np.ndarray:
+    """The caller's assignment, checked: one client index in ``0..clients-1`` per row."""
+    if (scheme, alpha, column) != ("iid", None, None):
+        raise ValueError("a given assignment takes no scheme, alpha or column")
+    given = np.asarray(assignment)
+    if given.shape != (info.n_rows,) or not np.issubdtype(given.dtype, np.integer):
+        raise ValueError(f"the assignment must be {info.n_rows} integers (one per row), got "
+                         f"shape {given.shape} of {given.dtype}")
+    if given.size and (given.min() < 0 or given.max() >= clients):
+        raise ValueError(f"the assignment names clients outside 0..{clients - 1}")
+    return given.astype(np.int64)
 
 
 def _drop(group: zarr.Group, path: str, name: str) -> None:

@@ -129,15 +129,19 @@ class _DaskEstimator(BaseEstimator):
         return validate_data(self, X, y, reset=reset, dtype=np.float64, y_numeric=not
                              self._classifier, multi_output=False)
 
-    def fit(self, X, y=None):
-        """Train on ``X`` (NumPy, Dask array or a fedpipe store URL, then ``y`` is unused)."""
-        return self._fit(X, y, warm=False)
+    def fit(self, X, y=None, groups=None):
+        """Train on ``X`` (NumPy, Dask array or a fedpipe store URL, then ``y`` is unused).
+
+        ``groups`` (a client id per row, as scikit-learn's group splitters take it) trains
+        federated with one client per distinct id, each client's rows kept on its worker.
+        """
+        return self._fit(X, y, warm=False, groups=groups)
 
     def partial_fit(self, X, y=None, classes=None):
         """One distributed pass of L-BFGS from the current parameters (dask-ml's Incremental)."""
         return self._fit(X, y, warm=True, classes=classes)
 
-    def _fit(self, X, y, *, warm: bool, classes=None):
+    def _fit(self, X, y, *, warm: bool, classes=None, groups=None):
         from fedpipe.engine.train import fit
 
         first = not (warm and hasattr(self, "params_"))
@@ -162,9 +166,10 @@ class _DaskEstimator(BaseEstimator):
             model = model._replace(init=lambda seed: start.copy())
         iterations = 1 if warm else self.max_iter
         with _client(self.dask_client) as dc, _as_store(X, y, self.chunk_rows, model.task) as url:
-            if self.federated:
+            if self.federated or groups is not None:
                 self.params_, self.n_iter_ = self._federate(url, model, dc, warm,
-                                                            given=isinstance(X, str))
+                                                            given=isinstance(X, str),
+                                                            groups=groups)
             else:
                 result = fit(url, model, lbfgs(), iterations=iterations, tol=self.tol,
                              test_fraction=0.0, dask_client=dc, seed=self.random_state)
@@ -172,18 +177,25 @@ class _DaskEstimator(BaseEstimator):
         self._set_attributes(model)
         return self
 
-    def _federate(self, url: str, model: Model, dc, warm: bool, given: bool):
+    def _federate(self, url: str, model: Model, dc, warm: bool, given: bool, groups=None):
         """``rounds`` federated rounds (one for ``partial_fit``): ``(params, rounds run)``.
 
-        A store written here is split into ``clients`` IID clients; a store URL the user gave
-        is trained on its own partition, which is not replaced (it may be a natural split).
+        A store written here is split into ``clients`` IID clients, or one client per distinct
+        id of ``groups``; a store URL the user gave is trained on its own partition, which is
+        not replaced (it may be a natural split).
         """
         from fedpipe.data.partition import partition
         from fedpipe.data.store import read_info
         from fedpipe.engine.federate import federate
 
         name = None
-        if not given:
+        if given and groups is not None:
+            raise ValueError("groups= applies to arrays; a store is trained on its own partition")
+        if groups is not None:
+            name = "estimator"
+            ids, assignment = np.unique(np.asarray(groups), return_inverse=True)
+            partition(url, clients=len(ids), assignment=assignment.ravel(), name=name)
+        elif not given:
             name = "estimator"
             partition(url, clients=self.clients, seed=self.random_state, name=name)
         elif len(read_info(url).partitions) != 1:

@@ -123,6 +123,26 @@ def test_federated_rounds_clients_and_strategy():
         assert est.score(X, y) >= best - 0.02
 
 
+def test_groups_train_one_client_per_group():
+    X, y = sklearn.datasets.load_breast_cancer(return_X_y=True)
+    X = StandardScaler().fit_transform(X)
+    groups = np.where(X[:, 0] > 0, 7, 3)  # a natural, uneven split by a feature
+    step = dict(rounds=15, local_epochs=1, batch_size=10_000, lr=0.5)
+    # One full-batch step per client, weighted by rows, is one step of gradient descent.
+    gd = fpe.LogisticRegression(**step).fit(X, y, groups=groups)
+    ref = _gradient_descent(X, y, l2=1 / len(y), lr=0.5, steps=15)
+    np.testing.assert_allclose(gd.coef_[0], ref["coef"], rtol=1e-9, atol=1e-12)
+    # Two local epochs: the result depends on the split itself, not on the ids' spelling.
+    drift = dict(step, local_epochs=2)
+    a = fpe.LogisticRegression(**drift).fit(X, y, groups=groups)
+    b = fpe.LogisticRegression(**drift).fit(X, y, groups=np.where(groups == 7, "b", "a"))
+    iid = fpe.LogisticRegression(federated=True, clients=2, **drift).fit(X, y)
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    assert np.abs(a.coef_ - iid.coef_).max() > 1e-6
+    with pytest.raises(ValueError, match="one per row"):
+        fpe.LogisticRegression(**step).fit(X, y, groups=groups[:-1])
+
+
 def test_federated_on_a_store_uses_its_partition(tmp_path):
     X, y = sklearn.datasets.load_wine(return_X_y=True)
     url = str(tmp_path / "wine.zarr")

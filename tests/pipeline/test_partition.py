@@ -62,6 +62,22 @@ def test_assignment_is_stored_and_deterministic(small_store):
         np.testing.assert_array_equal(_client_rows(store, "a", k)[0], open_store(store).X.compute()[a == k])
 
 
+def test_a_given_assignment_is_the_partition(small_store):
+    store = small_store()
+    given = np.arange(600) % 4 // 2 + 2 * (np.arange(600) >= 500)  # clients 0..3, uneven
+    meta = partition(store, clients=4, assignment=given, name="g")
+    assert meta["scheme"] == "given"
+    X = open_store(store).X.compute()
+    for k in range(4):
+        assert meta["clients"][str(k)]["n_rows"] == int((given == k).sum())
+        np.testing.assert_array_equal(_client_rows(store, "g", k)[0], X[given == k])
+    for bad, message in ((given[:-1], "one per row"), (given + 1, "outside 0..3")):
+        with pytest.raises(ValidationError, match=message):
+            partition(store, clients=4, assignment=bad, name="bad")
+    with pytest.raises(ValidationError, match="no scheme"):
+        partition(store, clients=4, assignment=given, scheme="dirichlet", name="bad")
+
+
 def test_dirichlet_skew_on_a_store_grows_as_alpha_shrinks(small_store):
     store = small_store(source="synthetic:classification?n_samples=3000&n_features=4&n_classes=5&seed=1",
                         chunk_rows=500)
