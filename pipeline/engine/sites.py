@@ -68,14 +68,15 @@ def site_cluster(workers: Sequence[tuple[Sequence[str], str]], *,
     specs = {}
     for j, (clients, url) in enumerate(workers):
         options: dict[str, Any] = {"nthreads": 1, "resources": placement.resources_of(clients),
-                                   "host": "127.0.0.1", "dashboard_address": ":0"}
+                                   "host": "127.0.0.1", "dashboard_address": "127.0.0.1:0"}
         if processes:
             options["env"] = {**placement._BLAS_ENV, site_tasks.SITE_ENV: str(url)}
             options["silence_logs"] = worker_log_level()
         else:
             options["plugins"] = [site_tasks.SiteStore(url)]
         specs[f"site-{j}"] = {"cls": Nanny if processes else Worker, "options": options}
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0", "host": "127.0.0.1"}}
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": "127.0.0.1:0",
+                                             "host": "127.0.0.1"}}
     # as placement.simulation_cluster: every task is pinned, so nothing to steal or profile
     quiet = {"distributed.scheduler.work-stealing": False,
              "distributed.worker.profile.enabled": False}

@@ -1,4 +1,4 @@
-"""`fedpipe demo --quick --json` end to end: stores, four runs, reports and a comparison."""
+"""`fedpipe demo --quick --json` end to end: stores, five runs (one on site-local stores), reports and a comparison."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def test_quick_demo_end_to_end(tmp_path, capsys) -> None:
     summary = json.loads(lines[0])
     assert summary["dashboard"].endswith("/fedpipe/")
     runs = {row["run"]: row for row in summary["runs"]}
-    assert set(runs) == {"digits-dp", "synthetic-dp", "synthetic-fedavg", "synthetic-fedprox"}
+    assert set(runs) == {"digits-dp", "synthetic-dp", "synthetic-fedavg", "synthetic-fedprox",
+                         "digits-sites"}
     assert runs["digits-dp"]["test_accuracy"] > 0.85  # softmax on digits learns fast
     assert runs["synthetic-fedavg"]["mode"] == "fedavg"
     for report in summary["reports"]:
@@ -26,4 +27,9 @@ def test_quick_demo_end_to_end(tmp_path, capsys) -> None:
     fed_report = out / "runs" / "synthetic-fedavg" / "report"
     assert {p.name for p in fed_report.glob("*.png")} >= {"curves.png", "clients.png", "labels.png", "rounds.png"}
     assert (out / "runs" / "digits-dp" / "report" / "confusion.png").is_file()
+    # three sites, each ingested on its own; the run's statistics were computed federatedly
+    assert sorted(p.name for p in (out / "data").glob("site-*/store.zarr")) == ["store.zarr"] * 3
+    assert runs["digits-sites"]["test_accuracy"] > 0.85
+    site_run = json.loads((out / "runs" / "digits-sites" / "summary.json").read_text())
+    assert site_run["sites"] == 3 and site_run["preprocess"]["computed"] == "federated"
     assert Path(summary["compare"]).is_file() and Path(summary["compare"]).with_suffix(".png").is_file()
