@@ -108,6 +108,8 @@ def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: in
                   else f"failed ({_error_name(fut)})")
         if reason == "failed (KilledWorker)":  # it would kill workers again next round
             raise poison.client_error(fut.exception(timeout=1), owners)
+        if reason == "failed (StoreError)":  # a missing or corrupt chunk is fatal, not a fault
+            raise fut.exception(timeout=1)
         dropped.update(dict.fromkeys(owners, reason))
         fut.cancel()  # a late result is discarded, never waited for
     if dropped:
