@@ -37,6 +37,7 @@ import dask
 from dask.utils import parse_timedelta
 from distributed import Client, Future, wait
 from distributed.diagnostics.plugin import SchedulerPlugin
+from fedpipe import poison
 
 DEFAULT_TTL = 30.0
 MIN_TTL = 5.0  # Dask's own floor on a small cluster: 10 heartbeat intervals of 0.5 s
@@ -69,13 +70,15 @@ def bounded(dask_client: Client, *, deadline: float | None = None, ttl: float | 
     Yields
     ------
     dict
-        The values set (``{"worker_ttl": ..., "no_workers_timeout": ...}``); the scheduler's
+        The values set (``{"worker_ttl": ..., "no_workers_timeout": ..., "allowed_failures": ...}``); the scheduler's
         earlier values are restored on exit.
     """
     if no_workers is None:
         no_workers = deadline if deadline is not None else DEFAULT_NO_WORKERS
     values = {"worker_ttl": ttl if ttl is not None else worker_ttl(deadline),
-              "no_workers_timeout": no_workers}
+              "no_workers_timeout": no_workers,
+              # set, not left to the scheduler's config: fedpipe.poison names the culprit by it
+              "allowed_failures": poison.allowed_failures()}
     before = dask_client.run_on_scheduler(_set, **values)
     try:
         yield values
@@ -87,12 +90,15 @@ def bounded(dask_client: Client, *, deadline: float | None = None, ttl: float | 
 
 
 def _set(worker_ttl: float | None, no_workers_timeout: float | None,
-         dask_scheduler: Any = None) -> dict[str, float | None]:
-    """On the scheduler: set both bounds, re-arm the TTL check at its new period."""
+         allowed_failures: int | None = None, dask_scheduler: Any = None) -> dict[str, Any]:
+    """On the scheduler: set the bounds, re-arm the TTL check at its new period."""
     from tornado.ioloop import PeriodicCallback
 
     before = {"worker_ttl": dask_scheduler.worker_ttl,
-              "no_workers_timeout": dask_scheduler.no_workers_timeout}
+              "no_workers_timeout": dask_scheduler.no_workers_timeout,
+              "allowed_failures": dask_scheduler.allowed_failures}
+    if allowed_failures is not None:
+        dask_scheduler.allowed_failures = allowed_failures
     dask_scheduler.add_plugin(ForgetDeadHomes(), idempotent=True)  # once per scheduler
     dask_scheduler.worker_ttl = worker_ttl
     dask_scheduler.no_workers_timeout = no_workers_timeout

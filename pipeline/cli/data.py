@@ -59,6 +59,7 @@ def _console(args: argparse.Namespace) -> Console | None:
 def _info_summary(info: StoreInfo) -> dict[str, Any]:
     summary = dataclasses.asdict(info)
     summary.pop("manifest")
+    summary.pop("chunk_digests")  # one per chunk, like the manifest: not a summary
     summary.pop("compute_dtype")  # a training setting, not the store's
     return summary
 

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import crc32c
 import numpy as np
 import zarr
 from fedpipe.data import sources as sources_mod
@@ -20,6 +21,7 @@ from fedpipe.data import stats as stats_mod
 from fedpipe.data.store import (
     FORMAT_VERSION,
     StoreInfo,
+    chunk_digest,
     chunk_key,
     content_hash,
     open_group,
@@ -255,6 +257,7 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
     lab = row_array(group, "_labels", n_cols=None, rows=rows, dtype="float64", length=known)
     hx = hashlib.sha256()
     partials: list = []  # per-chunk column statistics, taken while the rows are in memory
+    x_crcs: list[int] = []
     labels: set[float] | None = set()
     n = 0
     pending = None  # the previous block's write, overlapped with checking/hashing the next
@@ -272,6 +275,9 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
             pending = writer.submit(_write_block, X_arr, lab, n, X, y)
             hx.update(np.ascontiguousarray(X))
             partials += [stats_math.chunk_stats(X[i : i + rows]) for i in range(0, len(y), rows)]
+            # each chunk's digest starts with its X bytes; _write_labels adds its y
+            x_crcs += [crc32c.crc32c(np.ascontiguousarray(X[i : i + rows]))
+                       for i in range(0, len(y), rows)]
             if labels is not None:
                 labels.update(np.unique(y).tolist())
                 labels = labels if len(labels) <= MAX_LABELS else None
@@ -284,7 +290,8 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
     n_chunks = -(-n // rows)
     manifest = {"X": [chunk_key("", "X", i) for i in range(n_chunks)]}
     return {"n_rows": n, "n_features": nf, "n_chunks": n_chunks, "manifest": manifest,
-            "labels": labels, "x_digest": hx.hexdigest(), "partials": partials}
+            "labels": labels, "x_digest": hx.hexdigest(), "partials": partials,
+            "x_crcs": x_crcs}
 
 
 def _write_block(X_arr, lab, start: int, X: np.ndarray, y: np.ndarray) -> None:
@@ -325,13 +332,16 @@ def _write_labels(url: str, meta: dict, rows: int) -> None:
     classes = meta["classes"]
     dtype = "int64" if classes is not None else "float64"
     y_arr = row_array(group, "y", n_cols=None, rows=rows, dtype=dtype, length=raw.shape[0])
-    hy = hashlib.sha256()
+    hy, digests = hashlib.sha256(), []
     lookup = np.asarray(classes, dtype=np.float64) if classes is not None else None
     for i in range(meta["n_chunks"]):
         block = raw.blocks[i]
         out = np.searchsorted(lookup, block).astype(np.int64) if lookup is not None else block
         y_arr.blocks[i] = out
         hy.update(np.ascontiguousarray(out))
+        digests.append(chunk_digest(None, out, meta["x_crcs"][i]))
     del group["_labels"]
     meta["manifest"]["y"] = [chunk_key("", "y", i) for i in range(meta["n_chunks"])]
+    meta["chunk_digests"] = {"X": digests}
+    del meta["x_crcs"]
     meta["content_hash"] = content_hash(bytes.fromhex(meta.pop("x_digest")), hy.digest())

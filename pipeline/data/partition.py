@@ -23,6 +23,7 @@ from fedpipe.data import index, lease
 from fedpipe.data.store import (
     StoreInfo,
     array_path,
+    chunk_digest,
     chunk_key,
     content_hash,
     open_group,
@@ -109,8 +110,8 @@ def partition(
               "chunk_rows": info.chunk_rows, "path": f"partitions/{name}/g{uuid.uuid4().hex[:12]}"}
     group = open_group(store, mode="r+")
     try:
-        record["content_hash"], manifest = _write_sorted(store, group, info, assignment, y,
-                                                         record["path"])
+        record["content_hash"], manifest, record["chunk_digests"] = _write_sorted(
+            store, group, info, assignment, y, record["path"])
         previous = index.read_partition(group, name, clients=False)
         index.write_partition(group, name, {**record, "manifest": manifest}, table)
     except BaseException:
@@ -216,8 +217,9 @@ def _drop(group: zarr.Group, path: str, name: str) -> None:
 
 
 def _write_sorted(store: str, group: zarr.Group, info: StoreInfo, assignment: np.ndarray,
-                  y_all: np.ndarray, path: str) -> tuple[str, dict[str, list[str]]]:
-    """Write the rows ordered by client and the assignment; returns (content hash, manifest).
+                  y_all: np.ndarray, path: str) -> tuple[str, dict[str, list[str]], dict]:
+    """Write the rows ordered by client and the assignment; returns (content hash, manifest,
+    each chunk's :func:`~fedpipe.data.store.chunk_digest`).
 
     The copy is written in windows of whole chunks; each window reads only the store chunks
     that hold its rows, once (a store below :data:`WINDOW_BYTES` is one window). ``y_all``,
@@ -233,7 +235,7 @@ def _write_sorted(store: str, group: zarr.Group, info: StoreInfo, assignment: np
               length=n)[:] = assignment.astype(np.int32)
     window = _window_rows(info)
     source = open_group(store)
-    hx, hy = hashlib.sha256(), hashlib.sha256()
+    hx, hy, digests = hashlib.sha256(), hashlib.sha256(), []
     for lo in range(0, n, window):
         X = _gather(source, info, order[lo : lo + window])
         y = y_all[order[lo : lo + window]].astype(y_dtype)
@@ -241,10 +243,11 @@ def _write_sorted(store: str, group: zarr.Group, info: StoreInfo, assignment: np
         y_out[lo : lo + len(y)] = y
         hx.update(X)
         hy.update(y)
+        digests += [chunk_digest(X[i : i + rows], y[i : i + rows]) for i in range(0, len(y), rows)]
     n_chunks = -(-n // rows)
     manifest = {array_path(path, a): [chunk_key(path, a, i) for i in range(n_chunks)]
                 for a in ("X", "y", "assignment")}
-    return content_hash(hx.digest(), hy.digest()), manifest
+    return content_hash(hx.digest(), hy.digest()), manifest, {array_path(path, "X"): digests}
 
 
 def _gather(source: zarr.Group, info: StoreInfo, rows_wanted: np.ndarray) -> np.ndarray:

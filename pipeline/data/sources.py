@@ -11,6 +11,7 @@ Schema problems (a non-numeric column, a missing target, mismatched lengths) are
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -326,7 +327,8 @@ def _csv(path: str, target: str | None, named: list[str]) -> Source:
     import pandas as pd
 
     try:
-        sample = pd.read_csv(path, nrows=SAMPLE_ROWS)
+        with _ragged_rows(path):
+            sample = pd.read_csv(path, nrows=SAMPLE_ROWS)
     except pd.errors.EmptyDataError:
         raise ValidationError(f"source {path} is empty") from None
     columns = [str(c) for c in sample.columns]
@@ -334,15 +336,16 @@ def _csv(path: str, target: str | None, named: list[str]) -> Source:
     text = {c: str for c in columns if c != target and sample[c].dtype.kind not in "biuf"}
 
     def scan(cols):
-        yield from pd.read_csv(path, usecols=cols, chunksize=1 << 16, dtype={
-            c: str for c in cols if c in text})
+        with _ragged_rows(path):
+            yield from pd.read_csv(path, usecols=cols, chunksize=1 << 16, dtype={
+                c: str for c in cols if c in text})
 
     schema = _table(path, columns, target, sample, named, scan)
     # category columns read as text in every batch, so "1" and "x" never split by dtype
     dtype = {c: str for c in schema["categorical"] if c in text}
 
     def batches(batch_rows: int):
-        with open(path, "rb") as handle:
+        with open(path, "rb") as handle, _ragged_rows(path):
             reader = pd.read_csv(handle, chunksize=batch_rows, engine="c", low_memory=False,
                                  dtype=dtype)
             done = 0
@@ -353,6 +356,21 @@ def _csv(path: str, target: str | None, named: list[str]) -> Source:
                 done = position
 
     return _table_source(path, target, schema, None, os.path.getsize(path), batches)
+
+
+@contextlib.contextmanager
+def _ragged_rows(path: str) -> Iterator[None]:
+    """pandas' ParserError (a row with more fields than the header) as bad input naming the file.
+
+    A row with fewer fields reads as missing values, which the schema checks already name.
+    """
+    import pandas as pd
+
+    try:
+        yield
+    except pd.errors.ParserError as exc:
+        detail = " ".join(str(exc).split()).removeprefix("Error tokenizing data. C error: ")
+        raise ValidationError(f"source {path}: malformed row ({detail})") from None
 
 
 def _parquet(path: str, target: str | None, named: list[str]) -> Source:

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+import crc32c
 import dask.array as da
 import fsspec
 import numpy as np
@@ -72,6 +73,9 @@ class StoreInfo:
     stats: dict[str, Any] | None = None
     content_hash: str = ""
     manifest: dict[str, list[str]] = field(default_factory=dict, repr=False)
+    # per X array path, each row chunk's chunk_digest(X, y) as written: a chunk file replaced
+    # by another valid one passes its crc32c but not this (absent in older stores: unchecked)
+    chunk_digests: dict[str, list[str]] = field(default_factory=dict, repr=False)
     # how a table's raw columns became X (see fedpipe.data.sources.Source): input columns in
     # order, one-hot categories, dtypes as read and the label column's name
     columns: list[str] | None = None
@@ -162,12 +166,15 @@ def read_info(url: str, *, partitions: bool = True) -> StoreInfo:
     group = open_group(url)
     meta = dict(group.attrs["fedpipe"])
     manifest = dict(meta.get("manifest", {}))
+    digests = dict(meta.get("chunk_digests", {}))
     parts = {}
     for name, part in (read_partitions(group) if partitions else {}).items():
         manifest.update(part.pop("manifest"))
+        digests.update(part.pop("chunk_digests", {}))
         parts[name] = part
     try:
-        return StoreInfo.from_attrs(str(url), {**meta, "partitions": parts, "manifest": manifest})
+        return StoreInfo.from_attrs(str(url), {**meta, "partitions": parts, "manifest": manifest,
+                                               "chunk_digests": digests})
     except (KeyError, TypeError, ValueError) as exc:
         raise StoreError(f"{url}: fedpipe metadata is damaged ({type(exc).__name__}: {exc})") from exc
 
@@ -293,7 +300,23 @@ def read_block(group: zarr.Group, info: StoreInfo, prefix: str, index: int,
                 f"chunk {index} of {array_path(prefix, name)} in {info.url} is corrupt ({exc})"
             ) from exc
         out.append(block)
+    expected = info.chunk_digests.get(array_path(prefix, "X"), [])
+    if names[:2] == ("X", "y") and index < len(expected) and chunk_digest(*out[:2]) != expected[index]:
+        raise StoreError(f"chunk {index} of {array_path(prefix, 'X')} in {info.url} is not the "
+                         "chunk written there (its digest differs from the store's metadata: "
+                         "replaced or rewritten after ingest)")
     return tuple(out)
+
+
+def chunk_digest(X: np.ndarray | None, y: np.ndarray, x_crc: int | None = None) -> str:
+    """CRC-32C of one row chunk's X then y bytes as stored, in hex (``x_crc``: X's, if known).
+
+    CRC-32C, not a cryptographic hash: it tells a swapped or rewritten chunk from the one
+    written (1 in 4 billion slips through), at ~13 GB/s where BLAKE2b made a read 2.1x slower.
+    """
+    if x_crc is None:
+        x_crc = crc32c.crc32c(np.ascontiguousarray(X))
+    return f"{crc32c.crc32c(np.ascontiguousarray(y), x_crc):08x}"
 
 
 def read_rows(group: zarr.Group, info: StoreInfo, chunks: range,

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from distributed import Client, Future, wait
-from fedpipe import resilience
+from fedpipe import poison, resilience
 from fedpipe.engine import placement
 from fedpipe.engine.fed_client import ClientSpec, eval_group, pack_spec, train_group
 from fedpipe.engine.graph import FAN_IN, tree_sum
@@ -106,6 +106,10 @@ def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: in
             continue
         reason = ("late" if fut.status in ("pending", "finished")
                   else f"failed ({_error_name(fut)})")
+        if reason == "failed (KilledWorker)":  # it would kill workers again next round
+            raise poison.client_error(fut.exception(timeout=1), owners)
+        if reason == "failed (StoreError)":  # a missing or corrupt chunk is fatal, not a fault
+            raise fut.exception(timeout=1)
         dropped.update(dict.fromkeys(owners, reason))
         fut.cancel()  # a late result is discarded, never waited for
     if dropped:

@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 from distributed import Client, Future, wait
-from fedpipe import resilience
+from distributed.scheduler import KilledWorker
+from fedpipe import poison, resilience
 from fedpipe.data.store import StoreInfo
 from fedpipe.engine.graph import tree_sum
 from fedpipe.engine.train_data import Data, choose_cache, load_data, send_params, stream_block
@@ -69,6 +70,8 @@ def open_engine(dask_client: Client, url: str, info: StoreInfo, model: Model, se
     log.info("data ready in %.2f s", time.perf_counter() - start)
     try:
         yield Engine(dask_client, model, model_future, data, fan_in, run_dir, on_record)
+    except KilledWorker as exc:  # a task that kills every worker running it: name its chunks
+        raise poison.chunk_error(exc, url, data.blocks) from exc
     finally:
         # Release the cached chunks now rather than whenever the futures are collected.
         dask_client.cancel([f for f in (data.train or []) + (data.test or [])] + [model_future])

@@ -54,6 +54,7 @@ def test_info_verify_reports_bad_chunks_and_exits_2(tmp_path, capsys):
     [(["ingest", "BAD.csv", "OUT", "--categorical", "town"],
       "--categorical column 'town' is not a feature column"),
      (["ingest", "NAN.csv", "OUT"], "column 'b' has NaN at row 2"),
+     (["ingest", "RAGGED.csv", "OUT"], "RAGGED.csv: malformed row (Expected 3 fields in line 3, saw 4)"),
      (["ingest", "OK.csv", "OUT", "--target", "zz"], "target column 'zz' not found"),
      (["ingest", "OK.csv", "OUT", "--chunk-rows", "-5"], "argument --chunk-rows: must be an integer >= 1"),
      (["ingest", "sklearn:nope", "OUT"], "unknown sklearn dataset 'nope'"),
@@ -65,7 +66,9 @@ def test_errors_are_one_line_with_exit_2(tmp_path, capsys, argv, culprit):
     frame.to_csv(tmp_path / "NAN.csv", index=False)
     frame.fillna(0).assign(city="x").to_csv(tmp_path / "BAD.csv", index=False)
     frame.fillna(0).to_csv(tmp_path / "OK.csv", index=False)
-    argv = [str(tmp_path / a) if a in ("BAD.csv", "NAN.csv", "OK.csv", "OUT") else a for a in argv]
+    (tmp_path / "RAGGED.csv").write_text("a,b,target\n1,2,0\n3,4,1,9\n5,6,0\n")
+    argv = [str(tmp_path / a) if a in ("BAD.csv", "NAN.csv", "OK.csv", "RAGGED.csv", "OUT") else a
+            for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and culprit in err[0], err

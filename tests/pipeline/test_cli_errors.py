@@ -150,3 +150,16 @@ def test_losing_the_scheduler_mid_run_is_exit_3(small_store, tmp_path):
             if proc.poll() is None:
                 proc.kill()
             proc.wait()
+
+
+def test_a_missing_partition_chunk_stops_federate_naming_it(small_store, capsys):
+    store = small_store("synthetic:classification?n_samples=800&n_features=5&n_classes=3&seed=0")
+    assert main(["partition", store, "--clients", "4", "--name", "fed", "-q"]) == 0
+    chunk = next(Path(store).glob("partitions/fed/*/X/c/3/0"))  # one client's rows
+    chunk.unlink()
+    capsys.readouterr()
+    # it used to drop that client and its worker's other client every round, and exit 0
+    assert main(["federate", store, "--partition", "fed", "--model", "softmax", "--rounds", "2",
+                 "--workers", "2", "-q"]) == 2
+    line = _one_line_error(capsys.readouterr().err, "federate")
+    assert f"chunk 3 of {chunk.parent.parent.parent.relative_to(store)} is missing" in line

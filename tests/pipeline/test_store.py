@@ -12,6 +12,7 @@ from fedpipe.data.store import (
     ChunkRef,
     chunk_key,
     chunk_refs,
+    client_range,
     open_store,
     read_chunk,
     read_info,
@@ -76,6 +77,28 @@ def test_flipped_byte_is_reported_and_raises(small_store):
     assert report.corrupt == [ChunkRef("", 3)] and report.missing == []
     assert not report.ok
     read_chunk(store, ChunkRef("", 2))  # the others still read
+
+
+@pytest.mark.parametrize("partitioned", [False, True])
+def test_a_chunk_replaced_by_another_valid_chunk_is_caught_on_read(small_store, partitioned):
+    store = small_store()
+    prefix, ref = "", ChunkRef("", 2)
+    if partitioned:  # a partition's sorted copy: read through the client holding its row 200
+        from fedpipe.data.partition import partition
+
+        partition(store, clients=3, name="p")
+        info = read_info(store)
+        prefix = info.partitions["p"]["path"]
+        for c in range(3):
+            _, lo, hi = client_range(info, f"partitions/p/{c}")
+            if lo <= 200 < hi:
+                ref = ChunkRef(f"partitions/p/{c}", (200 - lo) // 100)
+    # both files are valid (their crc32c passes): only the per-chunk digest can tell
+    open(_chunk_file(store, prefix, "X", 2), "wb").write(
+        open(_chunk_file(store, prefix, "X", 4), "rb").read())
+    with pytest.raises(StoreError, match="chunk 2 of .*X in .* is not the chunk written there"):
+        read_chunk(store, ref)
+    assert verify_store(store).corrupt == [ChunkRef(prefix, 2)]
 
 
 def test_deleted_chunk_is_an_error_not_zeros(small_store):
