@@ -21,7 +21,7 @@ import dask
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Nanny, Scheduler, SpecCluster, Worker
-from fedpipe import rundir
+from fedpipe import privacy, rundir
 from fedpipe.cluster import worker_log_level
 from fedpipe.data import sites as site_tasks
 from fedpipe.data.stats import stats_to_json, tree_reduce
@@ -193,7 +193,9 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
                      feature_names=list(schema["feature_names"]), dtype=schema["dtype"],
                      preprocess={"impute": impute, "standardize": bool(standardize),
                                  "computed": "federated"},
-                     partitions={}, stats=stats_json, columns=schema.get("columns"),
+                     # the sites are the run's partition: what the chain's options count
+                     partitions={"sites": {"clients": {c: {"n_rows": n} for c, n in rows.items()}}},
+                     stats=stats_json, columns=schema.get("columns"),
                      categorical=dict(schema.get("categorical") or {}),
                      input_dtypes=dict(schema.get("input_dtypes") or {}),
                      target=schema.get("target"))
@@ -209,41 +211,51 @@ def _plan_url(plan: SitePlan) -> str:
 
 
 def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds: int,
-                   strategy: Strategy | None = None, local_epochs: int = 1, batch_size: int = 32,
-                   lr: float | Callable[[int], float] = 0.1, fraction: float | None = None,
+                   strategy: Strategy | None = None, local_epochs: int | None = None,
+                   batch_size: int = 32, lr: float | Callable[[int], float] | None = None,
+                   fraction: float | None = None,
                    clients_per_round: int | None = None, min_clients: int = 1,
                    deadline: float | None = None, retries: int = fed.RETRIES,
                    stages: Sequence[Stage] | None = None, seed: int = 0,
                    test_fraction: float = 0.2, eval_every: int = 1, batch_clients: bool = True,
                    out: str | None = None, checkpoint_every: int = 0, resume: bool = False,
                    overwrite: bool = False, on_record: Callable[[dict], None] | None = None,
-                   config: Mapping[str, object] | None = None,
+                   config: Mapping[str, object] | None = None, delta: float | None = None,
+                   target_epsilon: float | None = None,
                    diverge_factor: float | None = fed.DIVERGE_FACTOR) -> fed.FederatedRun:
     """Federated training on the site-local stores of :func:`prepare_sites`'s ``plan``.
 
-    The options are :func:`fedpipe.engine.federate.federate`'s; the loop, deadlines, stages,
+    The options are :func:`fedpipe.engine.federate.federate`'s; the loop, deadlines, stages
+    (DP, clipping, compression, robust aggregators, secure aggregation), privacy accounting,
     checkpoints and summary are the same. Each site's worker reads its own store, applies the
     global statistics and maps its labels to the agreed union as it reads.
     """
     clients = plan.clients
     sampling_ = fed_state.check_sampling(len(clients), fraction, clients_per_round,
                                          min_clients, deadline, retries)
+    strategy = strategy or aggregate.fedavg()
+    local_epochs, lr, stages = fed._from_strategy(strategy, local_epochs, lr, stages)
     fed_state.check_positive(rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
                              eval_every=eval_every)
     if resume and out is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
-    strategy = strategy or aggregate.fedavg()
     chain = tuple(stages) if stages is not None else aggregate.default_chain()
     try:
         aggregate.check_chain(chain)
     except ValueError as exc:
         raise ValidationError(f"stages: {exc}") from None
-    dp = fed._privacy(chain, len(clients), sampling_, None, None)
+    dp = fed._privacy(chain, len(clients), sampling_, delta, target_epsilon)
     url = _plan_url(plan)
     version = hashlib.sha256(url.encode()).hexdigest()[:20]
     spec = ClientSpec(url, "sites", version, float(test_fraction), int(seed), model,
                       int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
-                      chain, uuid.uuid4().hex[:12])
+                      chain, uuid.uuid4().hex[:12], strategy.client)
+    round_fn = fed.train_round
+    if any(hasattr(stage.before_sum, "secagg") for stage in chain):  # as federate() does
+        from fedpipe.engine import fed_secagg
+
+        fed_secagg.prepare(chain, len(clients), sampling_)
+        round_fn = fed_secagg.secure_round
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if run_dir is not None:
         rundir.write_config(run_dir, config if config is not None else {
@@ -255,14 +267,19 @@ def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds:
         state = fed_state.initial_state(model, strategy, chain, seed)
         if resume:
             state = fed_state.resume(dask_client, run_dir, spec, groups, state)
+        if dp is not None:
+            privacy.check_budget(dp, target_epsilon, state.round)
         state, history, stopped = fed._loop(
             dask_client, spec, groups, clients, state, sampling_, strategy, rounds, eval_every,
             batch_clients, run_dir, checkpoint_every, on_record,
-            fed._Guards(dp, None, diverge_factor))
+            fed._Guards(dp, target_epsilon, diverge_factor), round_fn)
         if run_dir is not None:
             fed_state.checkpoint(dask_client, run_dir, spec, groups, state, strategy)
     summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
-    summary |= fed._chain_summary(chain, dp, history, state.round, None, rounds, stopped)
+    summary |= fed._chain_summary(chain, dp, history, state.round, target_epsilon, rounds,
+                                  stopped)
+    if round_fn is not fed.train_round:
+        summary["secagg"] = fed_secagg.summary(history)
     summary |= {"sites": len(clients), "rows": int(sum(plan.rows.values())),
                 "preprocess": dict(plan.info.preprocess)}
     if run_dir is not None:

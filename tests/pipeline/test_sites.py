@@ -130,3 +130,37 @@ def test_a_site_local_run_resumes_bit_identical(stores):
                                        out=str(out), resume=True)
     assert resumed.state.round == 4 and len(resumed.history) == 2
     np.testing.assert_array_equal(resumed.params, whole.params)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--dp", "central", "--clip", "1.0", "--noise-multiplier", "0.5", "--compress", "int8"],
+    ["--aggregator", "median"],
+    ["--secure-aggregation"],
+])
+def test_site_local_runs_take_the_simulations_stages(stores, flags, capsys):
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    with sites.site_cluster(workers, processes=False) as dc:
+        argv = ["federate", "--sites", "--scheduler", dc.scheduler.address, "--model",
+                "softmax", "--rounds", "3", "--json", *flags]
+        assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sites"] == 3 and summary["rounds"] == 3
+    if "--dp" in flags:
+        assert summary["privacy"]["epsilon"] > 0  # accounted as in a simulation
+        assert [s["kind"] for s in summary["stages"]][-1] != "weighted_mean"
+    if "--secure-aggregation" in flags:
+        assert summary["secagg"]["rounds_aborted"] == 0 and summary["secagg"]["masked"] == 9
+    assert summary["test_accuracy"] > 0.6
+
+
+def test_classes_on_the_command_line_fix_the_label_set(stores, capsys):
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    out = stores["tmp"] / "classes-run"
+    with sites.site_cluster(workers, processes=False) as dc:
+        base = ["federate", "--sites", "--scheduler", dc.scheduler.address, "--model",
+                "softmax", "--rounds", "1"]
+        assert main([*base, "--classes", "0,1", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "site client-1: unseen label(s) 2" in err[0]
+        assert main([*base, "--classes", "0,1,2,3", "--out", str(out), "--json"]) == 0
+    assert json.loads((out / "model.json").read_text())["spec"]["n_classes"] == 4
