@@ -140,14 +140,18 @@ def agree(dask_client: Client, clients: Sequence[str], *, label_hist: bool = Fal
 
 
 def federated_stats(dask_client: Client, clients: Sequence[str],
-                    stages: Sequence[Stage] | None = None) -> dict[str, np.ndarray]:
+                    stages: Sequence[Stage] | None = None,
+                    features: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Global per-feature statistics from the sites' packets, through the aggregation chain.
 
     Each site's pinned ``stats-…`` task runs the chain's client part on its packet; the packets
     add up in a fixed-order ``sum-stats-…`` tree on the workers (the grouping of
     :func:`fedpipe.engine.graph.tree_sum`); the chain's server part finishes them on the driver.
     Leaves and tree go as one graph: one round trip, as the pooled ``compute_stats``.
+    ``features``: the agreed feature names (categories one-hot over their union), default
+    each site's own.
     """
+    features = list(features) if features is not None else None
     chain = tuple(stages) if stages is not None else (sites_math.stats_stage(),)
     states = aggregate.init_states(chain, 0)
     token = uuid.uuid4().hex[:8]
@@ -155,7 +159,7 @@ def federated_stats(dask_client: Client, clients: Sequence[str],
     for c in clients:
         key = (f"stats-{token}", c)
         layers[key] = MaterializedLayer(
-            {key: (_thunk(site_tasks.stats_report, c, chain, states),)},
+            {key: (_thunk(site_tasks.stats_report, c, chain, states, features),)},
             annotations={"resources": placement.resources_of([c])})
         deps[key] = set()
     leaves = {key: None for key in layers}
@@ -183,20 +187,23 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
                               f"(median needs a histogram pass), got {impute!r}")
     clients = site_clients(dask_client)
     described, union = agree(dask_client, clients, label_hist=label_hist, classes=classes)
-    stats = federated_stats(dask_client, clients)
     schema = sites_math.reference_schema({c: described[c]["schema"] for c in clients}, clients)
+    categories = sites_math.union_categories(
+        [described[c]["schema"].get("categorical") or {} for c in clients])
+    features = sites_math.agreed_features(schema, categories)
+    stats = federated_stats(dask_client, clients, features=features)
     rows = {c: int(described[c]["n_rows"]) for c in clients}
     stats_json = stats_to_json({k: stats[k] for k in ("count", "sum", "sumsq", "min", "max")})
     info = StoreInfo(url="sites:", n_rows=sum(rows.values()),
-                     n_features=len(schema["feature_names"]), chunk_rows=0, n_chunks=0,
+                     n_features=len(features), chunk_rows=0, n_chunks=0,
                      task=sites_math.agreed_task(schema["task"], union), classes=union,
-                     feature_names=list(schema["feature_names"]), dtype=schema["dtype"],
+                     feature_names=features, dtype=schema["dtype"],
                      preprocess={"impute": impute, "standardize": bool(standardize),
                                  "computed": "federated"},
                      # the sites are the run's partition: what the chain's options count
                      partitions={"sites": {"clients": {c: {"n_rows": n} for c, n in rows.items()}}},
                      stats=stats_json, columns=schema.get("columns"),
-                     categorical=dict(schema.get("categorical") or {}),
+                     categorical=categories,
                      input_dtypes=dict(schema.get("input_dtypes") or {}),
                      target=schema.get("target"))
     hist = ({c: described[c]["label_hist"] for c in clients if "label_hist" in described[c]}
@@ -207,7 +214,8 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
 def _plan_url(plan: SitePlan) -> str:
     pre = plan.info.preprocess
     return site_tasks.plan_url({"impute": pre["impute"], "standardize": pre["standardize"],
-                                "classes": plan.info.classes, "stats": plan.info.stats})
+                                "classes": plan.info.classes, "stats": plan.info.stats,
+                                "features": plan.info.feature_names})
 
 
 def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds: int,

@@ -164,3 +164,43 @@ def test_classes_on_the_command_line_fix_the_label_set(stores, capsys):
         assert len(err) == 1 and "site client-1: unseen label(s) 2" in err[0]
         assert main([*base, "--classes", "0,1,2,3", "--out", str(out), "--json"]) == 0
     assert json.loads((out / "model.json").read_text())["spec"]["n_classes"] == 4
+
+
+def test_sites_with_other_categories_encode_into_their_union(tmp_path):
+    import pandas as pd
+    from fedpipe.cli.main import main as cli
+    from fedpipe.data import store
+
+    rng = np.random.default_rng(0)
+    colors = [["red", "blue"], ["blue", "green"], ["green", "amber", "red"]]
+    frames = []
+    for i, cats in enumerate(colors):
+        n = 150
+        color = rng.choice(cats, size=n)
+        a = rng.normal(size=n)
+        frames.append(pd.DataFrame({"a": a * 10 + i, "color": color,
+                                    "label": (a + 4 * (color == "green") > 2).astype(int)}))
+    urls = []
+    for i, frame in enumerate([*frames, pd.concat(frames)]):
+        frame.to_csv(tmp_path / f"s{i}.csv", index=False)
+        assert cli(["ingest", str(tmp_path / f"s{i}.csv"), str(tmp_path / f"s{i}.zarr"),
+                    "--target", "label", "--categorical", "color", "--chunk-rows", "64",
+                    "--quiet"]) == 0
+        urls.append(str(tmp_path / f"s{i}.zarr"))
+    pooled_url = urls.pop()
+    pooled = store.read_info(pooled_url)
+    with sites.site_cluster([([str(i)], u) for i, u in enumerate(urls)], processes=False) as dc:
+        plan = sites.prepare_sites(dc)
+        run = sites.federate_sites(plan, models.logistic(5), dask_client=dc, rounds=15,
+                                   lr=0.5, out=str(tmp_path / "run"))
+    # the union, ordered as one ingest of every row orders it
+    assert plan.info.categorical == {"color": ["amber", "blue", "green", "red"]}
+    assert plan.info.feature_names == pooled.feature_names == [
+        "a", "color=amber", "color=blue", "color=green", "color=red"]
+    want = compute_stats(pooled_url)
+    for key in ("sum", "sumsq", "min", "max", "count"):
+        np.testing.assert_allclose(plan.stats[key], want[key], rtol=1e-12)
+    assert run.summary["test_accuracy"] > 0.9  # the label needs color=green: encoded right
+    raw = pd.concat(frames).drop(columns="label")
+    loaded = rundir.load_run(tmp_path / "run")
+    assert np.mean(loaded.predict(raw) == pd.concat(frames)["label"].to_numpy()) > 0.9
