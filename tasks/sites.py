@@ -206,6 +206,33 @@ def stats_stage(name: str = "stats") -> Stage:
                  spec=StageSpec(kind="stats"))
 
 
+def hist_stage(name: str = "hist") -> Stage:
+    """The median pass's aggregation stage: a site's per-column histogram over the agreed
+    global bins is a sum like any other; non-finite or negative counts are refused on the site."""
+
+    def init(n_params: int) -> StageState:
+        return {}
+
+    def before_sum(packet: Packet, state: StageState) -> Packet:
+        from .aggregate import RejectedUpdate
+
+        counts = packet["hist"]
+        if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+            raise RejectedUpdate("histogram counts not finite and >= 0")
+        return packet
+
+    def after_sum(total: Packet, state: StageState):
+        return dict(total), state, {}
+
+    return Stage(name, init, before_sum, after_sum, spec=StageSpec(kind="hist"))
+
+
+def hist_packet(X: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> Packet:
+    """One site's histogram packet: its values counted in ``bins`` bins over ``[lo, hi]``
+    (the global min and max, agreed in the first pass)."""
+    return {"hist": stats_math.chunk_histogram(X, lo, hi, bins).astype(np.float64)}
+
+
 def finish_stats(total: Packet) -> dict[str, np.ndarray]:
     """Global statistics from the server part's output: count, sum, sumsq, min, max, missing,
     mean and population variance per feature (the shape :mod:`fedpipe.tasks.stats` uses)."""
@@ -223,4 +250,5 @@ def preprocess_rows(X: np.ndarray, stats: Mapping[str, np.ndarray] | None, imput
     """A site's rows as float64 with the global imputation (mean) and standardisation applied."""
     if stats is None or (impute == "none" and not standardize):
         return np.asarray(X, dtype=np.float64)
-    return stats_math.preprocess(X, stats, impute=impute, standardize=standardize)
+    return stats_math.preprocess(X, stats, impute=impute, standardize=standardize,
+                                 median=stats.get("median"))

@@ -24,8 +24,9 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("site-local stores (docs/federated.md): no STORE, --scheduler needed")
     g.add_argument("--sites", action="store_true",
                    help="each client's worker reads its own store (FEDPIPE_SITE_STORE)")
-    g.add_argument("--site-impute", choices=["mean", "none"], default="mean",
-                   help="fill missing values with the federated column mean (default mean)")
+    g.add_argument("--site-impute", choices=["mean", "median", "none"], default="mean",
+                   help="fill missing values with the federated column mean (default), or "
+                        "median (from the sites' histograms: within one bin width)")
     g.add_argument("--no-standardize", action="store_true",
                    help="do not standardise with the federated mean and variance")
     g.add_argument("--share-label-counts", action="store_true",

@@ -99,6 +99,20 @@ def stats_report(client: str, stages: tuple, states: dict,
     return aggregate.client_report(client, packet, {"n_rows": info.n_rows}, rejected)
 
 
+def hist_report(client: str, stages: tuple, states: dict, features: list[str] | None,
+                lo: np.ndarray, hi: np.ndarray, bins: int) -> dict:
+    """Pinned task: the site's histogram packet over the global bins (the median's 2nd pass)."""
+    info = store.read_info(site_url(client), partitions=False)
+    features = list(info.feature_names) if features is None else features
+    index = sites_math.feature_map(info.feature_names, features)
+    total = np.zeros((len(features), bins))
+    for X, _ in _raw_chunks(info):
+        total += sites_math.hist_packet(sites_math.widen(X, index, len(features)), lo, hi,
+                                        bins)["hist"]
+    packet, rejected = aggregate.client_side(stages, states, {"hist": total})
+    return aggregate.client_report(client, packet, {"n_rows": info.n_rows}, rejected)
+
+
 # --------------------------------------------------------------------------------------------
 # training rows: what placement.client_rows serves for a site-local run
 

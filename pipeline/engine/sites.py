@@ -24,7 +24,7 @@ from distributed import Client, Nanny, Scheduler, SpecCluster, Worker
 from fedpipe import privacy, rundir
 from fedpipe.cluster import worker_log_level
 from fedpipe.data import sites as site_tasks
-from fedpipe.data.stats import stats_to_json, tree_reduce
+from fedpipe.data.stats import HIST_BINS, stats_to_json, tree_reduce
 from fedpipe.data.store import StoreInfo
 from fedpipe.engine import fed_state, placement
 from fedpipe.engine import federate as fed
@@ -33,10 +33,11 @@ from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.model import saved as saved_model
 from fedpipe.tasks import aggregate
 from fedpipe.tasks import sites as sites_math
+from fedpipe.tasks import stats as stats_math
 from fedpipe.tasks.aggregate import Stage, Strategy
 from fedpipe.tasks.models import Model
 
-IMPUTE = ("none", "mean")
+IMPUTE = ("none", "mean", "median")
 FAN_IN = 8
 
 
@@ -141,7 +142,8 @@ def agree(dask_client: Client, clients: Sequence[str], *, label_hist: bool = Fal
 
 def federated_stats(dask_client: Client, clients: Sequence[str],
                     stages: Sequence[Stage] | None = None,
-                    features: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+                    features: Sequence[str] | None = None,
+                    median: bool = False) -> dict[str, np.ndarray]:
     """Global per-feature statistics from the sites' packets, through the aggregation chain.
 
     Each site's pinned ``stats-…`` task runs the chain's client part on its packet; the packets
@@ -149,21 +151,40 @@ def federated_stats(dask_client: Client, clients: Sequence[str],
     :func:`fedpipe.engine.graph.tree_sum`); the chain's server part finishes them on the driver.
     Leaves and tree go as one graph: one round trip, as the pooled ``compute_stats``.
     ``features``: the agreed feature names (categories one-hot over their union), default
-    each site's own.
+    each site's own. ``median``: a second pass (``hist-…``) sums the sites' histograms over
+    ``HIST_BINS`` bins between the global min and max, and ``"median"`` is the median read off
+    them, within one bin width, ``(max - min) / HIST_BINS``, of the pooled median (equal to the
+    pooled store's ``--impute median``, which reads the same bins).
     """
     features = list(features) if features is not None else None
     chain = tuple(stages) if stages is not None else (sites_math.stats_stage(),)
     states = aggregate.init_states(chain, 0)
+    packet = _through_chain(dask_client, clients, chain, states, "stats",
+                            lambda c: _thunk(site_tasks.stats_report, c, chain, states, features))
+    stats = sites_math.finish_stats(packet)
+    if median:
+        lo = np.where(np.isfinite(stats["min"]), stats["min"], 0.0)
+        hi = np.where(np.isfinite(stats["max"]), stats["max"], 0.0)
+        hist = (sites_math.hist_stage(),)
+        hstates = aggregate.init_states(hist, 0)
+        total = _through_chain(dask_client, clients, hist, hstates, "hist", lambda c: _thunk(
+            site_tasks.hist_report, c, hist, hstates, features, lo, hi, HIST_BINS))
+        stats["median"] = stats_math.median_from_histogram(np.rint(total["hist"]), lo, hi)
+    return stats
+
+
+def _through_chain(dask_client: Client, clients: Sequence[str], chain: tuple, states: dict,
+                   name: str, task: Callable[[str], Callable]) -> dict:
+    """The server part's output on the sum of the sites' ``task`` packets: one graph."""
     token = uuid.uuid4().hex[:8]
     layers, deps = {}, {}
     for c in clients:
-        key = (f"stats-{token}", c)
-        layers[key] = MaterializedLayer(
-            {key: (_thunk(site_tasks.stats_report, c, chain, states, features),)},
-            annotations={"resources": placement.resources_of([c])})
+        key = (f"{name}-{token}", c)
+        layers[key] = MaterializedLayer({key: (task(c),)},
+                                        annotations={"resources": placement.resources_of([c])})
         deps[key] = set()
     leaves = {key: None for key in layers}
-    tree, root = tree_reduce(leaves, _add_reports, f"sum-stats-{token}", FAN_IN)
+    tree, root = tree_reduce(leaves, _add_reports, f"sum-{name}-{token}", FAN_IN)
     nodes = {k: v for k, v in tree.items() if k not in leaves}
     layers["tree"], deps["tree"] = MaterializedLayer(nodes), set(leaves)
     total = dask_client.get(HighLevelGraph(layers, deps), root)
@@ -171,7 +192,7 @@ def federated_stats(dask_client: Client, clients: Sequence[str],
     if rejected or total["packet"] is None:
         raise TrainingError(f"statistics refused by site(s): {rejected}")
     packet, _, _ = aggregate.server_side(chain, states, total["packet"])
-    return sites_math.finish_stats(packet)
+    return packet
 
 
 def _add_reports(reports: list[dict]) -> dict:
@@ -183,17 +204,19 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
                   classes: Sequence[object] | None = None) -> SitePlan:
     """Discover the sites, agree their schema and compute the global statistics."""
     if impute not in IMPUTE:
-        raise ValidationError(f"--impute must be one of {', '.join(IMPUTE)} with --sites "
-                              f"(median needs a histogram pass), got {impute!r}")
+        raise ValidationError(f"--site-impute must be one of {', '.join(IMPUTE)}, "
+                              f"got {impute!r}")
     clients = site_clients(dask_client)
     described, union = agree(dask_client, clients, label_hist=label_hist, classes=classes)
     schema = sites_math.reference_schema({c: described[c]["schema"] for c in clients}, clients)
     categories = sites_math.union_categories(
         [described[c]["schema"].get("categorical") or {} for c in clients])
     features = sites_math.agreed_features(schema, categories)
-    stats = federated_stats(dask_client, clients, features=features)
+    stats = federated_stats(dask_client, clients, features=features,
+                            median=impute == "median")
     rows = {c: int(described[c]["n_rows"]) for c in clients}
-    stats_json = stats_to_json({k: stats[k] for k in ("count", "sum", "sumsq", "min", "max")})
+    stats_json = stats_to_json({k: stats[k] for k in ("count", "sum", "sumsq", "min", "max",
+                                                      "median") if k in stats})
     info = StoreInfo(url="sites:", n_rows=sum(rows.values()),
                      n_features=len(features), chunk_rows=0, n_chunks=0,
                      task=sites_math.agreed_task(schema["task"], union), classes=union,

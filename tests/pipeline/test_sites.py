@@ -204,3 +204,24 @@ def test_sites_with_other_categories_encode_into_their_union(tmp_path):
     raw = pd.concat(frames).drop(columns="label")
     loaded = rundir.load_run(tmp_path / "run")
     assert np.mean(loaded.predict(raw) == pd.concat(frames)["label"].to_numpy()) > 0.9
+
+
+def test_median_imputation_reads_the_sites_histograms_within_a_bin(stores):
+    from fedpipe.data.stats import HIST_BINS
+
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    out = stores["tmp"] / "median-run"
+    with sites.site_cluster(workers, processes=False) as dc:
+        plan = sites.prepare_sites(dc, impute="median")
+        run = sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=3,
+                                   out=str(out))
+    X = np.concatenate([p[0] for p in stores["parts"]])
+    width = (np.nanmax(X, axis=0) - np.nanmin(X, axis=0)) / HIST_BINS
+    assert np.all(np.abs(plan.stats["median"] - np.nanmedian(X, axis=0)) <= width)
+    pooled = compute_stats(stores["pooled"], median=True)  # the same bins: the same estimate
+    np.testing.assert_allclose(plan.stats["median"], pooled["median"], rtol=1e-12)
+    assert run.summary["preprocess"]["impute"] == "median"
+    ready = stats_math.preprocess(X, pooled, impute="median", standardize=True,
+                                  median=pooled["median"])
+    np.testing.assert_array_equal(rundir.load_run(out).predict(X),
+                                  models.softmax(5, 3).predict(run.params, ready))
