@@ -31,19 +31,20 @@ def add_options(p: argparse.ArgumentParser) -> None:
                    help="do not standardise with the federated mean and variance")
     g.add_argument("--share-label-counts", action="store_true",
                    help="sites report their label histograms (summary.json)")
-    g.add_argument("--classes", type=_labels,
+    g.add_argument("--classes",
                    help="the label set, comma-separated (default: the union of the sites'); "
                         "a site with another label is refused")
 
 
-def _labels(text: str) -> list:
-    # as ingest stores labels: whole numbers as int, anything else as text
-    labels = [t.strip() for t in text.split(",") if t.strip()]
-    if not labels:
-        raise argparse.ArgumentTypeError("give at least one label, e.g. 0,1,2")
-    out = [int(t) if t.lstrip("-").isdigit() else t for t in labels]
-    if len(set(out)) != len(out):
-        raise argparse.ArgumentTypeError(f"a label is repeated in {text!r}")
+def labels(text: str | None) -> list | None:
+    """The label set of ``--classes A,B,...``: whole numbers as int (as ingest stores labels),
+    anything else as text; refused in one line when empty or repeated."""
+    if text is None:
+        return None
+    found = [t.strip() for t in str(text).split(",") if t.strip()]
+    out = [int(t) if t.lstrip("-").isdigit() else t for t in found]
+    if not out or len(set(out)) != len(out):
+        raise ValidationError(f"--classes must list distinct labels, e.g. 0,1,2; got {text!r}")
     return out
 
 
@@ -66,6 +67,7 @@ def check_options(args: argparse.Namespace) -> None:
     if bad:
         flags = ", ".join(b if b.startswith("--") else "--" + b.replace("_", "-") for b in bad)
         raise ValidationError(f"{flags} do not apply with --sites")
+    labels(args.classes)
     if args.scheduler is None and args.kubernetes is None:
         raise ValidationError("--sites needs --scheduler ADDRESS or --kubernetes NAME: the "
                               "site workers run elsewhere, each with its own store")
@@ -83,7 +85,8 @@ def run_sites(args: argparse.Namespace) -> dict[str, Any]:
     with connect(scheduler=address) as dc:
         plan = sites.prepare_sites(dc, impute=args.site_impute,
                                    standardize=not args.no_standardize,
-                                   label_hist=args.share_label_counts, classes=args.classes)
+                                   label_hist=args.share_label_counts,
+                                   classes=labels(args.classes))
         model = registry.make_model(args.model, plan.info, hidden=args.hidden, l2=args.l2)
         strategy = registry.make_strategy(args.strategy, args.server_lr, args.mu,
                                           args.client_optimizer, args.lr)

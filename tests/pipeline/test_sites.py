@@ -100,6 +100,8 @@ def test_federate_sites_on_the_command_line(stores, capsys):
     (["--sites", "--clients", "3"], "--clients do not apply with --sites"),
     (["--sites"], "--sites needs --scheduler ADDRESS"),
     (["--no-standardize"], "--no-standardize only apply with --sites"),
+    (["--sites", "--classes", "0,0", "--scheduler", "tcp://127.0.0.1:1"],
+     "--classes must list distinct labels"),
 ])
 def test_sites_options_are_checked_in_one_line(argv, why, capsys):
     assert main(["federate", *argv, "--model", "softmax", "--rounds", "1"]) == 2
@@ -164,6 +166,7 @@ def test_classes_on_the_command_line_fix_the_label_set(stores, capsys):
         assert len(err) == 1 and "site client-1: unseen label(s) 2" in err[0]
         assert main([*base, "--classes", "0,1,2,3", "--out", str(out), "--json"]) == 0
     assert json.loads((out / "model.json").read_text())["spec"]["n_classes"] == 4
+    assert 'classes = "0,1,2,3"' in (out / "config.toml").read_text()  # --config repeats it
 
 
 def test_sites_with_other_categories_encode_into_their_union(tmp_path):
