@@ -36,7 +36,7 @@ def add_options(p: argparse.ArgumentParser) -> None:
                         "a site with another label is refused")
 
 
-def labels(text: str | None) -> list | None:
+def _labels(text: str | None) -> list | None:
     """The label set of ``--classes A,B,...``: whole numbers as int (as ingest stores labels),
     anything else as text; refused in one line when empty or repeated."""
     if text is None:
@@ -67,7 +67,7 @@ def check_options(args: argparse.Namespace) -> None:
     if bad:
         flags = ", ".join(b if b.startswith("--") else "--" + b.replace("_", "-") for b in bad)
         raise ValidationError(f"{flags} do not apply with --sites")
-    labels(args.classes)
+    _labels(args.classes)
     if args.scheduler is None and args.kubernetes is None:
         raise ValidationError("--sites needs --scheduler ADDRESS or --kubernetes NAME: the "
                               "site workers run elsewhere, each with its own store")
@@ -86,7 +86,7 @@ def run_sites(args: argparse.Namespace) -> dict[str, Any]:
         plan = sites.prepare_sites(dc, impute=args.site_impute,
                                    standardize=not args.no_standardize,
                                    label_hist=args.share_label_counts,
-                                   classes=labels(args.classes))
+                                   classes=_labels(args.classes))
         model = registry.make_model(args.model, plan.info, hidden=args.hidden, l2=args.l2)
         strategy = registry.make_strategy(args.strategy, args.server_lr, args.mu,
                                           args.client_optimizer, args.lr)
