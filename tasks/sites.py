@@ -31,14 +31,20 @@ SCHEMA_KEYS = ("task", "dtype", "feature_names", "input_dtypes", "categorical", 
 
 
 def schema_digest(schema: Mapping[str, object]) -> str:
-    """A short digest of a site's schema (without its labels): equal schemas, equal digests."""
+    """A short digest of a site's schema (without its labels, and its categorical columns'
+    categories, both agreed as unions): equal schemas, equal digests."""
+    schema = _without_categories(schema)
     text = json.dumps({k: _kind(schema.get(k)) if k == "task" else schema.get(k)
                        for k in SCHEMA_KEYS}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def schema_difference(reference: Mapping[str, object], site: Mapping[str, object]) -> str | None:
-    """How ``site``'s schema differs from ``reference`` in words, or None when they agree."""
+    """How ``site``'s schema differs from ``reference`` in words, or None when they agree.
+
+    A categorical column's categories may differ: the run one-hot encodes into their union.
+    """
+    reference, site = _without_categories(reference), _without_categories(site)
     ref_cols, cols = list(reference["feature_names"]), list(site["feature_names"])
     missing = [c for c in ref_cols if c not in cols]
     extra = [c for c in cols if c not in ref_cols]
@@ -58,8 +64,67 @@ def schema_difference(reference: Mapping[str, object], site: Mapping[str, object
         if ref_types.get(col) != types.get(col):
             return f"column {col} has dtype {types.get(col)} where the others have {ref_types.get(col)}"
     if (reference.get("categorical") or {}) != (site.get("categorical") or {}):
-        return "other categories of a categorical column"
+        return "other categorical columns"
     return None
+
+
+def _without_categories(schema: Mapping[str, object]) -> dict:
+    """``schema`` with each categorical column's one-hot features folded back into the column."""
+    categorical = dict(schema.get("categorical") or {})
+    return {**schema, "categorical": sorted(categorical),
+            "feature_names": _columns_of(list(schema["feature_names"]), categorical)}
+
+
+def _columns_of(feature_names: list, categorical: Mapping[str, Sequence]) -> list:
+    onehot = {f"{col}={v}": col for col, cats in categorical.items() for v in cats}
+    out: list = []
+    for name in feature_names:
+        name = onehot.get(name, name)
+        if not (out and out[-1] == name and name in categorical):
+            out.append(name)
+    return out
+
+
+def union_categories(per_site: Sequence[Mapping[str, Sequence]]) -> dict[str, list]:
+    """Each categorical column's categories: the union over the sites, numbers (in numeric
+    order) before text (in text order), as ``fedpipe ingest`` orders one site's."""
+    from .encode import category_key
+
+    seen: dict[str, dict[str, object]] = {}
+    for cats in per_site:
+        for col, values in cats.items():
+            for v in values:
+                seen.setdefault(col, {}).setdefault(category_key(v), v)
+    return {col: sorted(vals.values(), key=_category_order) for col, vals in seen.items()}
+
+
+def _category_order(value: object) -> tuple:
+    if isinstance(value, bool | int | float) and not isinstance(value, str):
+        return (0, float(value), "")
+    return (1, 0.0, str(value))
+
+
+def agreed_features(schema: Mapping[str, object], union: Mapping[str, Sequence]) -> list[str]:
+    """The run's feature names: ``schema``'s, each categorical column one-hot over ``union``."""
+    columns = _columns_of(list(schema["feature_names"]), dict(schema.get("categorical") or {}))
+    return [n for c in columns for n in ([f"{c}={v}" for v in union[c]] if c in union else [c])]
+
+
+def feature_map(site_features: Sequence[str], features: Sequence[str]) -> np.ndarray | None:
+    """``column_in_run[site_column]``, or None when the site's features are the run's."""
+    if list(site_features) == list(features):
+        return None
+    position = {name: i for i, name in enumerate(features)}
+    return np.array([position[name] for name in site_features], dtype=np.int64)
+
+
+def widen(X: np.ndarray, index: np.ndarray | None, n_features: int) -> np.ndarray:
+    """A site's rows in the run's columns: a category the site never saw is a column of 0."""
+    if index is None:
+        return X
+    out = np.zeros((X.shape[0], n_features), dtype=np.float64)
+    out[:, index] = X
+    return out
 
 
 def _kind(task: object) -> object:
@@ -141,6 +206,33 @@ def stats_stage(name: str = "stats") -> Stage:
                  spec=StageSpec(kind="stats"))
 
 
+def hist_stage(name: str = "hist") -> Stage:
+    """The median pass's aggregation stage: a site's per-column histogram over the agreed
+    global bins is a sum like any other; non-finite or negative counts are refused on the site."""
+
+    def init(n_params: int) -> StageState:
+        return {}
+
+    def before_sum(packet: Packet, state: StageState) -> Packet:
+        from .aggregate import RejectedUpdate
+
+        counts = packet["hist"]
+        if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+            raise RejectedUpdate("histogram counts not finite and >= 0")
+        return packet
+
+    def after_sum(total: Packet, state: StageState):
+        return dict(total), state, {}
+
+    return Stage(name, init, before_sum, after_sum, spec=StageSpec(kind="hist"))
+
+
+def hist_packet(X: np.ndarray, lo: np.ndarray, hi: np.ndarray, bins: int) -> Packet:
+    """One site's histogram packet: its values counted in ``bins`` bins over ``[lo, hi]``
+    (the global min and max, agreed in the first pass)."""
+    return {"hist": stats_math.chunk_histogram(X, lo, hi, bins).astype(np.float64)}
+
+
 def finish_stats(total: Packet) -> dict[str, np.ndarray]:
     """Global statistics from the server part's output: count, sum, sumsq, min, max, missing,
     mean and population variance per feature (the shape :mod:`fedpipe.tasks.stats` uses)."""
@@ -158,4 +250,5 @@ def preprocess_rows(X: np.ndarray, stats: Mapping[str, np.ndarray] | None, imput
     """A site's rows as float64 with the global imputation (mean) and standardisation applied."""
     if stats is None or (impute == "none" and not standardize):
         return np.asarray(X, dtype=np.float64)
-    return stats_math.preprocess(X, stats, impute=impute, standardize=standardize)
+    return stats_math.preprocess(X, stats, impute=impute, standardize=standardize,
+                                 median=stats.get("median"))

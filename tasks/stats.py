@@ -99,15 +99,22 @@ def median_from_histogram(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray) ->
     medians = np.full(n_features, np.nan)
     width = (hi - lo) / bins
     for j in range(n_features):
-        total = counts[j].sum()
+        total = int(counts[j].sum())
         if total == 0:
             continue
         cum = np.cumsum(counts[j])
-        k = int(np.searchsorted(cum, total / 2.0))
-        before = cum[k - 1] if k > 0 else 0
-        inside = (total / 2.0 - before) / max(counts[j, k], 1)
-        medians[j] = lo[j] + (k + inside) * width[j] if hi[j] > lo[j] else lo[j]
+        # the median is the mean of the two middle ranks; each is placed inside its own bin, so
+        # empty bins between them (sparse data) cannot push the estimate out of the bound
+        at = [_rank_in_bins(cum, counts[j], r) for r in ((total - 1) // 2, total // 2)]
+        medians[j] = lo[j] + 0.5 * sum(at) * width[j] if hi[j] > lo[j] else lo[j]
     return medians
+
+
+def _rank_in_bins(cum: np.ndarray, counts: np.ndarray, rank: int) -> float:
+    # position, in bins from lo, of the value of 0-based ``rank``: spread evenly in its bin
+    k = int(np.searchsorted(cum, rank + 1))
+    before = cum[k - 1] if k > 0 else 0
+    return k + (rank - before + 0.5) / counts[k]
 
 
 def preprocess(

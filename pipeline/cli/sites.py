@@ -15,9 +15,8 @@ from fedpipe.cli import config, registry
 from fedpipe.cli import report as cli_report
 from fedpipe.errors import ValidationError
 
-# federate options that shape a simulation (or a chain not yet wired for sites): refused here
-_NOT_WITH_SITES = ("clients", "scheme", "alpha", "partition", "workers", "dp", "clip",
-                   "noise_multiplier", "target_epsilon", "delta", "compress")
+# federate options that shape a simulation: refused here
+_NOT_WITH_SITES = ("clients", "scheme", "alpha", "partition", "workers")
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -25,12 +24,28 @@ def add_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("site-local stores (docs/federated.md): no STORE, --scheduler needed")
     g.add_argument("--sites", action="store_true",
                    help="each client's worker reads its own store (FEDPIPE_SITE_STORE)")
-    g.add_argument("--site-impute", choices=["mean", "none"], default="mean",
-                   help="fill missing values with the federated column mean (default mean)")
+    g.add_argument("--site-impute", choices=["mean", "median", "none"], default="mean",
+                   help="fill missing values with the federated column mean (default), or "
+                        "median (from the sites' histograms: within one bin width)")
     g.add_argument("--no-standardize", action="store_true",
                    help="do not standardise with the federated mean and variance")
     g.add_argument("--share-label-counts", action="store_true",
                    help="sites report their label histograms (summary.json)")
+    g.add_argument("--classes",
+                   help="the label set, comma-separated (default: the union of the sites'); "
+                        "a site with another label is refused")
+
+
+def _labels(text: str | None) -> list | None:
+    """The label set of ``--classes A,B,...``: whole numbers as int (as ingest stores labels),
+    anything else as text; refused in one line when empty or repeated."""
+    if text is None:
+        return None
+    found = [t.strip() for t in str(text).split(",") if t.strip()]
+    out = [int(t) if t.lstrip("-").isdigit() else t for t in found]
+    if not out or len(set(out)) != len(out):
+        raise ValidationError(f"--classes must list distinct labels, e.g. 0,1,2; got {text!r}")
+    return out
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -38,7 +53,8 @@ def check_options(args: argparse.Namespace) -> None:
     if not args.sites:
         given = [f for f, on in (("--site-impute", args.site_impute != "mean"),
                                  ("--no-standardize", args.no_standardize),
-                                 ("--share-label-counts", args.share_label_counts)) if on]
+                                 ("--share-label-counts", args.share_label_counts),
+                                 ("--classes", args.classes is not None)) if on]
         if given:
             raise ValidationError(f"{', '.join(given)} only apply with --sites")
         if args.store is None:
@@ -48,11 +64,10 @@ def check_options(args: argparse.Namespace) -> None:
         raise ValidationError(f"--sites reads each client's own store on its worker: drop "
                               f"STORE {args.store}")
     bad = [k for k in _NOT_WITH_SITES if getattr(args, k, None) not in (None, False)]
-    bad += ["--secure-aggregation"] * bool(args.secure_aggregation)
-    bad += ["--aggregator"] * (args.aggregator != "mean")
     if bad:
         flags = ", ".join(b if b.startswith("--") else "--" + b.replace("_", "-") for b in bad)
         raise ValidationError(f"{flags} do not apply with --sites")
+    _labels(args.classes)
     if args.scheduler is None and args.kubernetes is None:
         raise ValidationError("--sites needs --scheduler ADDRESS or --kubernetes NAME: the "
                               "site workers run elsewhere, each with its own store")
@@ -60,6 +75,7 @@ def check_options(args: argparse.Namespace) -> None:
 
 def run_sites(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fedpipe federate --sites``; returns the summary."""
+    from fedpipe.cli import federate as cli_federate
     from fedpipe.cluster import connect
     from fedpipe.deploy import kube
     from fedpipe.engine import sites
@@ -69,16 +85,22 @@ def run_sites(args: argparse.Namespace) -> dict[str, Any]:
     with connect(scheduler=address) as dc:
         plan = sites.prepare_sites(dc, impute=args.site_impute,
                                    standardize=not args.no_standardize,
-                                   label_hist=args.share_label_counts)
+                                   label_hist=args.share_label_counts,
+                                   classes=_labels(args.classes))
         model = registry.make_model(args.model, plan.info, hidden=args.hidden, l2=args.l2)
-        strategy = registry.STRATEGIES[args.strategy](server_lr=args.server_lr, mu=args.mu)
-        lr = args.lr
+        strategy = registry.make_strategy(args.strategy, args.server_lr, args.mu,
+                                          args.client_optimizer, args.lr)
+        lr = None if strategy.client is not None else args.lr
+        # the chain of a simulation's flags; the sites are its partition ("sites")
+        stages = cli_federate._secure_chain(
+            args, plan.info, "sites", cli_federate._make_chain(args, plan.info, "sites"))
         if args.lr_schedule:
             lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds,
                                          flag="--lr-schedule")
         with monitoring(args, dc, mode="federate", total=args.rounds, unit="round",
                         meta={"model": model.name, "strategy": args.strategy,
-                              "sites": len(plan.clients)}) as on_record:
+                              "sites": len(plan.clients),
+                              **cli_federate._chain_meta(args)}) as on_record:
             result = sites.federate_sites(
                 plan, model, dask_client=dc, rounds=args.rounds, strategy=strategy,
                 local_epochs=args.local_epochs, batch_size=args.batch_size, lr=lr,
@@ -86,7 +108,8 @@ def run_sites(args: argparse.Namespace) -> dict[str, Any]:
                 min_clients=args.min_clients, deadline=args.deadline, seed=args.seed,
                 test_fraction=args.test_fraction, eval_every=args.eval_every, out=args.out,
                 checkpoint_every=args.checkpoint_every, resume=args.resume,
-                overwrite=args.overwrite, on_record=on_record, config=config.to_dict(args))
+                overwrite=args.overwrite, on_record=on_record, config=config.to_dict(args),
+                stages=stages, delta=args.delta, target_epsilon=args.target_epsilon)
     summary = result.summary
     if plan.label_hist is not None:
         summary["label_hist"] = plan.label_hist

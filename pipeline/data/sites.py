@@ -80,14 +80,36 @@ def _raw_chunks(info: store.StoreInfo):
         yield store.read_raw_chunk(group, info, ref)
 
 
-def stats_report(client: str, stages: tuple, states: dict) -> dict:
-    """Pinned task: the site's statistics packet after the chain's client part (a round report)."""
+def stats_report(client: str, stages: tuple, states: dict,
+                 features: list[str] | None = None) -> dict:
+    """Pinned task: the site's statistics packet after the chain's client part (a round report).
+
+    ``features``: the run's agreed feature names (categories one-hot over their union), into
+    which the site's columns are widened first; None: the site's own.
+    """
     info = store.read_info(site_url(client), partitions=False)
-    parts = [stats_math.chunk_stats(X) for X, _ in _raw_chunks(info)]
+    features = list(info.feature_names) if features is None else features
+    index = sites_math.feature_map(info.feature_names, features)
+    parts = [stats_math.chunk_stats(sites_math.widen(X, index, len(features)))
+             for X, _ in _raw_chunks(info)]
     merged = stats_math.merge_many(parts) if parts else stats_math.chunk_stats(
-        np.zeros((0, info.n_features)))
+        np.zeros((0, len(features))))
     packet = sites_math.stats_packet_of(merged, info.n_rows)
     packet, rejected = aggregate.client_side(stages, states, packet)
+    return aggregate.client_report(client, packet, {"n_rows": info.n_rows}, rejected)
+
+
+def hist_report(client: str, stages: tuple, states: dict, features: list[str] | None,
+                lo: np.ndarray, hi: np.ndarray, bins: int) -> dict:
+    """Pinned task: the site's histogram packet over the global bins (the median's 2nd pass)."""
+    info = store.read_info(site_url(client), partitions=False)
+    features = list(info.feature_names) if features is None else features
+    index = sites_math.feature_map(info.feature_names, features)
+    total = np.zeros((len(features), bins))
+    for X, _ in _raw_chunks(info):
+        total += sites_math.hist_packet(sites_math.widen(X, index, len(features)), lo, hi,
+                                        bins)["hist"]
+    packet, rejected = aggregate.client_side(stages, states, {"hist": total})
     return aggregate.client_report(client, packet, {"n_rows": info.n_rows}, rejected)
 
 
@@ -128,16 +150,19 @@ def site_rows(url: str, client: str, *, test_fraction: float, seed: int, run: st
     info = store.read_info(site_url(client), partitions=False)
     remap = (sites_math.label_map(info.classes, plan["classes"])
              if plan.get("classes") is not None and info.classes is not None else None)
+    features = plan.get("features") or list(info.feature_names)
+    index = sites_math.feature_map(info.feature_names, features)
     sides: tuple[list, list] = ([], [])
     group = store.open_group(info.url)
     for ref in store.chunk_refs(info):
         X, y = store.read_raw_chunk(group, info, ref)
+        X = sites_math.widen(X, index, len(features))  # one-hot into the union's categories
         X = sites_math.preprocess_rows(X, stats, plan["impute"], plan["standardize"])
         y = remap[np.asarray(y, dtype=np.int64)] if remap is not None else y
         for side, rows in zip(sides, store.split_rows(X, y, ref, test_fraction=test_fraction,
                                                       seed=seed), strict=True):
             side.append(rows)
     cache.rows[key] = tuple(part for side in sides
-                            for part in placement._stack(side, info.n_features))
+                            for part in placement._stack(side, len(features)))
     cache.reads += 1
     return cache.rows[key], True

@@ -21,10 +21,10 @@ import dask
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Nanny, Scheduler, SpecCluster, Worker
-from fedpipe import rundir
+from fedpipe import privacy, rundir
 from fedpipe.cluster import worker_log_level
 from fedpipe.data import sites as site_tasks
-from fedpipe.data.stats import stats_to_json, tree_reduce
+from fedpipe.data.stats import HIST_BINS, stats_to_json, tree_reduce
 from fedpipe.data.store import StoreInfo
 from fedpipe.engine import fed_state, placement
 from fedpipe.engine import federate as fed
@@ -33,10 +33,11 @@ from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.model import saved as saved_model
 from fedpipe.tasks import aggregate
 from fedpipe.tasks import sites as sites_math
+from fedpipe.tasks import stats as stats_math
 from fedpipe.tasks.aggregate import Stage, Strategy
 from fedpipe.tasks.models import Model
 
-IMPUTE = ("none", "mean")
+IMPUTE = ("none", "mean", "median")
 FAN_IN = 8
 
 
@@ -140,26 +141,50 @@ def agree(dask_client: Client, clients: Sequence[str], *, label_hist: bool = Fal
 
 
 def federated_stats(dask_client: Client, clients: Sequence[str],
-                    stages: Sequence[Stage] | None = None) -> dict[str, np.ndarray]:
+                    stages: Sequence[Stage] | None = None,
+                    features: Sequence[str] | None = None,
+                    median: bool = False) -> dict[str, np.ndarray]:
     """Global per-feature statistics from the sites' packets, through the aggregation chain.
 
     Each site's pinned ``stats-…`` task runs the chain's client part on its packet; the packets
     add up in a fixed-order ``sum-stats-…`` tree on the workers (the grouping of
     :func:`fedpipe.engine.graph.tree_sum`); the chain's server part finishes them on the driver.
     Leaves and tree go as one graph: one round trip, as the pooled ``compute_stats``.
+    ``features``: the agreed feature names (categories one-hot over their union), default
+    each site's own. ``median``: a second pass (``hist-…``) sums the sites' histograms over
+    ``HIST_BINS`` bins between the global min and max, and ``"median"`` is the median read off
+    them, within one bin width, ``(max - min) / HIST_BINS``, of the pooled median (equal to the
+    pooled store's ``--impute median``, which reads the same bins).
     """
+    features = list(features) if features is not None else None
     chain = tuple(stages) if stages is not None else (sites_math.stats_stage(),)
     states = aggregate.init_states(chain, 0)
+    packet = _through_chain(dask_client, clients, chain, states, "stats",
+                            lambda c: _thunk(site_tasks.stats_report, c, chain, states, features))
+    stats = sites_math.finish_stats(packet)
+    if median:
+        lo = np.where(np.isfinite(stats["min"]), stats["min"], 0.0)
+        hi = np.where(np.isfinite(stats["max"]), stats["max"], 0.0)
+        hist = (sites_math.hist_stage(),)
+        hstates = aggregate.init_states(hist, 0)
+        total = _through_chain(dask_client, clients, hist, hstates, "hist", lambda c: _thunk(
+            site_tasks.hist_report, c, hist, hstates, features, lo, hi, HIST_BINS))
+        stats["median"] = stats_math.median_from_histogram(np.rint(total["hist"]), lo, hi)
+    return stats
+
+
+def _through_chain(dask_client: Client, clients: Sequence[str], chain: tuple, states: dict,
+                   name: str, task: Callable[[str], Callable]) -> dict:
+    """The server part's output on the sum of the sites' ``task`` packets: one graph."""
     token = uuid.uuid4().hex[:8]
     layers, deps = {}, {}
     for c in clients:
-        key = (f"stats-{token}", c)
-        layers[key] = MaterializedLayer(
-            {key: (_thunk(site_tasks.stats_report, c, chain, states),)},
-            annotations={"resources": placement.resources_of([c])})
+        key = (f"{name}-{token}", c)
+        layers[key] = MaterializedLayer({key: (task(c),)},
+                                        annotations={"resources": placement.resources_of([c])})
         deps[key] = set()
     leaves = {key: None for key in layers}
-    tree, root = tree_reduce(leaves, _add_reports, f"sum-stats-{token}", FAN_IN)
+    tree, root = tree_reduce(leaves, _add_reports, f"sum-{name}-{token}", FAN_IN)
     nodes = {k: v for k, v in tree.items() if k not in leaves}
     layers["tree"], deps["tree"] = MaterializedLayer(nodes), set(leaves)
     total = dask_client.get(HighLevelGraph(layers, deps), root)
@@ -167,7 +192,7 @@ def federated_stats(dask_client: Client, clients: Sequence[str],
     if rejected or total["packet"] is None:
         raise TrainingError(f"statistics refused by site(s): {rejected}")
     packet, _, _ = aggregate.server_side(chain, states, total["packet"])
-    return sites_math.finish_stats(packet)
+    return packet
 
 
 def _add_reports(reports: list[dict]) -> dict:
@@ -179,22 +204,29 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
                   classes: Sequence[object] | None = None) -> SitePlan:
     """Discover the sites, agree their schema and compute the global statistics."""
     if impute not in IMPUTE:
-        raise ValidationError(f"--impute must be one of {', '.join(IMPUTE)} with --sites "
-                              f"(median needs a histogram pass), got {impute!r}")
+        raise ValidationError(f"--site-impute must be one of {', '.join(IMPUTE)}, "
+                              f"got {impute!r}")
     clients = site_clients(dask_client)
     described, union = agree(dask_client, clients, label_hist=label_hist, classes=classes)
-    stats = federated_stats(dask_client, clients)
     schema = sites_math.reference_schema({c: described[c]["schema"] for c in clients}, clients)
+    categories = sites_math.union_categories(
+        [described[c]["schema"].get("categorical") or {} for c in clients])
+    features = sites_math.agreed_features(schema, categories)
+    stats = federated_stats(dask_client, clients, features=features,
+                            median=impute == "median")
     rows = {c: int(described[c]["n_rows"]) for c in clients}
-    stats_json = stats_to_json({k: stats[k] for k in ("count", "sum", "sumsq", "min", "max")})
+    stats_json = stats_to_json({k: stats[k] for k in ("count", "sum", "sumsq", "min", "max",
+                                                      "median") if k in stats})
     info = StoreInfo(url="sites:", n_rows=sum(rows.values()),
-                     n_features=len(schema["feature_names"]), chunk_rows=0, n_chunks=0,
+                     n_features=len(features), chunk_rows=0, n_chunks=0,
                      task=sites_math.agreed_task(schema["task"], union), classes=union,
-                     feature_names=list(schema["feature_names"]), dtype=schema["dtype"],
+                     feature_names=features, dtype=schema["dtype"],
                      preprocess={"impute": impute, "standardize": bool(standardize),
                                  "computed": "federated"},
-                     partitions={}, stats=stats_json, columns=schema.get("columns"),
-                     categorical=dict(schema.get("categorical") or {}),
+                     # the sites are the run's partition: what the chain's options count
+                     partitions={"sites": {"clients": {c: {"n_rows": n} for c, n in rows.items()}}},
+                     stats=stats_json, columns=schema.get("columns"),
+                     categorical=categories,
                      input_dtypes=dict(schema.get("input_dtypes") or {}),
                      target=schema.get("target"))
     hist = ({c: described[c]["label_hist"] for c in clients if "label_hist" in described[c]}
@@ -205,45 +237,56 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
 def _plan_url(plan: SitePlan) -> str:
     pre = plan.info.preprocess
     return site_tasks.plan_url({"impute": pre["impute"], "standardize": pre["standardize"],
-                                "classes": plan.info.classes, "stats": plan.info.stats})
+                                "classes": plan.info.classes, "stats": plan.info.stats,
+                                "features": plan.info.feature_names})
 
 
 def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds: int,
-                   strategy: Strategy | None = None, local_epochs: int = 1, batch_size: int = 32,
-                   lr: float | Callable[[int], float] = 0.1, fraction: float | None = None,
+                   strategy: Strategy | None = None, local_epochs: int | None = None,
+                   batch_size: int = 32, lr: float | Callable[[int], float] | None = None,
+                   fraction: float | None = None,
                    clients_per_round: int | None = None, min_clients: int = 1,
                    deadline: float | None = None, retries: int = fed.RETRIES,
                    stages: Sequence[Stage] | None = None, seed: int = 0,
                    test_fraction: float = 0.2, eval_every: int = 1, batch_clients: bool = True,
                    out: str | None = None, checkpoint_every: int = 0, resume: bool = False,
                    overwrite: bool = False, on_record: Callable[[dict], None] | None = None,
-                   config: Mapping[str, object] | None = None,
+                   config: Mapping[str, object] | None = None, delta: float | None = None,
+                   target_epsilon: float | None = None,
                    diverge_factor: float | None = fed.DIVERGE_FACTOR) -> fed.FederatedRun:
     """Federated training on the site-local stores of :func:`prepare_sites`'s ``plan``.
 
-    The options are :func:`fedpipe.engine.federate.federate`'s; the loop, deadlines, stages,
+    The options are :func:`fedpipe.engine.federate.federate`'s; the loop, deadlines, stages
+    (DP, clipping, compression, robust aggregators, secure aggregation), privacy accounting,
     checkpoints and summary are the same. Each site's worker reads its own store, applies the
     global statistics and maps its labels to the agreed union as it reads.
     """
     clients = plan.clients
     sampling_ = fed_state.check_sampling(len(clients), fraction, clients_per_round,
                                          min_clients, deadline, retries)
+    strategy = strategy or aggregate.fedavg()
+    local_epochs, lr, stages = fed._from_strategy(strategy, local_epochs, lr, stages)
     fed_state.check_positive(rounds=rounds, local_epochs=local_epochs, batch_size=batch_size,
                              eval_every=eval_every)
     if resume and out is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
-    strategy = strategy or aggregate.fedavg()
     chain = tuple(stages) if stages is not None else aggregate.default_chain()
     try:
         aggregate.check_chain(chain)
     except ValueError as exc:
         raise ValidationError(f"stages: {exc}") from None
-    dp = fed._privacy(chain, len(clients), sampling_, None, None)
+    dp = fed._privacy(chain, len(clients), sampling_, delta, target_epsilon)
     url = _plan_url(plan)
     version = hashlib.sha256(url.encode()).hexdigest()[:20]
     spec = ClientSpec(url, "sites", version, float(test_fraction), int(seed), model,
                       int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
-                      chain, uuid.uuid4().hex[:12])
+                      chain, uuid.uuid4().hex[:12], strategy.client)
+    round_fn = fed.train_round
+    if any(hasattr(stage.before_sum, "secagg") for stage in chain):  # as federate() does
+        from fedpipe.engine import fed_secagg
+
+        fed_secagg.prepare(chain, len(clients), sampling_)
+        round_fn = fed_secagg.secure_round
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if run_dir is not None:
         rundir.write_config(run_dir, config if config is not None else {
@@ -255,14 +298,19 @@ def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds:
         state = fed_state.initial_state(model, strategy, chain, seed)
         if resume:
             state = fed_state.resume(dask_client, run_dir, spec, groups, state)
+        if dp is not None:
+            privacy.check_budget(dp, target_epsilon, state.round)
         state, history, stopped = fed._loop(
             dask_client, spec, groups, clients, state, sampling_, strategy, rounds, eval_every,
             batch_clients, run_dir, checkpoint_every, on_record,
-            fed._Guards(dp, None, diverge_factor))
+            fed._Guards(dp, target_epsilon, diverge_factor), round_fn)
         if run_dir is not None:
             fed_state.checkpoint(dask_client, run_dir, spec, groups, state, strategy)
     summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
-    summary |= fed._chain_summary(chain, dp, history, state.round, None, rounds, stopped)
+    summary |= fed._chain_summary(chain, dp, history, state.round, target_epsilon, rounds,
+                                  stopped)
+    if round_fn is not fed.train_round:
+        summary["secagg"] = fed_secagg.summary(history)
     summary |= {"sites": len(clients), "rows": int(sum(plan.rows.values())),
                 "preprocess": dict(plan.info.preprocess)}
     if run_dir is not None:

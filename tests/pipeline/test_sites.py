@@ -100,6 +100,8 @@ def test_federate_sites_on_the_command_line(stores, capsys):
     (["--sites", "--clients", "3"], "--clients do not apply with --sites"),
     (["--sites"], "--sites needs --scheduler ADDRESS"),
     (["--no-standardize"], "--no-standardize only apply with --sites"),
+    (["--sites", "--classes", "0,0", "--scheduler", "tcp://127.0.0.1:1"],
+     "--classes must list distinct labels"),
 ])
 def test_sites_options_are_checked_in_one_line(argv, why, capsys):
     assert main(["federate", *argv, "--model", "softmax", "--rounds", "1"]) == 2
@@ -130,3 +132,99 @@ def test_a_site_local_run_resumes_bit_identical(stores):
                                        out=str(out), resume=True)
     assert resumed.state.round == 4 and len(resumed.history) == 2
     np.testing.assert_array_equal(resumed.params, whole.params)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--dp", "central", "--clip", "1.0", "--noise-multiplier", "0.5", "--compress", "int8"],
+    ["--aggregator", "median"],
+    ["--secure-aggregation"],
+])
+def test_site_local_runs_take_the_simulations_stages(stores, flags, capsys):
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    with sites.site_cluster(workers, processes=False) as dc:
+        argv = ["federate", "--sites", "--scheduler", dc.scheduler.address, "--model",
+                "softmax", "--rounds", "3", "--json", *flags]
+        assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["sites"] == 3 and summary["rounds"] == 3
+    if "--dp" in flags:
+        assert summary["privacy"]["epsilon"] > 0  # accounted as in a simulation
+        assert [s["kind"] for s in summary["stages"]][-1] != "weighted_mean"
+    if "--secure-aggregation" in flags:
+        assert summary["secagg"]["rounds_aborted"] == 0 and summary["secagg"]["masked"] == 9
+    assert summary["test_accuracy"] > 0.6
+
+
+def test_classes_on_the_command_line_fix_the_label_set(stores, capsys):
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    out = stores["tmp"] / "classes-run"
+    with sites.site_cluster(workers, processes=False) as dc:
+        base = ["federate", "--sites", "--scheduler", dc.scheduler.address, "--model",
+                "softmax", "--rounds", "1"]
+        assert main([*base, "--classes", "0,1", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "site client-1: unseen label(s) 2" in err[0]
+        assert main([*base, "--classes", "0,1,2,3", "--out", str(out), "--json"]) == 0
+    assert json.loads((out / "model.json").read_text())["spec"]["n_classes"] == 4
+    assert 'classes = "0,1,2,3"' in (out / "config.toml").read_text()  # --config repeats it
+
+
+def test_sites_with_other_categories_encode_into_their_union(tmp_path):
+    import pandas as pd
+    from fedpipe.cli.main import main as cli
+    from fedpipe.data import store
+
+    rng = np.random.default_rng(0)
+    colors = [["red", "blue"], ["blue", "green"], ["green", "amber", "red"]]
+    frames = []
+    for i, cats in enumerate(colors):
+        n = 150
+        color = rng.choice(cats, size=n)
+        a = rng.normal(size=n)
+        frames.append(pd.DataFrame({"a": a * 10 + i, "color": color,
+                                    "label": (a + 4 * (color == "green") > 2).astype(int)}))
+    urls = []
+    for i, frame in enumerate([*frames, pd.concat(frames)]):
+        frame.to_csv(tmp_path / f"s{i}.csv", index=False)
+        assert cli(["ingest", str(tmp_path / f"s{i}.csv"), str(tmp_path / f"s{i}.zarr"),
+                    "--target", "label", "--categorical", "color", "--chunk-rows", "64",
+                    "--quiet"]) == 0
+        urls.append(str(tmp_path / f"s{i}.zarr"))
+    pooled_url = urls.pop()
+    pooled = store.read_info(pooled_url)
+    with sites.site_cluster([([str(i)], u) for i, u in enumerate(urls)], processes=False) as dc:
+        plan = sites.prepare_sites(dc)
+        run = sites.federate_sites(plan, models.logistic(5), dask_client=dc, rounds=15,
+                                   lr=0.5, out=str(tmp_path / "run"))
+    # the union, ordered as one ingest of every row orders it
+    assert plan.info.categorical == {"color": ["amber", "blue", "green", "red"]}
+    assert plan.info.feature_names == pooled.feature_names == [
+        "a", "color=amber", "color=blue", "color=green", "color=red"]
+    want = compute_stats(pooled_url)
+    for key in ("sum", "sumsq", "min", "max", "count"):
+        np.testing.assert_allclose(plan.stats[key], want[key], rtol=1e-12)
+    assert run.summary["test_accuracy"] > 0.9  # the label needs color=green: encoded right
+    raw = pd.concat(frames).drop(columns="label")
+    loaded = rundir.load_run(tmp_path / "run")
+    assert np.mean(loaded.predict(raw) == pd.concat(frames)["label"].to_numpy()) > 0.9
+
+
+def test_median_imputation_reads_the_sites_histograms_within_a_bin(stores):
+    from fedpipe.data.stats import HIST_BINS
+
+    workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
+    out = stores["tmp"] / "median-run"
+    with sites.site_cluster(workers, processes=False) as dc:
+        plan = sites.prepare_sites(dc, impute="median")
+        run = sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=3,
+                                   out=str(out))
+    X = np.concatenate([p[0] for p in stores["parts"]])
+    width = (np.nanmax(X, axis=0) - np.nanmin(X, axis=0)) / HIST_BINS
+    assert np.all(np.abs(plan.stats["median"] - np.nanmedian(X, axis=0)) <= width)
+    pooled = compute_stats(stores["pooled"], median=True)  # the same bins: the same estimate
+    np.testing.assert_allclose(plan.stats["median"], pooled["median"], rtol=1e-12)
+    assert run.summary["preprocess"]["impute"] == "median"
+    ready = stats_math.preprocess(X, pooled, impute="median", standardize=True,
+                                  median=pooled["median"])
+    np.testing.assert_array_equal(rundir.load_run(out).predict(X),
+                                  models.softmax(5, 3).predict(run.params, ready))

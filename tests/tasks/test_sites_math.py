@@ -82,3 +82,23 @@ def test_binary_and_multiclass_sites_agree_on_the_union_of_labels():
         "task 'binary' where the others have 'regression'")
     assert sites.agreed_task("binary", [0, 1, 2]) == "multiclass"
     assert sites.agreed_task("regression", None) == "regression"
+
+
+def test_categories_are_agreed_as_a_union_and_sites_widen_into_it():
+    def site(cats):
+        return _schema(feature_names=["a", *[f"c={v}" for v in cats], "b"],
+                       categorical={"c": cats})
+
+    one, two = site(["x", 2]), site(["y", "x"])
+    assert sites.schema_difference(one, two) is None
+    assert sites.schema_digest(one) == sites.schema_digest(two)
+    union = sites.union_categories([one["categorical"], two["categorical"]])
+    assert union == {"c": [2, "x", "y"]}  # numbers first, as one ingest orders them
+    features = sites.agreed_features(one, union)
+    assert features == ["a", "c=2", "c=x", "c=y", "b"]
+    index = sites.feature_map(two["feature_names"], features)
+    wide = sites.widen(np.array([[1.0, 0.0, 1.0, 5.0]]), index, len(features))
+    np.testing.assert_array_equal(wide, [[1.0, 0.0, 1.0, 0.0, 5.0]])
+    assert sites.feature_map(features, features) is None
+    other = _schema(feature_names=["a", "c=x", "b"], categorical={"a": ["x"]})
+    assert sites.schema_difference(one, other) is not None  # another column is categorical

@@ -72,3 +72,10 @@ def test_split_mask_is_deterministic_and_near_the_fraction():
     assert not split.test_mask(10, 0, 0.0, 0).any()
     with pytest.raises(ValueError, match="fraction"):
         split.test_mask(10, 0, 1.0, 0)
+
+
+def test_histogram_median_within_one_bin_when_the_middle_values_are_bins_apart():
+    X = np.array([[0.0], [1.0], [2.0], [97.0], [98.0], [100.0]])  # the middle gap spans bins
+    hist = S.chunk_histogram(X, np.array([0.0]), np.array([100.0]), 100)
+    med = S.median_from_histogram(hist, np.array([0.0]), np.array([100.0]))
+    assert abs(med[0] - np.median(X)) <= 1.0
