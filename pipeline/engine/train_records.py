@@ -3,7 +3,8 @@
 A loop builds one record per iteration/epoch (:func:`pass_record`), hands it to :func:`emit`
 (``metrics.jsonl`` and ``on_record``), stops on divergence (:func:`check_finite`) or on a
 small change (:func:`converged`), and checkpoints with :func:`save_state` what
-:func:`restore_state` gives back on ``--resume``.
+:func:`restore_state` gives back on ``--resume``. The writing and reading is
+:mod:`fedpipe.engine.runlog`'s, the same the federated round loop uses.
 """
 
 from __future__ import annotations
