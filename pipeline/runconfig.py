@@ -80,7 +80,8 @@ def federate_config(store: str, model: Model, info: Any, *, strategy: Strategy,
     reasons: dict[str, str] = {}
     _gather(values, reasons, "model", lambda: model_options(model, info, l1_option=False))
     _gather(values, reasons, "strategy", lambda: strategy_options(strategy))
-    _gather(values, reasons, "lr", lambda: rate_options(schedules.describe(lr)))
+    if lr is not None:  # None: the strategy's client optimizer carries its own rate
+        _gather(values, reasons, "lr", lambda: rate_options(schedules.describe(lr)))
     if stages is not None:
         reasons["stages"] = "an aggregation chain given explicitly (no option sets one)"
     if retries != default_retries:

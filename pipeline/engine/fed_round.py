@@ -20,14 +20,12 @@ from distributed import Client, Future, wait
 from fedpipe import poison, resilience
 from fedpipe.engine import placement
 from fedpipe.engine.fed_client import ClientSpec, eval_group, pack_spec, train_group
-from fedpipe.engine.graph import FAN_IN, tree_sum
+from fedpipe.engine.graph import fetch_sum
 from fedpipe.errors import TrainingError
 from fedpipe.tasks import aggregate, reduce, sampling
 
 log = logging.getLogger("fedpipe")
 
-# Leaves fetched and merged on the driver rather than summed by a tree of tasks on the workers.
-GATHER_AT_MOST = 2
 # After the deadline, the finished leaves' results must arrive within this (a healthy worker
 # hands one over in milliseconds; a hung one never does).
 FETCH_GRACE = 1.0
@@ -122,22 +120,8 @@ def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: in
 
 def _sum_leaves(dask_client: Client, futures: Sequence[Future], timeout: float | None,
                 what: str) -> dict:
-    """The leaves' merged report: fetched directly when few, else summed by a tree on workers.
-
-    With a leaf or two (one per simulation worker) a ``sum-…`` task costs a scheduling hop and a
-    worker-to-worker transfer more than fetching both model-sized reports (~5 ms per round on
-    a loaded 2-core machine); the driver merges them with the same add in the same order, so
-    the bits are those of the tree.
-    """
-    if len(futures) <= GATHER_AT_MOST:  # the fetch too is bounded by the deadline
-        return aggregate.add_reports(*resilience.fetch(dask_client, futures, timeout))
-    root = tree_sum(dask_client, futures, fan_in=FAN_IN, key_prefix=f"sum-{what}",
-                    add=aggregate.add_reports)
-    try:
-        return root.result(timeout=timeout)
-    except BaseException:
-        root.cancel()
-        raise
+    """The leaves' merged report, by the one reduction of :func:`fedpipe.engine.graph.fetch_sum`."""
+    return fetch_sum(dask_client, futures, aggregate.add_reports, timeout, f"sum-{what}")
 
 
 def _error_name(fut: Future) -> str:

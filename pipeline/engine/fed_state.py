@@ -8,14 +8,12 @@ to an uninterrupted one.
 from __future__ import annotations
 
 import logging
-import statistics
 from collections.abc import Sequence
 
 import numpy as np
 from distributed import Client
-from fedpipe import rundir
 from fedpipe.data import store
-from fedpipe.engine import placement
+from fedpipe.engine import placement, runlog
 from fedpipe.engine.fed_client import ClientSpec, get_client_state, put_client_state
 from fedpipe.engine.fed_round import Sampling, ServerState
 from fedpipe.errors import ValidationError
@@ -38,18 +36,16 @@ def initial_state(model: Model, strategy: Strategy, stages: Sequence[Stage],
 def checkpoint(dc: Client, run_dir, spec: ClientSpec, groups, state: ServerState,
                 strategy: Strategy) -> None:
     """Write ``checkpoint.npz``: server state plus the per-client state on workers."""
-    arrays: dict[str, np.ndarray] = {"params": state.params}
-    arrays |= {f"opt/{k}": v for k, v in state.opt_state.items()}
-    arrays |= {f"stage/{name}/{k}": v for name, st in state.stage_states.items()
-               for k, v in st.items()}
+    extra = {f"stage/{name}/{k}": v for name, st in state.stage_states.items()
+             for k, v in st.items()}
     if state.control is not None:
-        arrays["control"] = state.control
+        extra["control"] = state.control
     # per-client state on the workers: SCAFFOLD's c_i, top-k's error-feedback residual
     for client, st in _fetch_client_state(dc, spec, groups).items():
-        arrays |= {f"client/{client}/{k}": v for k, v in st.items()}
+        extra |= {f"client/{client}/{k}": v for k, v in st.items()}
     meta = {"round": state.round, "seed": state.seed, "strategy": strategy.name,
-            "partition": spec.partition, "n_params": int(state.params.size)}
-    rundir.save_checkpoint(run_dir, arrays, meta)
+            "partition": spec.partition}
+    runlog.save_state(run_dir, state.params, state.opt_state, meta, extra)
 
 
 def _fetch_client_state(dc: Client, spec: ClientSpec, groups) -> dict:
@@ -64,14 +60,13 @@ def _fetch_client_state(dc: Client, spec: ClientSpec, groups) -> dict:
 
 def resume(dc: Client, run_dir, spec: ClientSpec, groups, fresh: ServerState) -> ServerState:
     """The checkpoint's server state, with per-client state put back on the workers."""
-    loaded = rundir.load_checkpoint(run_dir)
+    loaded = runlog.load_state(run_dir)
     if loaded is None:
         raise ValidationError(f"--resume: no checkpoint.npz in {run_dir}")
-    arrays, meta = loaded
+    params, opt_state, arrays, meta = loaded
     if meta.get("partition") != spec.partition or int(meta["n_params"]) != fresh.params.size:
         raise ValidationError(f"--resume: checkpoint in {run_dir} is for partition "
                               f"{meta.get('partition')!r} with {meta['n_params']} params")
-    opt_state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
     if set(opt_state) != set(fresh.opt_state):  # another server optimizer: its state won't fit
         raise ValidationError(f"--resume: checkpoint in {run_dir} holds server-optimizer state "
                               f"{sorted(opt_state)}, this strategy keeps {sorted(fresh.opt_state)}"
@@ -89,9 +84,9 @@ def resume(dc: Client, run_dir, spec: ClientSpec, groups, fresh: ServerState) ->
                          resources=placement.pin_group(g), pure=False)
                for j, g in enumerate(groups)]
     dc.gather(futures)
-    rundir.trim_metrics(run_dir, lambda rec: rec.get("round", -1) < int(meta["round"]))
+    runlog.rewind(run_dir, "round", int(meta["round"]))
     log.info("resuming at round %d from %s", meta["round"], run_dir)
-    return ServerState(arrays["params"], opt_state, stage_states, arrays.get("control"),
+    return ServerState(params, opt_state, stage_states, arrays.get("control"),
                        int(meta["round"]), int(meta["seed"]))
 
 
@@ -150,15 +145,12 @@ def check_positive(**values: int) -> None:
 def summary(history: list[dict], state: ServerState, strategy: Strategy, spec: ClientSpec,
              clients: Sequence[str], run_dir) -> dict:
     """The run's ``summary.json``: counts, median seconds per round, last test metrics."""
-    seconds = [rec["seconds"] for rec in history]
     last = history[-1] if history else {}
     summary = {"command": "federate", "strategy": strategy.name, "partition": spec.partition,
                "clients": len(clients), "rounds": state.round, "rounds_run": len(history),
-               "seconds_per_round": statistics.median(seconds) if seconds else None,
+               **runlog.timing(history, "round"),
                "dropped": sum(len(rec.get("dropped", {})) for rec in history),
                "rejected": sum(len(rec.get("rejected", {})) for rec in history),
                "n_params": int(state.params.size)}
     summary |= {k: v for k, v in last.items() if k.startswith("test_") or k == "train_loss"}
-    if run_dir is not None:
-        summary["run_dir"] = str(rundir.target(run_dir))
-    return summary
+    return summary | runlog.where(run_dir)

@@ -17,6 +17,7 @@ checkpoint, resume and summary.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -27,7 +28,7 @@ import numpy as np
 from distributed import Client
 from fedpipe import privacy, resilience, runconfig, rundir
 from fedpipe.data import snapshot, store
-from fedpipe.engine import fed_state, lend, placement
+from fedpipe.engine import fed_state, lend, placement, runlog
 from fedpipe.engine.fed_client import ClientSpec
 from fedpipe.engine.fed_round import Sampling, ServerState, evaluate, train_round
 from fedpipe.errors import TrainingError, ValidationError
@@ -331,12 +332,9 @@ def _loop(dc: Client, spec: ClientSpec, groups, clients, state: ServerState,
             record["epsilon"] = guards.dp.epsilon(state.round)
         record["update_bytes"] = _mean_bytes(record["clients"])
         _check_divergence(record, history, guards.diverge_factor)
-        if run_dir is not None:
-            rundir.append_metrics(run_dir, record)
-            if checkpoint_every and state.round % checkpoint_every == 0 and state.round < rounds:
-                fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
-        if on_record is not None:
-            on_record(record)
+        due = checkpoint_every and state.round % checkpoint_every == 0 and state.round < rounds
+        runlog.emit(run_dir, on_record, record, functools.partial(
+            fed_state.checkpoint, dc, run_dir, spec, groups, state, strategy) if due else None)
         # Per-client records go to metrics.jsonl and on_record only: kept here, they grew the
         # driver by ~0.9 MiB a round at 1,000 clients (issue 12).
         history.append(_round_only(record))

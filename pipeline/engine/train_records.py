@@ -3,20 +3,21 @@
 A loop builds one record per iteration/epoch (:func:`pass_record`), hands it to :func:`emit`
 (``metrics.jsonl`` and ``on_record``), stops on divergence (:func:`check_finite`) or on a
 small change (:func:`converged`), and checkpoints with :func:`save_state` what
-:func:`restore_state` gives back on ``--resume``.
+:func:`restore_state` gives back on ``--resume``. The writing and reading is
+:mod:`fedpipe.engine.runlog`'s, the same the federated round loop uses.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import statistics
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fedpipe import cluster, rundir
+from fedpipe.engine import runlog
 from fedpipe.engine.train_pass import Engine, Pass
 from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.tasks.lbfgs import LBFGS
@@ -27,10 +28,7 @@ log = logging.getLogger("fedpipe")
 def emit(engine: Engine, record: dict[str, Any], records: list[dict[str, Any]]) -> None:
     """Keep a metrics record, append it to ``metrics.jsonl`` and call ``on_record``."""
     records.append(record)
-    if engine.run_dir is not None:
-        rundir.append_metrics(engine.run_dir, record)
-    if engine.on_record is not None:
-        engine.on_record(record)
+    runlog.emit(engine.run_dir, engine.on_record, record)
 
 
 def pass_record(step_key: str, step: int, result: Pass, seconds: float, elapsed: float,
@@ -62,12 +60,8 @@ def converged(records: list[dict[str, Any]], tol: float | None) -> bool:
 def save_state(engine: Engine, step_key: str, step: int, params: np.ndarray,
                state: Mapping[str, np.ndarray], seed: int, **meta: Any) -> None:
     """Checkpoint parameters and optimizer state (``opt/<key>``) with the step and seed."""
-    if engine.run_dir is None or not np.all(np.isfinite(params)):
-        return  # never replace a good checkpoint by a diverged one
-    arrays = {"params": params, **{f"opt/{k}": v for k, v in state.items()}}
-    rundir.save_checkpoint(engine.run_dir, arrays, {
-        step_key: step, "seed": seed, "model": engine.model.name,
-        "n_params": engine.model.n_params, **meta})
+    runlog.save_state(engine.run_dir, params, state,
+                      {step_key: step, "seed": seed, "model": engine.model.name, **meta})
 
 
 def start_state(engine: Engine, optimizer: Any, step_key: str, kind: str, seed: int,
@@ -86,12 +80,12 @@ def restore_state(engine: Engine, step_key: str, kind: str, seed: int):
 
     Metric records from the checkpoint's step on are dropped; the resumed run writes them again.
     """
-    if engine.run_dir is None or (ckpt := rundir.load_checkpoint(engine.run_dir)) is None:
+    if engine.run_dir is None or (ckpt := runlog.load_state(engine.run_dir)) is None:
         log.info("no checkpoint to resume from: starting at the beginning")
         if engine.run_dir is not None:  # records of an attempt killed before its first checkpoint
             rundir.trim_metrics(engine.run_dir, lambda r: False)
         return None
-    arrays, meta = ckpt
+    params, state, _, meta = ckpt
     if meta.get("kind") != kind or meta.get("n_params") != engine.model.n_params:
         raise ValidationError(
             f"checkpoint in {engine.run_dir} is from a different run ({meta.get('kind')} "
@@ -100,10 +94,9 @@ def restore_state(engine: Engine, step_key: str, kind: str, seed: int):
         raise ValidationError(f"checkpoint in {engine.run_dir} was written with --seed "
                               f"{meta.get('seed')}, not {seed}")
     step = int(meta[step_key])
-    rundir.trim_metrics(engine.run_dir, lambda r: r.get(step_key, -1) < step)
-    state = {k[4:]: v for k, v in arrays.items() if k.startswith("opt/")}
+    runlog.rewind(engine.run_dir, step_key, step)
     log.info("resuming from %s %d", step_key, step)
-    return step, arrays["params"], state, meta
+    return step, params, state, meta
 
 
 def run_summary(engine: Engine, optimizer, records: list[dict[str, Any]], stopped: str,
@@ -111,8 +104,6 @@ def run_summary(engine: Engine, optimizer, records: list[dict[str, Any]], stoppe
     """``summary.json``: final metrics, iterations, median seconds per iteration, cluster."""
     step_key = next((k for k in ("iteration", "epoch") if records and k in records[-1]),
                     "iteration")
-    # Record 0 (or the first after a resume) only measures the start; it is no iteration.
-    timed = [r["seconds"] for r in records[1:]] or [r["seconds"] for r in records]
     final = {k: v for k, v in records[-1].items()
              if k not in ("seconds", "elapsed", "n_train", step_key)} if records else {}
     return {
@@ -122,7 +113,8 @@ def run_summary(engine: Engine, optimizer, records: list[dict[str, Any]], stoppe
         step_key + "s": records[-1][step_key] if records else 0,
         "stopped": stopped,
         "final": final,
-        "seconds_per_iteration": statistics.median(timed) if timed else None,
+        # record 0 (or the first after a resume) only measures the start; it is no iteration
+        **runlog.timing(records, "iteration", skip_first=True),
         "total_seconds": total_seconds,
         "peak_worker_memory": cluster.peak_worker_memory(engine.dask_client),
         "cache": engine.data.mode,
@@ -132,5 +124,5 @@ def run_summary(engine: Engine, optimizer, records: list[dict[str, Any]], stoppe
         "n_workers": cluster.n_workers(engine.dask_client),
         "n_train": next((r["n_train"] for r in reversed(records) if "n_train" in r), None),
         "dashboard": cluster.dashboard_link(engine.dask_client),
-        "run_dir": str(rundir.target(engine.run_dir)) if engine.run_dir is not None else None,
+        "run_dir": runlog.where(engine.run_dir).get("run_dir"),
     }

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 from fedpipe.cluster import connect, dashboard_link, peak_worker_memory
-from fedpipe.engine.graph import tree_depth, tree_sum
+from fedpipe.engine.graph import GATHER_AT_MOST, fetch_sum, fold_tree, tree_depth, tree_sum
 from fedpipe.tasks.reduce import add_sums
 
 
@@ -27,6 +27,16 @@ def test_tree_keys_name_the_group(dask_client):
     root = tree_sum(dask_client, futures, fan_in=3, key_prefix="sum-test")
     assert root.key[0].startswith("sum-test-")
     assert root.key[1] == tree_depth(10, 3) - 1
+
+
+@pytest.mark.parametrize("n", [1, GATHER_AT_MOST, GATHER_AT_MOST + 1, 20])
+def test_fetch_sum_has_the_bits_of_the_serial_tree(dask_client, n):
+    # Few leaves are added on the driver, many by a tree on the workers: same order, same bits.
+    parts = [np.random.default_rng(i).standard_normal(40) * 10.0 ** (i % 7) for i in range(n)]
+    futures = dask_client.scatter(parts, hash=False)
+    total = fetch_sum(dask_client, futures, add_sums, timeout=30)
+    serial = fold_tree(parts, 8, lambda _level, _j, group: add_sums(*group))
+    assert total.tobytes() == serial.tobytes()
 
 
 def test_tree_sum_is_bit_identical_across_clusters():

@@ -5,8 +5,13 @@ from __future__ import annotations
 import fedpipe as fp
 import numpy as np
 import pytest
+from fedpipe import rundir
 
 CHUNK_ROWS, N_CHUNKS = 50, 6
+
+
+class _Stop(Exception):
+    """Raised from on_record: the run stops there, as a killed driver would."""
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +50,34 @@ def test_fit_equals_federate_with_chunks_as_participants(chunk_store, dask_clien
     assert [r["aggregated"] for r in run.history] == [N_CHUNKS] * rounds
     np.testing.assert_allclose(run.params, fitted.params, rtol=1e-10, atol=1e-13)
     assert not np.allclose(fitted.params, model.init(0))  # it did train
+
+
+def test_fit_and_federate_keep_one_checkpoint_and_record_format(chunk_store, dask_client,
+                                                               tmp_path):
+    # One checkpoint writer and one emitter for both loops: same arrays, same meta, and the
+    # checkpoint due after a record is on disk before on_record sees that record.
+    model, optimizer = fp.models.softmax(5, 3, l2=0.01), fp.optimizers.adam(0.05)
+    fp.fit(chunk_store, model, optimizer, iterations=4, test_fraction=0.0,
+           dask_client=dask_client, out=str(tmp_path / "fit"), checkpoint_every=2)
+    data_parallel = fp.strategies.Strategy("data-parallel", server=optimizer,
+                                           client=fp.optimizers.sgd(1.0), local_epochs=1,
+                                           stages=fp.strategies.default_chain())
+    seen = []
+
+    def stop_after_round_1(record):
+        ckpt = rundir.load_checkpoint(tmp_path / "fed")
+        seen.append(None if ckpt is None else ckpt[1]["round"])
+        if record["round"] == 1:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        fp.federate(chunk_store, model, rounds=4, strategy=data_parallel, partition="chunks",
+                    batch_size=CHUNK_ROWS, test_fraction=0.0, dask_client=dask_client,
+                    out=str(tmp_path / "fed"), checkpoint_every=2, on_record=stop_after_round_1)
+    assert seen == [None, 2]  # round 1's record came after the checkpoint of the state it made
+    fed_arrays, fed_meta = rundir.load_checkpoint(tmp_path / "fed")
+    fit_arrays, fit_meta = rundir.load_checkpoint(tmp_path / "fit")
+    server_side = {k for k in fed_arrays if not k.startswith("stage/")}  # + the chain's state
+    assert server_side == set(fit_arrays) == {"params", "opt/step", "opt/mu", "opt/nu"}
+    assert fed_meta["n_params"] == fit_meta["n_params"] == model.n_params
+    assert fit_meta["iteration"] == 4 and fed_meta["round"] == 2
