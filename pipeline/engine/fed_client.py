@@ -138,6 +138,30 @@ def eval_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np
     return aggregate.add_reports(*reports)
 
 
+def round_group(spec: ClientSpec | PackedSpec, evaluated: Sequence[str],
+                trained: Sequence[str], params: np.ndarray, round_: int, stage_states: dict,
+                control: np.ndarray | None) -> dict:
+    """One round's work of this worker in one task: train on ``params`` and evaluate them.
+
+    ``params`` is the global model of round ``round_``, i.e. the result of round
+    ``round_ - 1``, whose test metrics are due: evaluating it here saves the round trip an
+    evaluation of its own would cost. Training goes first so that a client whose rows were
+    lost (a restarted worker) reports the re-read in its training record, as before.
+    Neither job changes what the other reads, so ``"train"`` is :func:`train_group`'s report
+    bit for bit (None without ``trained`` clients) and ``"eval"`` :func:`eval_group`'s.
+    """
+    train = (train_group(spec, trained, params, round_, stage_states, control)
+             if trained else None)
+    return {"eval": eval_group(spec, evaluated, params), "train": train}
+
+
+def add_round_parts(*parts: dict) -> dict:
+    """:func:`round_group` reports merged part by part, left to right (the tree's add)."""
+    return {name: aggregate.add_reports(*present) if present else None
+            for name in ("eval", "train")
+            for present in [[p[name] for p in parts if p[name] is not None]]}
+
+
 def get_client_state(token: str, clients: Sequence[str]) -> dict[str, dict[str, np.ndarray]]:
     """Per-client state held on this worker for run ``token`` (for the checkpoint)."""
     cache = placement.worker_cache()

@@ -19,8 +19,15 @@ import numpy as np
 from distributed import Client, Future, wait
 from fedpipe import poison, resilience
 from fedpipe.engine import placement
-from fedpipe.engine.fed_client import ClientSpec, eval_group, pack_spec, train_group
-from fedpipe.engine.graph import fetch_sum
+from fedpipe.engine.fed_client import (
+    ClientSpec,
+    add_round_parts,
+    eval_group,
+    pack_spec,
+    round_group,
+    train_group,
+)
+from fedpipe.engine.graph import GATHER_AT_MOST, fetch_sum
 from fedpipe.errors import TrainingError
 from fedpipe.tasks import aggregate, reduce, sampling
 
@@ -81,7 +88,7 @@ def _submit_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequen
 
 
 def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: int,
-             what: str) -> tuple[dict | None, dict[str, str]]:
+             what: str, add=aggregate.add_reports) -> tuple[dict | None, dict[str, str]]:
     """Sum the leaves that finish by the deadline; name the clients of the others.
 
     The sum over all leaves is asked for at once, so a round where every client makes it
@@ -89,7 +96,7 @@ def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: in
     """
     start = time.monotonic()
     with contextlib.suppress(Exception):  # late (TimeoutError) or a failed leaf: sorted out below
-        return _sum_leaves(dask_client, leaves.futures, deadline, what), {}
+        return _sum_leaves(dask_client, leaves.futures, deadline, what, add), {}
     remaining = None if deadline is None else max(0.0, deadline - (time.monotonic() - start))
     with contextlib.suppress(TimeoutError):
         wait(leaves.futures, timeout=remaining)
@@ -115,13 +122,13 @@ def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: in
                     _short(dropped))
     if not done:
         return None, dropped
-    return _sum_leaves(dask_client, done, None, what), dropped
+    return _sum_leaves(dask_client, done, None, what, add), dropped
 
 
 def _sum_leaves(dask_client: Client, futures: Sequence[Future], timeout: float | None,
-                what: str) -> dict:
+                what: str, add=aggregate.add_reports) -> dict:
     """The leaves' merged report, by the one reduction of :func:`fedpipe.engine.graph.fetch_sum`."""
-    return fetch_sum(dask_client, futures, aggregate.add_reports, timeout, f"sum-{what}")
+    return fetch_sum(dask_client, futures, add, timeout, f"sum-{what}")
 
 
 def _error_name(fut: Future) -> str:
@@ -140,17 +147,54 @@ def train_round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence
                  clients: Sequence[str], state: ServerState, sampling_: Sampling,
                  server_optimizer: Any, batch_clients: bool) -> tuple[ServerState, dict]:
     """One round: sample, train on the workers, sum, step the server (retried below min)."""
+    new_state, record, _ = _round(dask_client, spec, groups, clients, state, sampling_,
+                                  server_optimizer, batch_clients, evaluate_first=False)
+    return new_state, record
+
+
+def evaluate_and_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
+                       clients: Sequence[str], state: ServerState, sampling_: Sampling,
+                       server_optimizer: Any,
+                       batch_clients: bool) -> tuple[ServerState, dict, dict]:
+    """:func:`train_round`, and :func:`evaluate` of the params it starts from, in one trip.
+
+    The params a round starts from are the previous round's result: the third value is what
+    ``evaluate(..., state.params, state.round - 1, ...)`` returns, computed by the same tasks
+    that train (:func:`fedpipe.engine.fed_client.round_group`), so an evaluated round costs one
+    Dask round trip, not two. The new state and the record are :func:`train_round`'s, bit for
+    bit.
+    """
+    return _round(dask_client, spec, groups, clients, state, sampling_, server_optimizer,
+                  batch_clients, evaluate_first=True)
+
+
+def _round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
+           clients: Sequence[str], state: ServerState, sampling_: Sampling,
+           server_optimizer: Any, batch_clients: bool,
+           evaluate_first: bool) -> tuple[ServerState, dict, dict | None]:
     r = state.round
     sampled = sampling.sample_clients(clients, r, state.seed, fraction=sampling_.fraction,
                                       count=sampling_.count)
+    evaluation = None
+    # Fused tasks sum over every group; with a tree (many leaves) a group without sampled
+    # clients would regroup the training sum and change its bits, so then evaluate apart.
+    fused = evaluate_first and batch_clients and (
+        len(groups) <= GATHER_AT_MOST or all(set(g) & set(sampled) for g in groups))
+    if evaluate_first and not fused:
+        evaluation = evaluate(dask_client, spec, groups, state.params, r - 1, sampling_.deadline)
     # The params travel inside each task's spec, not via scatter(broadcast=True): right after a
     # worker dies the scheduler still lists it and a broadcast waits on 30 s connect timeouts,
     # holding the round past its deadline. One task per worker group keeps the copies few.
     params_f = state.params
     for attempt in range(sampling_.retries + 1):
-        leaves = _submit_train(dask_client, spec, groups, set(sampled), state, params_f,
-                               attempt, batch_clients)
-        report, dropped = _collect(dask_client, leaves, sampling_.deadline, r, "train")
+        if fused and attempt == 0:
+            report, dropped, evaluation = _evaluate_and_train(dask_client, spec, groups,
+                                                              set(sampled), state,
+                                                              sampling_.deadline)
+        else:
+            leaves = _submit_train(dask_client, spec, groups, set(sampled), state, params_f,
+                                   attempt, batch_clients)
+            report, dropped = _collect(dask_client, leaves, sampling_.deadline, r, "train")
         records = report["clients"] if report else {}
         rejected = {c: rec["rejected"] for c, rec in records.items() if "rejected" in rec}
         accepted = len(records) - len(rejected)
@@ -182,7 +226,27 @@ def train_round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence
               # ~5 ms a round at 1,000 clients (mostly collector passes over the history).
               "clients": {c: {k: v for k, v in rec.items() if k != "rejected"}
                           if c in rejected else rec for c, rec in records.items()}}
-    return new_state, record
+    return new_state, record, evaluation
+
+
+def _evaluate_and_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
+                        sampled: set[str], state: ServerState,
+                        deadline: float | None) -> tuple[dict | None, dict[str, str], dict]:
+    """One task per group evaluates ``state.params`` on all its clients, then trains the sampled.
+
+    Returns the training report and its dropped clients as :func:`_collect` would for the
+    training tasks alone, and the evaluation as :func:`evaluate` returns it.
+    """
+    r = state.round
+    calls = {f"local-{spec.token}-r{r}-a0-g{j}": (
+        functools.partial(round_group, pack_spec(spec), g, [c for c in g if c in sampled],
+                          state.params, r, state.stage_states, state.control),
+        placement.pin_group(g)) for j, g in enumerate(groups)}
+    leaves = _Leaves(placement.submit_pinned(dask_client, calls), [list(g) for g in groups])
+    both, dropped = _collect(dask_client, leaves, deadline, r, "round", add=add_round_parts)
+    both = both or {"train": None, "eval": None}
+    train_dropped = {c: why for c, why in dropped.items() if c in sampled}
+    return both["train"], train_dropped, _evaluation(spec, both["eval"], dropped)
 
 
 def evaluate(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
@@ -194,6 +258,10 @@ def evaluate(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[st
     futures = placement.submit_pinned(dask_client, calls)
     report, dropped = _collect(dask_client, _Leaves(futures, [list(g) for g in groups]),
                                deadline, r, "eval")
+    return _evaluation(spec, report, dropped)
+
+
+def _evaluation(spec: ClientSpec, report: dict | None, dropped: dict[str, str]) -> dict:
     if report is None:
         return {"eval_dropped": dropped}
     # The data-parallel engine's metrics of the summed sums: same names, same formulas.

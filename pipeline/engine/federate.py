@@ -30,7 +30,13 @@ from fedpipe import privacy, resilience, runconfig, rundir
 from fedpipe.data import snapshot, store
 from fedpipe.engine import fed_state, lend, placement, runlog
 from fedpipe.engine.fed_client import ClientSpec
-from fedpipe.engine.fed_round import Sampling, ServerState, evaluate, train_round
+from fedpipe.engine.fed_round import (
+    Sampling,
+    ServerState,
+    evaluate,
+    evaluate_and_train,
+    train_round,
+)
 from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.model import saved as saved_model
 from fedpipe.tasks import aggregate, sampling
@@ -314,30 +320,60 @@ def _loop(dc: Client, spec: ClientSpec, groups, clients, state: ServerState,
           on_record, guards: _Guards,
           round_fn=train_round) -> tuple[ServerState, list[dict], str | None]:
     history: list[dict] = []
-    while state.round < rounds:
-        r, start = state.round, time.perf_counter()
-        if (why := _stop_before(guards, r)) is not None:
-            log.warning("%s", why)
-            return state, history, why
-        with _span(f"round-{r}"):
-            state, record = round_fn(dc, spec, groups, clients, state, sampling_,
-                                     strategy.server, batch_clients)
-            if (r + 1) % eval_every == 0 or r + 1 == rounds:
-                evaluation = evaluate(dc, spec, groups, state.params, r, sampling_.deadline)
-                for client, rec in evaluation.pop("eval_clients", {}).items():
-                    record["clients"].setdefault(client, {}).update(rec)
-                record.update(evaluation)
-        record["seconds"] = time.perf_counter() - start
+
+    def finish(record: dict, evaluation: dict | None) -> None:
+        done = record["round"] + 1  # rounds done once this record's round ended
+        for client, rec in (evaluation or {}).pop("eval_clients", {}).items():
+            record["clients"].setdefault(client, {}).update(rec)
+        record.update(evaluation or {})
         if guards.dp is not None:
-            record["epsilon"] = guards.dp.epsilon(state.round)
+            record["epsilon"] = guards.dp.epsilon(done)
         record["update_bytes"] = _mean_bytes(record["clients"])
         _check_divergence(record, history, guards.diverge_factor)
-        due = checkpoint_every and state.round % checkpoint_every == 0 and state.round < rounds
+        due = checkpoint_every and done % checkpoint_every == 0 and done < rounds
         runlog.emit(run_dir, on_record, record, functools.partial(
             fed_state.checkpoint, dc, run_dir, spec, groups, state, strategy) if due else None)
         # Per-client records go to metrics.jsonl and on_record only: kept here, they grew the
         # driver by ~0.9 MiB a round at 1,000 clients (issue 12).
         history.append(_round_only(record))
+
+    # One trip per evaluated round (issue 18): a round's evaluation rides on the next round's
+    # tasks (evaluate_and_train), so its record waits for that round; a checkpoint, the
+    # last round, a stop, secure aggregation and per-client tasks evaluate in a trip apart.
+    pending = None
+    while state.round < rounds:
+        r, start = state.round, time.perf_counter()
+        if (why := _stop_before(guards, r)) is not None:
+            log.warning("%s", why)
+            if pending is not None:
+                finish(pending, evaluate(dc, spec, groups, state.params, r - 1,
+                                         sampling_.deadline))
+            return state, history, why
+        with _span(f"round-{r}"):
+            evaluation = None
+            try:
+                if pending is not None:
+                    state, record, evaluation = evaluate_and_train(
+                        dc, spec, groups, clients, state, sampling_, strategy.server,
+                        batch_clients)
+                else:
+                    state, record = round_fn(dc, spec, groups, clients, state, sampling_,
+                                             strategy.server, batch_clients)
+            except BaseException:
+                if pending is not None:  # its record is written, without its evaluation
+                    finish(pending, None)
+                raise
+            due = (r + 1) % eval_every == 0 or r + 1 == rounds
+            defer = (due and r + 1 < rounds and round_fn is train_round and batch_clients
+                     and not (checkpoint_every and (r + 1) % checkpoint_every == 0))
+            if due and not defer:
+                own = evaluate(dc, spec, groups, state.params, r, sampling_.deadline)
+        record["seconds"] = time.perf_counter() - start
+        if pending is not None:
+            finish(pending, evaluation)
+        pending = record if defer else None
+        if not defer:
+            finish(record, own if due else None)
     return state, history, None
 
 

@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from distributed.diagnostics.plugin import SchedulerPlugin
 from fedpipe.data import index, store
 from fedpipe.engine import placement
 from fedpipe.engine.federate import federate
@@ -324,3 +325,40 @@ def test_strategy_as_data_clients_run_its_optimizer(fed_store, dask_client):
     with pytest.raises(ValidationError, match="sets local_epochs"):
         federate(fed_store, model, rounds=1, strategy=strategy, local_epochs=3,
                  dask_client=dask_client)
+
+
+class _Graphs(SchedulerPlugin):
+    """The keys of every graph the driver submits: one graph per wave of a round's tasks."""
+
+    name = "count-graphs"
+
+    def __init__(self):
+        self.graphs: list[list[str]] = []
+
+    def update_graph(self, scheduler, *, keys, **kwargs):
+        self.graphs.append([str(k) for k in keys])
+
+
+def test_an_evaluated_round_costs_one_wave_of_client_tasks(fed_store, dask_client):
+    rounds = 4
+    recorder = _Graphs()
+    dask_client.cluster.scheduler.add_plugin(recorder)
+    try:
+        run = federate(fed_store, _model(), rounds=rounds, dask_client=dask_client)
+    finally:
+        dask_client.cluster.scheduler.remove_plugin(name=recorder.name)
+    waves = [g for g in recorder.graphs if any(k.startswith(("local-", "eval-")) for k in g)]
+    # One wave a round (evaluating the previous round's result while training), plus the
+    # last round's evaluation: 5, where evaluating apart costs 8.
+    assert len(waves) == rounds + 1
+    assert all(k.startswith("eval-") for k in waves[-1])
+    assert all("test_accuracy" in h for h in run.history)
+    # Each record's test metrics are those of the params after its round, as when evaluated
+    # apart (per-client tasks take that path), and training is unchanged bit for bit.
+    apart = federate(fed_store, _model(), rounds=rounds, dask_client=dask_client,
+                     batch_clients=False)
+    np.testing.assert_array_equal(run.params, apart.params)
+    def tests(history):
+        return [{k: v for k, v in h.items() if k.startswith("test_")} for h in history]
+
+    assert tests(run.history) == tests(apart.history)

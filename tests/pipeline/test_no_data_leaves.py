@@ -86,6 +86,7 @@ def test_no_client_rows_leave_their_worker(fed_store):
         victim, retiree = sorted(by_worker, key=lambda w: by_worker[w]["resident"])[:2]
 
         def disrupt(record):
+            # round r's record (with its evaluation) arrives once round r + 1 has trained
             r = record["round"]
             events.setdefault("records", []).append(record)  # per-client records: on_record
             for logs in dc.run(_outgoing).values():
@@ -95,7 +96,7 @@ def test_no_client_rows_leave_their_worker(fed_store):
             elif r == 1:  # a real process death: the nanny restarts the worker, new address
                 events["killed"] = by_worker[victim]["resident"]
                 os.kill(by_worker[victim]["pid"], signal.SIGKILL)
-            elif r == 3:
+            elif r == 2:  # round 3's record comes with round 4's trip: round 4 is next
                 events["retired"] = by_worker[retiree]["resident"]
                 dc.retire_workers([retiree], close_workers=True)
             elif r == 4:  # before the run ends and frees its rows
