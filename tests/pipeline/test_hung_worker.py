@@ -29,7 +29,7 @@ def cluster_with_external_worker():
     ``(dask_client, worker process)``. The process is continued and killed by PID at the end."""
     with (dask.config.set({"distributed.scheduler.worker-ttl": f"{TTL}s"}),
           LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
-                       host="127.0.0.1", dashboard_address=None) as cluster,
+                       host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster,
           Client(cluster) as dc):
         proc = subprocess.Popen(
             [sys.executable, "-m", "distributed.cli.dask_worker", cluster.scheduler_address,
@@ -117,7 +117,8 @@ def test_a_task_whose_home_worker_died_runs_when_another_joins():
     # or not: train's block homes (allow_other_workers) waited forever after a kill that left
     # no running worker, until the no-workers timeout failed the run.
     with (LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                       dashboard_address=None) as cluster, Client(cluster) as dc):
+                       dashboard_address="127.0.0.1:0") as cluster,
+          Client(cluster) as dc):
         [home] = dc.scheduler_info()["workers"]
         with resilience.bounded(dc, ttl=30, no_workers=30):
             cluster.scale(0)

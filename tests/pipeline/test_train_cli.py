@@ -22,8 +22,9 @@ from fedpipe.tasks import models, optimizers
 
 @pytest.fixture(scope="module")
 def dask_client():
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                      dashboard_address=":0") as cluster, Client(cluster) as dask_client:
+    with (LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
+                       dashboard_address="127.0.0.1:0") as cluster,
+          Client(cluster) as dask_client):
         yield dask_client
 
 
