@@ -190,12 +190,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
                       float(test_fraction), int(seed), model, int(local_epochs),
                       int(batch_size), lr, strategy.mu, strategy.scaffold, chain,
                       uuid.uuid4().hex[:12], strategy.client)
-    round_fn = train_round
-    if any(hasattr(stage.before_sum, "secagg") for stage in chain):  # secure_sum in the chain
-        from fedpipe.engine import fed_secagg  # needs the cryptography package: only then
-
-        fed_secagg.prepare(chain, len(clients), sampling_)  # refused here, before round 0
-        round_fn = fed_secagg.secure_round
+    round_fn = round_for(chain, len(clients), sampling_)
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     data = snapshot.pin(str(store_url), run_dir, partition=partition, resume=resume)
     if run_dir is not None:
@@ -214,28 +209,58 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
           # a silent worker is dropped within ~2 deadlines, an unplaceable task fails
           resilience.bounded(dc, deadline=deadline,
                              no_workers=deadline or DEFAULT_NO_WORKER_TIMEOUT)):
-        state = fed_state.initial_state(model, strategy, chain, seed)
-        if resume:
-            state = fed_state.resume(dc, run_dir, spec, groups, state)
-        if dp is not None:
-            privacy.check_budget(dp, target_epsilon, state.round)
-        state, history, stopped = _loop(dc, spec, groups, clients, state, sampling_, strategy,
-                                        rounds, eval_every, batch_clients, run_dir,
-                                        checkpoint_every, on_record,
-                                        _Guards(dp, target_epsilon, diverge_factor), round_fn)
-        if run_dir is not None:
-            fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
-    summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
-    summary |= _chain_summary(chain, dp, history, state.round, target_epsilon, rounds, stopped)
+        state, history, summary = run_rounds(
+            dc, spec, groups, clients, strategy, sampling_, _Guards(dp, target_epsilon,
+                                                                    diverge_factor),
+            round_fn, rounds=rounds, eval_every=eval_every, batch_clients=batch_clients,
+            run_dir=run_dir, checkpoint_every=checkpoint_every, on_record=on_record,
+            resume=resume)
     summary[snapshot.KEY] = data.digest
-    if round_fn is not train_round:
-        summary["secagg"] = fed_secagg.summary(history)
     if run_dir is not None:
         rundir.write_params(run_dir, model.unpack(state.params))
         saved_model.write(run_dir, model, info)  # model.json + preprocess.json: predict needs no store
         rundir.write_summary(run_dir, summary)
         rundir.publish(run_dir)
     return FederatedRun(state.params, state, history, summary)
+
+
+def round_for(chain: Sequence[Stage], n_clients: int, sampling_: Sampling):
+    """The round function for ``chain``: secure aggregation's when ``secure_sum`` is in it."""
+    if not any(hasattr(stage.before_sum, "secagg") for stage in chain):
+        return train_round
+    from fedpipe.engine import fed_secagg  # needs the cryptography package: only then
+
+    fed_secagg.prepare(chain, n_clients, sampling_)  # refused here, before round 0
+    return fed_secagg.secure_round
+
+
+def run_rounds(dc: Client, spec: ClientSpec, groups, clients: Sequence[str], strategy: Strategy,
+               sampling_: Sampling, guards: _Guards, round_fn, *, rounds: int, eval_every: int,
+               batch_clients: bool, run_dir, checkpoint_every: int, on_record,
+               resume: bool) -> tuple[ServerState, list[dict], dict]:
+    """Rounds from the start or the checkpoint, the final checkpoint, and the run's summary.
+
+    What a simulation (:func:`federate`) and site-local stores (``federate_sites``) share once
+    their clients are placed.
+    """
+    state = fed_state.initial_state(spec.model, strategy, spec.stages, spec.seed)
+    if resume:
+        state = fed_state.resume(dc, run_dir, spec, groups, state)
+    if guards.dp is not None:
+        privacy.check_budget(guards.dp, guards.target_epsilon, state.round)
+    state, history, stopped = _loop(dc, spec, groups, clients, state, sampling_, strategy,
+                                    rounds, eval_every, batch_clients, run_dir,
+                                    checkpoint_every, on_record, guards, round_fn)
+    if run_dir is not None:
+        fed_state.checkpoint(dc, run_dir, spec, groups, state, strategy)
+    summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
+    summary |= _chain_summary(spec.stages, guards.dp, history, state.round, guards.target_epsilon,
+                              rounds, stopped)
+    if round_fn is not train_round:
+        from fedpipe.engine import fed_secagg
+
+        summary["secagg"] = fed_secagg.summary(history)
+    return state, history, summary
 
 
 def _from_strategy(strategy: Strategy, local_epochs: int | None,

@@ -21,7 +21,7 @@ import dask
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Nanny, Scheduler, SpecCluster, Worker
-from fedpipe import privacy, rundir
+from fedpipe import rundir
 from fedpipe.cluster import worker_log_level
 from fedpipe.data import sites as site_tasks
 from fedpipe.data.stats import HIST_BINS, stats_to_json, tree_reduce
@@ -281,12 +281,7 @@ def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds:
     spec = ClientSpec(url, "sites", version, float(test_fraction), int(seed), model,
                       int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
                       chain, uuid.uuid4().hex[:12], strategy.client)
-    round_fn = fed.train_round
-    if any(hasattr(stage.before_sum, "secagg") for stage in chain):  # as federate() does
-        from fedpipe.engine import fed_secagg
-
-        fed_secagg.prepare(chain, len(clients), sampling_)
-        round_fn = fed_secagg.secure_round
+    round_fn = fed.round_for(chain, len(clients), sampling_)
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if run_dir is not None:
         rundir.write_config(run_dir, config if config is not None else {
@@ -295,22 +290,11 @@ def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds:
     groups = placement.discover(dask_client, clients)
     with placement.run_scope(dask_client, spec.token):
         placement.set_no_workers_timeout(dask_client, deadline or fed.DEFAULT_NO_WORKER_TIMEOUT)
-        state = fed_state.initial_state(model, strategy, chain, seed)
-        if resume:
-            state = fed_state.resume(dask_client, run_dir, spec, groups, state)
-        if dp is not None:
-            privacy.check_budget(dp, target_epsilon, state.round)
-        state, history, stopped = fed._loop(
-            dask_client, spec, groups, clients, state, sampling_, strategy, rounds, eval_every,
-            batch_clients, run_dir, checkpoint_every, on_record,
-            fed._Guards(dp, target_epsilon, diverge_factor), round_fn)
-        if run_dir is not None:
-            fed_state.checkpoint(dask_client, run_dir, spec, groups, state, strategy)
-    summary = fed_state.summary(history, state, strategy, spec, clients, run_dir)
-    summary |= fed._chain_summary(chain, dp, history, state.round, target_epsilon, rounds,
-                                  stopped)
-    if round_fn is not fed.train_round:
-        summary["secagg"] = fed_secagg.summary(history)
+        state, history, summary = fed.run_rounds(
+            dask_client, spec, groups, clients, strategy, sampling_,
+            fed._Guards(dp, target_epsilon, diverge_factor), round_fn, rounds=rounds,
+            eval_every=eval_every, batch_clients=batch_clients, run_dir=run_dir,
+            checkpoint_every=checkpoint_every, on_record=on_record, resume=resume)
     summary |= {"sites": len(clients), "rows": int(sum(plan.rows.values())),
                 "preprocess": dict(plan.info.preprocess)}
     if run_dir is not None:
