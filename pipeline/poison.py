@@ -38,18 +38,41 @@ def _kills(exc: Any) -> str:
             "a worker, e.g. out of memory)")
 
 
-def chunk_error(exc: Exception, url: str, blocks: Sequence[Sequence[Any]]) -> PoisonTaskError:
-    """The one-line error for a data-parallel ``KilledWorker``: the chunks of the task's block.
+def chunk_error(exc: Exception, url: str, blocks: Sequence[Sequence[Any]],
+                failed: Sequence[int] = ()) -> PoisonTaskError:
+    """The one-line error for a data-parallel ``KilledWorker``: the chunks of the failed blocks.
 
     Task keys are ``(group-token, block)``; ``blocks[b]`` lists the block's chunk references.
+    ``failed``: every block of that pass that failed with ``exc`` (:func:`failed_blocks`). Dask
+    blames each task a dying worker held, queued ones too, and records none as the one running
+    (its heartbeat is older than the death): so when several failed, all are named.
     """
     key = getattr(exc, "task", None)
     block = key[1] if isinstance(key, tuple) and len(key) == 2 else None
     if isinstance(block, int) and 0 <= block < len(blocks):
-        chunks = ", ".join(_chunk_name(ref) for ref in blocks[block])
+        refs = [ref for b in sorted({block, *failed} & set(range(len(blocks)))) for ref in blocks[b]]
+        chunks = (_chunk_name(refs[0]) if len(refs) == 1 else
+                  f"one of chunks {', '.join(str(r.index) for r in refs)}{_arrays(refs[0])}")
         return PoisonTaskError(f"{chunks} of store {url}: task {key[0].split('-')[0]} "
                                f"{_kills(exc)}")
     return PoisonTaskError(f"task {key} on store {url}: {_kills(exc)}")
+
+
+def failed_blocks(dask_client: Any, exc: Exception) -> list[int]:
+    """The blocks of ``exc``'s pass (keys ``(token, block)``) that the scheduler holds as failed."""
+    key = getattr(exc, "task", None)
+    if not (isinstance(key, tuple) and len(key) == 2):
+        return []
+
+    def erred(dask_scheduler, token=key[0]):
+        return [ts.key[1] for ts in dask_scheduler.tasks.values()
+                if ts.state == "erred" and isinstance(ts.key, tuple) and len(ts.key) == 2
+                and ts.key[0] == token and isinstance(ts.key[1], int)]
+
+    try:
+        return dask_client.run_on_scheduler(erred)
+    except Exception:  # the error message must not fail: name the one task we know
+        return []
 
 
 def client_error(exc: Exception, clients: Sequence[str]) -> PoisonTaskError:
@@ -59,7 +82,11 @@ def client_error(exc: Exception, clients: Sequence[str]) -> PoisonTaskError:
 
 
 def _chunk_name(ref: Any) -> str:
+    return f"chunk {ref.index}{_arrays(ref)}"
+
+
+def _arrays(ref: Any) -> str:
     # ChunkRef(prefix, index): "" is the store's X/y, "partitions/NAME/3" a client's arrays
     where = f"{ref.prefix}/" if ref.prefix else ""
-    return f"chunk {ref.index} of arrays {where}X and {where}y"
+    return f" of arrays {where}X and {where}y"
 

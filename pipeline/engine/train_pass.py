@@ -71,7 +71,8 @@ def open_engine(dask_client: Client, url: str, info: StoreInfo, model: Model, se
     try:
         yield Engine(dask_client, model, model_future, data, fan_in, run_dir, on_record)
     except KilledWorker as exc:  # a task that kills every worker running it: name its chunks
-        raise poison.chunk_error(exc, url, data.blocks) from exc
+        raise poison.chunk_error(exc, url, data.blocks,
+                                 poison.failed_blocks(dask_client, exc)) from exc
     finally:
         # Release the cached chunks now rather than whenever the futures are collected.
         dask_client.cancel([f for f in (data.train or []) + (data.test or [])] + [model_future])
