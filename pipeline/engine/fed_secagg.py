@@ -25,6 +25,7 @@ import pickle
 import secrets
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 from distributed import Client
 from fedpipe.engine import placement
@@ -102,13 +103,21 @@ def secure_train_group(spec, clients: Sequence[str], params, round_: int, stage_
                        control, peers: dict, ctx: bytes, bits: int) -> dict:
     """Train, encode (the chain) and mask each client's update; returns their masked sum."""
     spec = unpack(spec)
+    return masked_group(spec.token, clients, round_, peers, ctx, bits, functools.partial(
+        _train_client, spec, round_=round_, params=params, stage_states=stage_states,
+        control=control))
+
+
+def masked_group(token: str, clients: Sequence[str], round_: int, peers: dict, ctx: bytes,
+                 bits: int, report_of: Callable[[str], dict]) -> dict:
+    """Each client's encoded report (``report_of(client)``) plus its mask; their masked sum."""
     reports = []
     for c in clients:
-        mine = _mine(spec.token, round_, c)
+        mine = _mine(token, round_, c)
         if mine is None or "self_seed" not in mine:
             reports.append(aggregate.client_report(c, None, {}, "secagg: no round keys here"))
             continue
-        report = _train_client(spec, c, params, round_, stage_states, control)
+        report = report_of(c)
         if report["packet"] is not None:
             report["packet"] = secure.mask_packet(report["packet"], c, mine["keys"],
                                                   mine["self_seed"], peers[c], ctx, bits)
@@ -133,11 +142,11 @@ def reveal_group(token: str, clients: Sequence[str], round_: int, inboxes: dict,
 # driver side
 
 
-def _wave(dc: Client, spec: ClientSpec, groups, members: set[str], name: str, r: int,
+def _wave(dc: Client, token: str, groups, members: set[str], name: str, r: int,
           deadline: float | None, task: Callable[[list[str]], Callable]) -> tuple[dict, dict]:
     """One pinned task per worker group with members; (client -> message, dropped clients)."""
     work = [(j, [c for c in g if c in members], g) for j, g in enumerate(groups)]
-    calls = {f"{name}-{spec.token}-r{r}-g{j}": (task(mine), placement.pin_group(g))
+    calls = {f"{name}-{token}-r{r}-g{j}": (task(mine), placement.pin_group(g))
              for j, mine, g in work if mine}
     owners = [mine for _, mine, _ in work if mine]
     report, dropped = _collect(dc, _Leaves(placement.submit_pinned(dc, calls), owners),
@@ -157,29 +166,39 @@ def _bytes(payload) -> int:
     return 0
 
 
-def secure_round(dc: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
-                 clients: Sequence[str], state: ServerState, sampling_: Sampling,
-                 server_optimizer, batch_clients: bool = True) -> tuple[ServerState, dict]:
-    """One federated round under secure aggregation (same inputs and outputs as train_round)."""
-    config = secure.find(spec.stages)
-    r, deadline = state.round, sampling_.deadline
-    sampled = sampling.sample_clients(clients, r, state.seed, fraction=sampling_.fraction,
-                                      count=sampling_.count)
-    plan = secure.dropout_plan(sampled, r, state.seed, config.dropout, config.dropout_phase)
-    ctx = secagg.context(spec.token, r)
+# the upload wave's task of one worker group: (its clients, their peers' keys, ctx) -> thunk
+Upload = Callable[[list[str], dict, bytes], Callable[[], dict]]
+
+
+class MaskedSum(NamedTuple):
+    """What one run of the protocol gave the driver: the unmasked sum of encoded packets
+    (None when it aborted, ``aborted`` says why), the clients' records and who dropped."""
+
+    total: dict | None
+    records: dict
+    rejected: dict
+    dropped: dict
+    stats: dict
+    aborted: str | None = None
+
+
+def masked_sum(dc: Client, token: str, groups: Sequence[Sequence[str]], sampled: Sequence[str],
+               r: int, config: SecAgg, plan: dict[str, str], deadline: float | None,
+               min_clients: int, upload: Upload, name: str = "local") -> MaskedSum:
+    """Run the protocol once over ``sampled``: keys, shares, masked upload, reveal, unmask.
+
+    ``upload`` makes each group's upload task (model updates in a round, statistics packets
+    before round 0); ``plan`` holds the simulated dropouts (client -> phase).
+    """
+    ctx = secagg.context(token, r)
     dropped: dict[str, str] = {c: f"secagg {p} (simulated)" for c, p in plan.items()}
     stats = {"sampled": len(sampled), "simulated_dropouts": len(plan)}
 
-    def abort(reason: str) -> tuple[ServerState, dict]:
-        log.warning("round %d aborted, model unchanged: %s", r, reason)
-        stats["aborted"] = reason
-        record = {"round": r, "sampled": len(sampled), "aggregated": 0, "dropped": dropped,
-                  "rejected": {}, "aggregation": {}, "train_loss": None, "clients": {},
-                  "secagg": stats}
-        return state._replace(round=r + 1), record
+    def abort(reason: str) -> MaskedSum:
+        return MaskedSum(None, {}, {}, dropped, stats | {"aborted": reason}, reason)
 
-    pubs, lost = _wave(dc, spec, groups, set(sampled), "secagg-keys", r, deadline,
-                       lambda mine: functools.partial(advertise_group, spec.token, mine, r))
+    pubs, lost = _wave(dc, token, groups, set(sampled), "secagg-keys", r, deadline,
+                       lambda mine: functools.partial(advertise_group, token, mine, r))
     dropped |= lost
     u1 = sorted(pubs)
     graph = secagg.mask_graph(u1, config.graph, ctx)
@@ -191,24 +210,24 @@ def secure_round(dc: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
     c_pub = {c: p[0] for c, p in pubs.items()}
     s_pub = {c: p[1] for c, p in pubs.items()}
     holders = {c: [c, *graph[c]] for c in u1}
-    sealed, lost = _wave(dc, spec, groups, set(u1), "secagg-share", r, deadline,
+    sealed, lost = _wave(dc, token, groups, set(u1), "secagg-share", r, deadline,
                          lambda mine: functools.partial(
-                             share_group, spec.token, mine, r, {c: holders[c] for c in mine},
+                             share_group, token, mine, r, {c: holders[c] for c in mine},
                              index, {h: c_pub[h] for c in mine for h in holders[c]}, t, ctx))
     dropped |= lost
     u2 = set(sealed)
     if len(u2) < t:
         return abort(f"{len(u2)} client(s) shared keys, fewer than the threshold {t}")
-    upload = u2 - {c for c, p in plan.items() if p == "upload"}
-    report, lost = _upload(dc, spec, groups, upload, state, graph, u2, s_pub, ctx,
-                           config.bits, deadline)
+    members = u2 - {c for c, p in plan.items() if p == "upload"}
+    report, lost = _upload(dc, token, groups, members, r, graph, u2, s_pub, ctx, deadline,
+                           upload, name)
     dropped |= lost
     records = report["clients"] if report else {}
     rejected = {c: rec["rejected"] for c, rec in records.items() if "rejected" in rec}
     u3 = sorted(c for c in records if c not in rejected)
-    if len(u3) < max(t, sampling_.min_clients):
+    if len(u3) < max(t, min_clients):
         return abort(f"{len(u3)} masked update(s) arrived, fewer than the threshold {t} "
-                     f"or --min-clients {sampling_.min_clients}")
+                     f"or --min-clients {min_clients}")
     gone = sorted(u2 - set(u3))
     answer = set(u3) - {c for c, p in plan.items() if p == "unmask"}
     inbox: dict[str, dict[str, bytes]] = {v: {} for v in answer}
@@ -216,9 +235,9 @@ def secure_round(dc: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
         for v, ciphertext in sealed[u].items():
             if v in inbox:
                 inbox[v][u] = ciphertext
-    reveals, lost = _wave(dc, spec, groups, answer, "secagg-reveal", r, deadline,
+    reveals, lost = _wave(dc, token, groups, answer, "secagg-reveal", r, deadline,
                           lambda mine: functools.partial(
-                              reveal_group, spec.token, mine, r, {c: inbox[c] for c in mine},
+                              reveal_group, token, mine, r, {c: inbox[c] for c in mine},
                               {u: c_pub[u] for c in mine for u in inbox[c]}, set(u3),
                               set(gone), ctx))
     dropped |= lost
@@ -232,28 +251,51 @@ def secure_round(dc: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
               "dropped_after_upload": len(u3) - len(reveals),
               "unmask_seconds": time.perf_counter() - started,
               "bytes_per_client": _bytes_per_client(pubs, sealed, reveals, records)}
-    if dropped:
-        log.warning("round %d: %d client(s) dropped out: %s", r, len(dropped), _short(dropped))
-    return _finish(spec, state, server_optimizer, clients, sampled, total, records, rejected,
-                   dropped, stats)
+    return MaskedSum(total, records, rejected, dropped, stats)
 
 
-def _upload(dc: Client, spec: ClientSpec, groups, members: set[str], state: ServerState,
-            graph: dict, u2: set[str], s_pub: dict, ctx: bytes, bits: int,
-            deadline: float | None):
+def secure_round(dc: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
+                 clients: Sequence[str], state: ServerState, sampling_: Sampling,
+                 server_optimizer, batch_clients: bool = True) -> tuple[ServerState, dict]:
+    """One federated round under secure aggregation (same inputs and outputs as train_round)."""
+    config = secure.find(spec.stages)
     r = state.round
+    sampled = sampling.sample_clients(clients, r, state.seed, fraction=sampling_.fraction,
+                                      count=sampling_.count)
+    plan = secure.dropout_plan(sampled, r, state.seed, config.dropout, config.dropout_phase)
+
+    def upload(mine: list[str], peers: dict, ctx: bytes) -> Callable[[], dict]:
+        return functools.partial(secure_train_group, pack_spec(spec), mine, state.params, r,
+                                 state.stage_states, state.control, peers, ctx, config.bits)
+
+    out = masked_sum(dc, spec.token, groups, sampled, r, config, plan, sampling_.deadline,
+                     sampling_.min_clients, upload)
+    if out.aborted is not None:
+        log.warning("round %d aborted, model unchanged: %s", r, out.aborted)
+        record = {"round": r, "sampled": len(sampled), "aggregated": 0, "dropped": out.dropped,
+                  "rejected": {}, "aggregation": {}, "train_loss": None, "clients": {},
+                  "secagg": out.stats}
+        return state._replace(round=r + 1), record
+    if out.dropped:
+        log.warning("round %d: %d client(s) dropped out: %s", r, len(out.dropped),
+                    _short(out.dropped))
+    return _finish(spec, state, server_optimizer, clients, sampled, out.total, out.records,
+                   out.rejected, out.dropped, out.stats)
+
+
+def _upload(dc: Client, token: str, groups, members: set[str], r: int, graph: dict,
+            u2: set[str], s_pub: dict, ctx: bytes, deadline: float | None, upload: Upload,
+            name: str):
     calls, owners = {}, []
     for j, g in enumerate(groups):
         mine = [c for c in g if c in members]
         if not mine:
             continue
         peers = {c: {v: s_pub[v] for v in graph[c] if v in u2} for c in mine}
-        calls[f"local-{spec.token}-r{r}-g{j}"] = (functools.partial(
-            secure_train_group, pack_spec(spec), mine, state.params, r, state.stage_states,
-            state.control, peers, ctx, bits), placement.pin_group(g))
+        calls[f"{name}-{token}-r{r}-g{j}"] = (upload(mine, peers, ctx), placement.pin_group(g))
         owners.append(mine)
     return _collect(dc, _Leaves(placement.submit_pinned(dc, calls), owners), deadline, r,
-                    "train")
+                    "train" if name == "local" else name)
 
 
 def _bytes_per_client(pubs: dict, sealed: dict, reveals: dict, records: dict) -> float:
