@@ -94,18 +94,32 @@ def exact_sum(config: secure.SecAgg, name: str = "exact_secure_sum") -> Stage:
         if any(k.startswith(aggregate.GATHER) for k in packet):
             raise ValueError(f"{name}: a gathered entry would reach the server in the clear")
         try:
-            return {k: encode(v, *KINDS.get(k, _COUNT)).reshape(-1) for k, v in packet.items()}
+            return {_wire(k, v): encode(v, *KINDS.get(k, _COUNT)).reshape(-1)
+                    for k, v in packet.items()}
         except ValueError as exc:
             raise aggregate.RejectedUpdate(str(exc)) from None
 
     def after_sum(total: Packet, state: StageState):
         if secure.UNMASKED not in total:
             raise ValueError(f"{name}: the sum is still masked (run it in a secure round)")
-        return ({k: decode(v, *KINDS.get(k, _COUNT)) for k, v in total.items()
-                 if k != secure.UNMASKED}, state, {})
+        out = {}
+        for wire, v in total.items():
+            if wire != secure.UNMASKED:
+                shape, key = _unwire(wire)
+                out[key] = decode(v, *KINDS.get(key, _COUNT)).reshape(shape)
+        return out, state, {}
 
     before_sum.secagg = config  # secure.find() reads it: the protocol's settings
     return Stage(name, init, before_sum, after_sum, spec=StageSpec(kind="exact_secure_sum"))
+
+
+def _wire(key: str, value: np.ndarray) -> str:
+    return f"exact{','.join(map(str, np.shape(value)))}/{key}"  # the shape rides in the name
+
+
+def _unwire(wire: str) -> tuple[tuple[int, ...], str]:
+    shape, key = wire[len("exact"):].split("/", 1)
+    return tuple(int(n) for n in shape.split(",") if n), key
 
 
 # --------------------------------------------------------------------------------------------

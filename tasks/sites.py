@@ -252,3 +252,47 @@ def preprocess_rows(X: np.ndarray, stats: Mapping[str, np.ndarray] | None, imput
         return np.asarray(X, dtype=np.float64)
     return stats_math.preprocess(X, stats, impute=impute, standardize=standardize,
                                  median=stats.get("median"))
+
+
+# --------------------------------------------------------------------------------------------
+# the median, refined: zoom into the bins of the two middle ranks
+
+
+def middle_ranks(count: np.ndarray) -> np.ndarray:
+    """The 0-based ranks of the two middle values of each column: ``(n-1)//2``, then ``n//2``."""
+    count = np.asarray(count, dtype=np.int64)
+    return np.concatenate([np.maximum(count - 1, 0) // 2, count // 2])
+
+
+def zoom(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+         ranks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's window narrowed to the bin holding its rank: ``bins`` times narrower.
+
+    ``counts`` are histograms over ``[lo, hi]`` with values outside clipped into the edge bins
+    (:func:`fedpipe.tasks.stats.chunk_histogram`), so cumulative counts are ranks among all
+    values and the rank's value lies in the bin found (up to rounding at its edges).
+    """
+    bins = counts.shape[1]
+    width = (hi - lo) / bins
+    at = np.array([min(int(np.searchsorted(np.cumsum(c), r + 1)), bins - 1)
+                   for c, r in zip(counts, ranks, strict=True)])
+    new_lo = np.where(hi > lo, lo + at * width, lo)
+    return new_lo, np.where(hi > lo, np.minimum(new_lo + width, hi), hi)
+
+
+def median_of_windows(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                      ranks: np.ndarray) -> np.ndarray:
+    """Column medians from the last histograms of :func:`zoom`'s two windows per column: each
+    middle value read inside its bin, within one bin width of the last windows."""
+    n = len(ranks) // 2
+    width = (hi - lo) / counts.shape[1]
+    values = np.empty(len(ranks))
+    for j, (c, r) in enumerate(zip(counts, ranks, strict=True)):
+        cum = np.cumsum(c)
+        if cum[-1] == 0:
+            values[j] = np.nan
+        elif hi[j] > lo[j]:
+            values[j] = lo[j] + stats_math._rank_in_bins(cum, c, min(int(r), int(cum[-1]) - 1)) * width[j]
+        else:
+            values[j] = lo[j]
+    return 0.5 * (values[:n] + values[n:])

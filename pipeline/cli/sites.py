@@ -73,6 +73,19 @@ def check_options(args: argparse.Namespace) -> None:
                               "site workers run elsewhere, each with its own store")
 
 
+def _secagg(args: argparse.Namespace):
+    """The statistics' secure aggregation settings: the run's threshold and mask graph."""
+    if not args.secure_aggregation:
+        return None
+    from fedpipe.tasks import secure
+
+    try:
+        return secure.find([secure.secure_sum(1, threshold=args.secagg_threshold,
+                                              graph=args.secagg_graph)])
+    except ValueError as exc:
+        raise ValidationError(f"--secure-aggregation: {exc}") from None
+
+
 def run_sites(args: argparse.Namespace) -> dict[str, Any]:
     """Run ``fedpipe federate --sites``; returns the summary."""
     from fedpipe.cli import federate as cli_federate
@@ -86,7 +99,7 @@ def run_sites(args: argparse.Namespace) -> dict[str, Any]:
         plan = sites.prepare_sites(dc, impute=args.site_impute,
                                    standardize=not args.no_standardize,
                                    label_hist=args.share_label_counts,
-                                   classes=_labels(args.classes))
+                                   classes=_labels(args.classes), secagg=_secagg(args))
         model = registry.make_model(args.model, plan.info, hidden=args.hidden, l2=args.l2)
         strategy = registry.make_strategy(args.strategy, args.server_lr, args.mu,
                                           args.client_optimizer, args.lr)

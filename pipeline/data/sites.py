@@ -113,6 +113,63 @@ def hist_report(client: str, stages: tuple, states: dict, features: list[str] | 
     return aggregate.client_report(client, packet, {"n_rows": info.n_rows}, rejected)
 
 
+def _site_stats(client: str, features: list[str] | None, token: str) -> tuple[dict, int]:
+    """The site's merged statistics in the run's columns, read once per statistics pass
+    ``token`` (the min/max search asks for them eight times) and freed with it."""
+    from fedpipe.engine import placement  # placement dispatches here: import when used
+
+    cache = placement.worker_cache().state
+    key = (token, "site-stats", str(client))
+    if key not in cache:
+        info = store.read_info(site_url(client), partitions=False)
+        names = list(info.feature_names) if features is None else features
+        index = sites_math.feature_map(info.feature_names, names)
+        parts = [stats_math.chunk_stats(sites_math.widen(X, index, len(names)))
+                 for X, _ in _raw_chunks(info)]
+        cache[key] = (stats_math.merge_many(parts) if parts else stats_math.chunk_stats(
+            np.zeros((0, len(names)))), int(info.n_rows))
+    return cache[key]
+
+
+def secure_stats_report(client: str, stages: tuple, states: dict, features: list[str] | None,
+                        token: str) -> dict:
+    """Pinned task: the site's sums (no min/max: they cannot be summed) after the chain's
+    client part, for a statistics pass under secure aggregation."""
+    merged, n_rows = _site_stats(client, features, token)
+    packet = {k: v for k, v in sites_math.stats_packet_of(merged, n_rows).items()
+              if not k.startswith(aggregate.GATHER)}
+    packet, rejected = aggregate.client_side(stages, states, packet)
+    return aggregate.client_report(client, packet, {"n_rows": n_rows}, rejected)
+
+
+def extremes_report(client: str, stages: tuple, states: dict, features: list[str] | None,
+                    token: str, lo: np.ndarray, bits: int) -> dict:
+    """Pinned task: one pass of the min/max search, which thresholds the site's max (and
+    complemented min) lie at or above, as 0/1 (:mod:`fedpipe.tasks.secure_stats`)."""
+    from fedpipe.tasks import secure_stats  # needs the cryptography package: only then
+
+    merged, n_rows = _site_stats(client, features, token)
+    keys = secure_stats.extreme_keys(merged["min"], merged["max"])
+    packet = {"above": secure_stats.above(keys, secure_stats.search_thresholds(lo, bits))}
+    packet, rejected = aggregate.client_side(stages, states, packet)
+    return aggregate.client_report(client, packet, {"n_rows": n_rows}, rejected)
+
+
+def zoom_report(client: str, stages: tuple, states: dict, features: list[str] | None,
+                lo: np.ndarray, hi: np.ndarray, bins: int) -> dict:
+    """Pinned task: the site's histograms over two windows per column (``lo``/``hi`` of
+    length ``2 * n_features``), the median's refinement pass."""
+    info = store.read_info(site_url(client), partitions=False)
+    features = list(info.feature_names) if features is None else features
+    index = sites_math.feature_map(info.feature_names, features)
+    total = np.zeros((len(lo), bins))
+    for X, _ in _raw_chunks(info):
+        X = sites_math.widen(X, index, len(features))
+        total += stats_math.chunk_histogram(np.hstack([X, X]), lo, hi, bins)
+    packet, rejected = aggregate.client_side(stages, states, {"hist": total})
+    return aggregate.client_report(client, packet, {"n_rows": info.n_rows}, rejected)
+
+
 # --------------------------------------------------------------------------------------------
 # training rows: what placement.client_rows serves for a site-local run
 

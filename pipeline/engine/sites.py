@@ -12,10 +12,11 @@ aggregation chain (:func:`federated_stats`), and runs the federated round loop o
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import dask
 import numpy as np
@@ -37,7 +38,11 @@ from fedpipe.tasks import stats as stats_math
 from fedpipe.tasks.aggregate import Stage, Strategy
 from fedpipe.tasks.models import Model
 
+if TYPE_CHECKING:
+    from fedpipe.tasks.secure import SecAgg
+
 IMPUTE = ("none", "mean", "median")
+MEDIAN_PASSES = 2  # zoom passes: the median within (max - min) / 1024^3 of the pooled one
 FAN_IN = 8
 
 
@@ -54,6 +59,7 @@ class SitePlan(NamedTuple):
     info: StoreInfo
     stats: dict[str, np.ndarray]
     label_hist: dict[str, dict[str, int]] | None
+    disclosed: tuple[str, ...] = ()
 
 
 @contextlib.contextmanager
@@ -143,7 +149,8 @@ def agree(dask_client: Client, clients: Sequence[str], *, label_hist: bool = Fal
 def federated_stats(dask_client: Client, clients: Sequence[str],
                     stages: Sequence[Stage] | None = None,
                     features: Sequence[str] | None = None,
-                    median: bool = False) -> dict[str, np.ndarray]:
+                    median: bool = False, secagg: SecAgg | None = None,
+                    median_passes: int = MEDIAN_PASSES) -> dict[str, np.ndarray]:
     """Global per-feature statistics from the sites' packets, through the aggregation chain.
 
     Each site's pinned ``stats-…`` task runs the chain's client part on its packet; the packets
@@ -151,26 +158,52 @@ def federated_stats(dask_client: Client, clients: Sequence[str],
     :func:`fedpipe.engine.graph.tree_sum`); the chain's server part finishes them on the driver.
     Leaves and tree go as one graph: one round trip, as the pooled ``compute_stats``.
     ``features``: the agreed feature names (categories one-hot over their union), default
-    each site's own. ``median``: a second pass (``hist-…``) sums the sites' histograms over
-    ``HIST_BINS`` bins between the global min and max, and ``"median"`` is the median read off
-    them, within one bin width, ``(max - min) / HIST_BINS``, of the pooled median (equal to the
-    pooled store's ``--impute median``, which reads the same bins).
+    each site's own. ``secagg``: the run's secure aggregation settings; then every pass is a
+    secure sum and the driver learns only totals (:mod:`fedpipe.engine.sites_secure`).
+    ``median``: a second pass (``hist-…``) sums the sites' histograms over ``HIST_BINS`` bins
+    between the global min and max; ``median_passes`` more (``zoom-…``) each narrow the two
+    middle ranks' windows ``HIST_BINS``-fold, so ``"median"`` is within
+    ``(max - min) / HIST_BINS ** (1 + median_passes)`` of the pooled median (0 passes: the
+    pooled store's ``--impute median``, which reads the same first bins).
     """
     features = list(features) if features is not None else None
-    chain = tuple(stages) if stages is not None else (sites_math.stats_stage(),)
-    states = aggregate.init_states(chain, 0)
-    packet = _through_chain(dask_client, clients, chain, states, "stats",
-                            lambda c: _thunk(site_tasks.stats_report, c, chain, states, features))
-    stats = sites_math.finish_stats(packet)
+    if secagg is not None:
+        from fedpipe.engine import sites_secure  # needs the cryptography package: only then
+
+        run: Callable[..., dict] = sites_secure.SecureRunner(dask_client, clients, secagg)
+        stats = sites_secure.site_stats(run, features)
+    else:
+        run = functools.partial(_plain_pass, dask_client, clients)
+        chain = tuple(stages) if stages is not None else (sites_math.stats_stage(),)
+        stats = sites_math.finish_stats(run("stats", chain, site_tasks.stats_report, features))
     if median:
-        lo = np.where(np.isfinite(stats["min"]), stats["min"], 0.0)
-        hi = np.where(np.isfinite(stats["max"]), stats["max"], 0.0)
-        hist = (sites_math.hist_stage(),)
-        hstates = aggregate.init_states(hist, 0)
-        total = _through_chain(dask_client, clients, hist, hstates, "hist", lambda c: _thunk(
-            site_tasks.hist_report, c, hist, hstates, features, lo, hi, HIST_BINS))
-        stats["median"] = stats_math.median_from_histogram(np.rint(total["hist"]), lo, hi)
+        stats["median"] = _median(run, stats, features, median_passes)
     return stats
+
+
+def _plain_pass(dask_client: Client, clients: Sequence[str], name: str, chain: tuple,
+                fn: Callable, *args: Any) -> dict:
+    states = aggregate.init_states(chain, 0)
+    return _through_chain(dask_client, clients, chain, states, name,
+                          lambda c: _thunk(fn, c, chain, states, *args))
+
+
+def _median(run: Callable[..., dict], stats: dict, features: list[str] | None,
+            passes: int) -> np.ndarray:
+    lo = np.where(np.isfinite(stats["min"]), stats["min"], 0.0)
+    hi = np.where(np.isfinite(stats["max"]), stats["max"], 0.0)
+    hist = (sites_math.hist_stage(),)
+    counts = np.rint(run("hist", hist, site_tasks.hist_report, features, lo, hi,
+                         HIST_BINS)["hist"])
+    if passes == 0:
+        return stats_math.median_from_histogram(counts, lo, hi)
+    ranks = sites_math.middle_ranks(stats["count"])
+    lo, hi, counts = np.tile(lo, 2), np.tile(hi, 2), np.vstack([counts, counts])
+    for _ in range(passes):
+        lo, hi = sites_math.zoom(counts, lo, hi, ranks)
+        counts = np.rint(run("zoom", hist, site_tasks.zoom_report, features, lo, hi,
+                             HIST_BINS)["hist"])
+    return sites_math.median_of_windows(counts, lo, hi, ranks)
 
 
 def _through_chain(dask_client: Client, clients: Sequence[str], chain: tuple, states: dict,
@@ -200,9 +233,15 @@ def _add_reports(reports: list[dict]) -> dict:
 
 
 def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: bool = True,
-                  label_hist: bool = False,
-                  classes: Sequence[object] | None = None) -> SitePlan:
-    """Discover the sites, agree their schema and compute the global statistics."""
+                  label_hist: bool = False, classes: Sequence[object] | None = None,
+                  secagg: SecAgg | None = None,
+                  median_passes: int = MEDIAN_PASSES) -> SitePlan:
+    """Discover the sites, agree their schema and compute the global statistics.
+
+    ``secagg``: compute the statistics by secure aggregation with these settings (threshold,
+    mask graph), as the run's updates are: the driver learns sums over all sites only.
+    ``plan.disclosed`` lists what the driver learned of the sites' data.
+    """
     if impute not in IMPUTE:
         raise ValidationError(f"--site-impute must be one of {', '.join(IMPUTE)}, "
                               f"got {impute!r}")
@@ -213,7 +252,8 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
         [described[c]["schema"].get("categorical") or {} for c in clients])
     features = sites_math.agreed_features(schema, categories)
     stats = federated_stats(dask_client, clients, features=features,
-                            median=impute == "median")
+                            median=impute == "median", secagg=secagg,
+                            median_passes=median_passes)
     rows = {c: int(described[c]["n_rows"]) for c in clients}
     stats_json = stats_to_json({k: stats[k] for k in ("count", "sum", "sumsq", "min", "max",
                                                       "median") if k in stats})
@@ -222,7 +262,10 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
                      task=sites_math.agreed_task(schema["task"], union), classes=union,
                      feature_names=features, dtype=schema["dtype"],
                      preprocess={"impute": impute, "standardize": bool(standardize),
-                                 "computed": "federated"},
+                                 "computed": "federated" if secagg is None
+                                 else "federated, secure aggregation",
+                                 **({"median_passes": int(median_passes)}
+                                    if impute == "median" else {})},
                      # the sites are the run's partition: what the chain's options count
                      partitions={"sites": {"clients": {c: {"n_rows": n} for c, n in rows.items()}}},
                      stats=stats_json, columns=schema.get("columns"),
@@ -231,7 +274,25 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
                      target=schema.get("target"))
     hist = ({c: described[c]["label_hist"] for c in clients if "label_hist" in described[c]}
             if label_hist else None)
-    return SitePlan(clients, rows, info, stats, hist)
+    return SitePlan(clients, rows, info, stats, hist,
+                    tuple(disclosed(secure=secagg is not None, median=impute == "median",
+                              label_hist=label_hist)))
+
+
+def disclosed(*, secure: bool, median: bool, label_hist: bool) -> list[str]:
+    """What the driver learns of the sites' data before round 0, in words (summary.json)."""
+    out = ["each site's row count, schema (columns, dtypes, categories) and label set"]
+    if label_hist:
+        out.append("each site's label counts (--share-label-counts)")
+    if secure:
+        from fedpipe.engine.sites_secure import DISCLOSED
+
+        return out + [DISCLOSED["stats"], DISCLOSED["extremes"]] + (
+            [DISCLOSED["median"]] if median else [])
+    out += ["sums over all sites of per-column count, sum, sum of squares and missing count",
+            "each site's per-column min and max"]
+    return out + (["sums over all sites of per-column histograms (the median's passes)"]
+                  if median else [])
 
 
 def _plan_url(plan: SitePlan) -> str:
@@ -296,7 +357,7 @@ def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds:
             eval_every=eval_every, batch_clients=batch_clients, run_dir=run_dir,
             checkpoint_every=checkpoint_every, on_record=on_record, resume=resume)
     summary |= {"sites": len(clients), "rows": int(sum(plan.rows.values())),
-                "preprocess": dict(plan.info.preprocess)}
+                "preprocess": dict(plan.info.preprocess), "disclosed": list(plan.disclosed)}
     if run_dir is not None:
         rundir.write_params(run_dir, model.unpack(state.params))
         saved_model.write(run_dir, model, plan.info)  # the global statistics: predict applies them
