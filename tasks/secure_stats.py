@@ -43,6 +43,11 @@ def encode(values: np.ndarray, frac: int = FLOAT_FRAC, limbs: int = FLOAT_LIMBS)
     """
     values = np.asarray(values, dtype=np.float64)
     width = LIMB_BITS * limbs
+    room = 2.0 ** min(max(width - LIMB_BITS - 1, 1), 62)  # as below: room for 2^32 sites
+    if frac == 0 and np.all(np.abs(values) < room) and np.all(values == np.rint(values)):
+        n = values.astype(np.int64)[..., None]  # whole counts: int64 arithmetic is exact
+        shift = np.minimum(LIMB_BITS * np.arange(limbs), 63)  # >> sign-extends
+        return ((n >> shift) & _MASK).astype(np.uint64)
     out = np.zeros(values.size * limbs, dtype=np.uint64)
     for i, x in enumerate(values.reshape(-1).tolist()):
         if not np.isfinite(x):
@@ -60,6 +65,10 @@ def decode(total: np.ndarray, frac: int = FLOAT_FRAC, limbs: int = FLOAT_LIMBS) 
     """The float64 of a sum of :func:`encode` d vectors (limb sums mod ``2^64``), rounded once."""
     words = np.asarray(total, dtype=np.uint64).reshape(-1, limbs)
     width = LIMB_BITS * limbs
+    if limbs == 1 and frac == 0:  # the search's counts: one signed 32-bit word each
+        ints = (words[:, 0] & np.uint64(_MASK)).astype(np.int64)
+        out = np.where(ints >= 1 << 31, ints - (1 << 32), ints).astype(np.float64)
+        return out.reshape(np.shape(total)[:-1]) if np.ndim(total) > 1 else out
     out = np.empty(len(words))
     for i, row in enumerate(words.tolist()):
         n = sum(int(w) << (LIMB_BITS * k) for k, w in enumerate(row)) % (1 << width)
