@@ -170,12 +170,16 @@ def federated_stats(dask_client: Client, clients: Sequence[str],
     if secagg is not None:
         from fedpipe.engine import sites_secure  # needs the cryptography package: only then
 
-        run: Callable[..., dict] = sites_secure.SecureRunner(dask_client, clients, secagg)
-        stats = sites_secure.site_stats(run, features)
-    else:
-        run = functools.partial(_plain_pass, dask_client, clients)
-        chain = tuple(stages) if stages is not None else (sites_math.stats_stage(),)
-        stats = sites_math.finish_stats(run("stats", chain, site_tasks.stats_report, features))
+        secure_run = sites_secure.SecureRunner(dask_client, clients, secagg)
+        # the sites' statistics, cached on their workers for the passes, are freed at the end
+        with placement.run_scope(dask_client, secure_run.token):
+            stats = sites_secure.site_stats(secure_run, features)
+            if median:
+                stats["median"] = _median(secure_run, stats, features, median_passes)
+        return stats
+    run = functools.partial(_plain_pass, dask_client, clients)
+    chain = tuple(stages) if stages is not None else (sites_math.stats_stage(),)
+    stats = sites_math.finish_stats(run("stats", chain, site_tasks.stats_report, features))
     if median:
         stats["median"] = _median(run, stats, features, median_passes)
     return stats

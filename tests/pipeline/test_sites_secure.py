@@ -64,6 +64,12 @@ def _arrays(obj, kind: str) -> list[np.ndarray]:
     return []
 
 
+def _cached_site_stats(dask_worker) -> list:
+    from fedpipe.engine import placement
+
+    return [k for k in placement.worker_cache(dask_worker).state if "site-stats" in k]
+
+
 def _settings(threshold: float = 0.5) -> secure.SecAgg:
     return secure.find([secure.secure_sum(1, threshold=threshold)])
 
@@ -77,6 +83,8 @@ def test_secure_statistics_are_exact_and_the_driver_sees_no_site_in_the_clear(st
         secret = received[:]
         received.clear()
         plain = sites.prepare_sites(dc)
+        left = dc.run(_cached_site_stats)
+    assert left and not any(left.values())  # the sites' cached statistics were freed
     # exact: the sum of the sites' own sums rounded once, as math.fsum gives it
     for key in ("sum", "sumsq"):
         want = [math.fsum(s[key][j] for s in own) for j in range(4)]
