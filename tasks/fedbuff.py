@@ -19,7 +19,6 @@ Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation", AIST
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
@@ -193,6 +192,3 @@ def sync_round_time(durations_: Mapping[str, float], sampled: Sequence[str]) -> 
     return max(durations_[c] for c in sampled)
 
 
-def digest(params: np.ndarray) -> str:
-    """A short digest of a parameter vector (bit-identity checks in logs and tests)."""
-    return hashlib.sha256(np.ascontiguousarray(params).tobytes()).hexdigest()[:16]
