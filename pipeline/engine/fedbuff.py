@@ -34,7 +34,7 @@ from fedpipe import poison
 from fedpipe.engine import fed_state, placement, runlog
 from fedpipe.engine.fed_client import ClientSpec, pack_spec, train_group
 from fedpipe.engine.fed_round import ServerState, evaluate
-from fedpipe.errors import ValidationError
+from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.tasks import aggregate, fedbuff
 from fedpipe.tasks.aggregate import Stage, Strategy
 from fedpipe.tasks.fedbuff import Buffered
@@ -223,8 +223,8 @@ class _Loop:
         rejected = {c: rec["rejected"] for c, rec in records.items() if "rejected" in rec}
         server = st.server
         if not packets:  # every buffered update was rejected: the version stays
-            raise ValidationError("async: a whole buffer of updates was rejected: "
-                                  f"{fedbuff_short(rejected)}")
+            raise TrainingError(f"version {server.round}: all {len(buffer)} buffered updates "
+                                f"were rejected: {_short(rejected)}")
         total, stage_states, measurements = aggregate.server_side(
             self.spec.stages, server.stage_states, aggregate.add_packets(*packets))
         params, opt_state = aggregate.server_step(self.strategy.server, server.params,
@@ -243,7 +243,7 @@ class _Loop:
         return st._replace(server=server, versions=versions), record
 
 
-def fedbuff_short(named: dict[str, str]) -> str:
+def _short(named: dict[str, str]) -> str:
     items = [f"{c} ({why})" for c, why in list(named.items())[:5]]
     return ", ".join(items) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
 

@@ -117,3 +117,12 @@ def test_async_options_without_mode_async_are_refused(fed_store, capsys):
                  "--buffer-size", "4"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "--buffer-size" in err and len(err.splitlines()) == 1
+
+
+def test_wall_clock_takes_updates_as_they_arrive_within_the_bound(fed_store, dask_client):
+    mode = fedbuff.buffered(buffer_size=2, max_concurrency=4, max_staleness=0, clock="wall")
+    run = _run(fed_store, dask_client, mode=mode, rounds=4, eval_every=4)
+    assert [h["version"] for h in run.history] == [1, 2, 3, 4]
+    assert all(h["staleness"]["max"] == 0 for h in run.history)  # S = 0: fresh updates only
+    times = [h["clock_time"] for h in run.history]
+    assert times == sorted(times) and "test_accuracy" in run.history[-1]
