@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 
 import numpy as np
 import pytest
+from distributed import Client
 from fedpipe.cli.main import main
 from fedpipe.data import store
 from fedpipe.engine import placement
@@ -126,3 +129,27 @@ def test_wall_clock_takes_updates_as_they_arrive_within_the_bound(fed_store, das
     assert all(h["staleness"]["max"] == 0 for h in run.history)  # S = 0: fresh updates only
     times = [h["clock_time"] for h in run.history]
     assert times == sorted(times) and "test_accuracy" in run.history[-1]
+
+
+@pytest.mark.slow  # a cluster of real worker processes (~20 s)
+def test_a_killed_client_worker_changes_nothing_on_the_virtual_clock(fed_store, tmp_path):
+    """SIGKILL of a worker mid-run: Dask runs its clients' lost tasks again on the worker its
+    nanny restarts (the clients' resources lent again), from the same inputs; the virtual
+    clock orders updates by simulated time, so the run ends on the same bits."""
+    from test_any_cluster import _report, plain_cluster
+
+    killed: dict = {}
+    with plain_cluster(tmp_path) as (address, _), Client(address) as dc:
+        whole = _run(fed_store, dc)
+
+        def kill(record):
+            if record["version"] == 2 and not killed:
+                victim = max(dc.run(_report).values(), key=lambda r: len(r["resident"]))
+                killed.update(victim)
+                os.kill(victim["pid"], signal.SIGKILL)  # the worker process, not its nanny
+
+        run = _run(fed_store, dc, on_record=kill)
+        after = {r["nanny"]: r for r in dc.run(_report).values()}
+    assert killed["resident"] and after[killed["nanny"]]["pid"] != killed["pid"]
+    assert run.summary["updates_failed"] == 0
+    np.testing.assert_array_equal(run.params, whole.params)
