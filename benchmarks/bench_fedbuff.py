@@ -115,6 +115,8 @@ def compare(url: str, dc, rows: dict[str, int], rounds: int, seed: int) -> dict:
             "ratio_async_over_sync": None if t_async is None else t_async / t_sync,
             "sync_final_accuracy": target, "async_accuracy_at_sync_end": _at_time(
                 asyn["curve"], end), "async_best_accuracy": max(a for _, a in asyn["curve"]),
+            # after as many client updates as the sync run (K per version, K per round)
+            "async_accuracy_at_same_updates": asyn["curve"][min(rounds, len(asyn["curve"])) - 1][1],
             "sync_rounds": rounds, "sync_end_time": end, "async_versions": asyn["versions"],
             "async_staleness_mean": asyn["staleness_mean"],
             "wall_seconds": {"sync": sync["wall_seconds"], "async": asyn["wall_seconds"]}}
