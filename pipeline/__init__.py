@@ -3,7 +3,8 @@
 ``import fedpipe as fp`` gives the whole user API in one flat namespace::
 
     fp.ingest, fp.open_store, fp.partition, fp.fit, fp.federate, fp.load_run, fp.connect
-    fp.models, fp.optimizers, fp.schedules, fp.strategies, fp.stages, fp.aggregators
+    fp.models, fp.optimizers, fp.schedules, fp.strategies, fp.stages, fp.aggregators,
+    fp.fedbuff
     fp.LogisticRegression, fp.SoftmaxRegression, fp.LinearRegression, fp.MLPClassifier,
     fp.MLPRegressor (scikit-learn estimators over Dask), fp.load_model, fp.export_onnx
 
@@ -41,6 +42,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "strategies": ("fedpipe.tasks.aggregate", None),
     "stages": ("fedpipe.tasks.stages", None),
     "aggregators": ("fedpipe.tasks.aggregators", None),
+    "fedbuff": ("fedpipe.tasks.fedbuff", None),
     "LogisticRegression": ("fedpipe.model.estimators", "LogisticRegression"),
     "SoftmaxRegression": ("fedpipe.model.estimators", "SoftmaxRegression"),
     "LinearRegression": ("fedpipe.model.estimators", "LinearRegression"),

@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from fedpipe.cli import config, registry
+from fedpipe.cli import fedbuff as cli_fedbuff
 from fedpipe.cli import report as cli_report
 from fedpipe.cli import sites as cli_sites
 from fedpipe.cli.argtypes import (
@@ -112,6 +113,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                      help="replace the earlier run in --out once this one has finished")
     run.add_argument("--seed", type=nonneg_int, default=0, help="default 0")
     run.add_argument("--test-fraction", type=holdout, default=0.2, help="default 0.2")
+    cli_fedbuff.add_options(p)
     cli_sites.add_options(p)
     cli_report.add_report_option(p)
     config.add_config_option(p)  # last: --config covers every option above
@@ -124,6 +126,7 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
     args = config.resolve(args)
     cli_report.check_report_option(args)
     cli_sites.check_options(args)
+    mode = cli_fedbuff.make_mode(args)
     if args.sites:  # site-local stores: no store here, each client's worker reads its own
         return cli_sites.run_sites(args)
     _check_partition_options(args, on_command_line)
@@ -144,7 +147,8 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
         lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds,
                                      flag="--lr-schedule")
     stages = _secure_chain(args, info, partition, _make_chain(args, info, partition))
-    with monitoring(args, None, mode="federate", total=args.rounds, unit="round",
+    with monitoring(args, None, mode="federate", total=args.rounds,
+                    unit="round" if mode is None else "version",
                     meta={"model": model.name, "strategy": args.strategy,
                           **_chain_meta(args)}) as on_record:
         result = federate(
@@ -156,7 +160,7 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes),
             out=args.out, checkpoint_every=args.checkpoint_every,
             resume=args.resume, overwrite=args.overwrite, on_record=on_record,
-            stages=stages, delta=args.delta, target_epsilon=args.target_epsilon,
+            stages=stages, delta=args.delta, target_epsilon=args.target_epsilon, mode=mode,
             config=config.to_dict(args))  # RUN_DIR/config.toml repeats the run
     return cli_report.report_at_end(args, result.summary)
 

@@ -29,6 +29,7 @@ from distributed import Client
 from fedpipe import privacy, resilience, runconfig, rundir
 from fedpipe.data import snapshot, store
 from fedpipe.engine import fed_state, lend, placement, runlog
+from fedpipe.engine import fedbuff as async_engine
 from fedpipe.engine.fed_client import ClientSpec
 from fedpipe.engine.fed_round import (
     Sampling,
@@ -39,7 +40,7 @@ from fedpipe.engine.fed_round import (
 )
 from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.model import saved as saved_model
-from fedpipe.tasks import aggregate, sampling
+from fedpipe.tasks import aggregate, fedbuff, sampling
 from fedpipe.tasks.aggregate import Stage, Strategy
 from fedpipe.tasks.models import Model
 
@@ -83,7 +84,8 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
              on_record: Callable[[dict], None] | None = None,
              config: Mapping[str, object] | None = None, delta: float | None = None,
              target_epsilon: float | None = None,
-             diverge_factor: float | None = DIVERGE_FACTOR) -> FederatedRun:
+             diverge_factor: float | None = DIVERGE_FACTOR,
+             mode: fedbuff.Buffered | None = None) -> FederatedRun:
     """Federated training of ``model`` on the clients of a partition of a fedpipe store.
 
     Parameters
@@ -156,6 +158,9 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         Stop with :class:`TrainingError` naming the round and its clients when the global
         training loss is non-finite or exceeds this many times the first round's (None: only
         non-finite).
+    mode : fedpipe.tasks.fedbuff.Buffered, optional
+        ``fp.fedbuff.buffered(...)``: buffered asynchronous training (FedBuff, no rounds;
+        ``rounds`` counts model versions), see :mod:`fedpipe.engine.fedbuff`. Default: rounds.
 
     Returns
     -------
@@ -185,6 +190,9 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         aggregate.check_chain(chain)
     except ValueError as exc:
         raise ValidationError(f"stages: {exc}") from None
+    if mode is not None:
+        _check_async(mode, chain, strategy, lr, fraction, clients_per_round, min_clients,
+                     deadline)
     dp = _privacy(chain, len(clients), sampling_, delta, target_epsilon)
     spec = ClientSpec(str(store_url), partition, placement.rows_version(info, partition),
                       float(test_fraction), int(seed), model, int(local_epochs),
@@ -202,19 +210,25 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
             seed=seed, test_fraction=test_fraction, eval_every=eval_every, out=out,
             checkpoint_every=checkpoint_every, resume=resume,
             # a dask_client given overrides these; the result does not depend on the cluster
-            **({} if dask_client is not None else {"workers": workers, "scheduler": scheduler})))
+            **({} if dask_client is not None else {"workers": workers, "scheduler": scheduler}))
+            | _mode_options(mode))
     with (data,  # the store is leased, and checked at both ends
           _cluster(dask_client, scheduler, workers, client_rows, spec.token) as (dc, groups),
           placement.run_scope(dc, spec.token),
           # a silent worker is dropped within ~2 deadlines, an unplaceable task fails
           resilience.bounded(dc, deadline=deadline,
                              no_workers=deadline or DEFAULT_NO_WORKER_TIMEOUT)):
-        state, history, summary = run_rounds(
-            dc, spec, groups, clients, strategy, sampling_, _Guards(dp, target_epsilon,
-                                                                    diverge_factor),
-            round_fn, rounds=rounds, eval_every=eval_every, batch_clients=batch_clients,
-            run_dir=run_dir, checkpoint_every=checkpoint_every, on_record=on_record,
-            resume=resume)
+        if mode is None:
+            state, history, summary = run_rounds(
+                dc, spec, groups, clients, strategy, sampling_,
+                _Guards(dp, target_epsilon, diverge_factor), round_fn, rounds=rounds,
+                eval_every=eval_every, batch_clients=batch_clients, run_dir=run_dir,
+                checkpoint_every=checkpoint_every, on_record=on_record, resume=resume)
+        else:
+            state, history, summary = async_engine.run_buffered(
+                dc, spec, groups, clients, client_rows, strategy, mode, versions=rounds,
+                eval_every=eval_every, run_dir=run_dir, checkpoint_every=checkpoint_every,
+                on_record=on_record, resume=resume)
     summary[snapshot.KEY] = data.digest
     if run_dir is not None:
         rundir.write_params(run_dir, model.unpack(state.params))
@@ -261,6 +275,28 @@ def run_rounds(dc: Client, spec: ClientSpec, groups, clients: Sequence[str], str
 
         summary["secagg"] = fed_secagg.summary(history)
     return state, history, summary
+
+
+def _mode_options(mode: fedbuff.Buffered | None) -> dict:
+    """The ``fedpipe federate`` options of ``mode`` (none for rounds), for config.toml."""
+    return {} if mode is None else {k: v for k, v in mode.spec.items() if v is not None}
+
+
+def _check_async(mode: fedbuff.Buffered, chain: Sequence[Stage], strategy: Strategy, lr,
+                 fraction, clients_per_round, min_clients: int, deadline) -> None:
+    """Refuse what ``mode`` (asynchronous, no rounds) does not go with, naming the option."""
+    if not isinstance(mode, fedbuff.Buffered):
+        raise ValidationError(f"mode must be fp.fedbuff.buffered(...), got {mode!r}")
+    async_engine.check_chain(chain, strategy)
+    given = [name for name, on in (("--lr-schedule", callable(lr)),
+                                   ("--fraction", fraction is not None),
+                                   ("--clients-per-round", clients_per_round is not None),
+                                   ("--min-clients", min_clients != 1),
+                                   ("--deadline", deadline is not None)) if on]
+    if given:
+        raise ValidationError(f"--mode async does not support {given[0]}: it counts or "
+                              "samples rounds, and async training has none (see "
+                              "--max-concurrency)")
 
 
 def _from_strategy(strategy: Strategy, local_epochs: int | None,

@@ -175,6 +175,14 @@ CASES: list[tuple[list[str], str]] = [
     ([*FED, "--reproducible-noise=1"], "--reproducible-noise"),
     ([*FED, "--aggregator", "mode"], "--aggregator"),
     ([*FED, "--compress", "zip"], "--compress"),
+    ([*FED, "--mode", "later"], "--mode"),
+    ([*FED, "--mode", "async", "--buffer-size", "0"], "--buffer-size"),
+    ([*FED, "--mode", "async", "--max-concurrency", "0"], "--max-concurrency"),
+    ([*FED, "--mode", "async", "--staleness-exponent", "-1"], "--staleness-exponent"),
+    ([*FED, "--mode", "async", "--max-staleness", "-1"], "--max-staleness"),
+    ([*FED, "--mode", "async", "--clock", "cpu"], "--clock"),
+    ([*FED, "--mode", "async", "--client-speeds", "two-tier:2,10"], "--client-speeds"),
+    ([*FED, "--max-staleness", "3"], "--max-staleness"),  # only with --mode async
     # report and compare
     (["report", "TMP/none"], "none"),
     (["report", "FILE"], "FILE"),
