@@ -69,10 +69,28 @@ def test_real_arrival_keeps_the_bound(store, dask_client):
     assert sorted(set(arrived)) == list(range(6))  # the arrival order is in the run
 
 
-def test_seeded_run_resumes_bit_identical(store, dask_client, tmp_path):
+class _Stop(Exception):
+    """Raised from on_record: the run stops there, as a killed driver would."""
+
+
+def _stop_at(iteration):
+    def on_record(record):
+        if record["iteration"] == iteration:
+            raise _Stop
+
+    return on_record
+
+
+@pytest.mark.parametrize("how", ["shorter-run", "stopped"])
+def test_seeded_run_resumes_bit_identical(store, dask_client, tmp_path, how):
     mode = fp.BoundedStaleness(3, arrival="seeded", groups=4, spread=1.0)
     whole = _fit(store, dask_client, mode, iterations=7, out=tmp_path / "whole")
-    _fit(store, dask_client, mode, iterations=3, out=tmp_path / "split")
+    if how == "shorter-run":  # its final checkpoint books the work the next steps need
+        _fit(store, dask_client, mode, iterations=3, out=tmp_path / "split")
+    else:  # stopped mid-run after the checkpoint of version 4, with groups in flight
+        with pytest.raises(_Stop):
+            _fit(store, dask_client, mode, iterations=7, out=tmp_path / "split",
+                 checkpoint_every=2, on_record=_stop_at(5))
     resumed = _fit(store, dask_client, mode, iterations=7, out=tmp_path / "split",
                    resume=True, checkpoint_every=2)
     assert resumed.params.tobytes() == whole.params.tobytes()
