@@ -3,6 +3,7 @@
 ``import fedpipe as fp`` gives the whole user API in one flat namespace::
 
     fp.ingest, fp.open_store, fp.partition, fp.fit, fp.federate, fp.load_run, fp.connect
+    fp.BoundedStaleness (fit's mode for bounded-staleness training)
     fp.models, fp.optimizers, fp.schedules, fp.strategies, fp.stages, fp.aggregators,
     fp.fedbuff
     fp.LogisticRegression, fp.SoftmaxRegression, fp.LinearRegression, fp.MLPClassifier,
@@ -33,6 +34,7 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "read_info": ("fedpipe.data.store", "read_info"),
     "partition": ("fedpipe.data.partition", "partition"),
     "fit": ("fedpipe.engine.train", "fit"),
+    "BoundedStaleness": ("fedpipe.engine.stale", "BoundedStaleness"),
     "federate": ("fedpipe.engine.federate", "federate"),
     "load_run": ("fedpipe.rundir", "load_run"),
     "connect": ("fedpipe.cluster", "connect"),

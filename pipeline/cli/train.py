@@ -21,6 +21,7 @@ from fedpipe.cli.argtypes import (
 )
 from fedpipe.data import store
 from fedpipe.deploy import kube
+from fedpipe.engine.stale import ARRIVALS, BoundedStaleness
 from fedpipe.engine.train import CACHE_MODES, fit
 from fedpipe.errors import ValidationError
 from fedpipe.monitor.dashboard import monitoring
@@ -47,6 +48,14 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     length.add_argument("--iterations", type=positive_int, help="full-batch iterations")
     length.add_argument("--epochs", type=positive_int, help="mini-batch epochs")
     opt.add_argument("--batch-size", type=positive_int, help="rows per mini-batch step (with --epochs)")
+    opt.add_argument("--mode", choices=("sync", "async"), default="sync",
+                     help="async: bounded-staleness steps that do not wait for a slow worker "
+                          "(with --max-staleness; docs/async-train.md)")
+    opt.add_argument("--max-staleness", type=nonneg_int,
+                     help="--mode async: versions a gradient may lag (0: synchronous)")
+    opt.add_argument("--arrival", choices=ARRIVALS, default="real",
+                     help="--mode async: take results as they come (real) or in a simulated "
+                          "order drawn from --seed (seeded: reproducible)")
     opt.add_argument("--tol", type=nonneg_float, help="stop when the loss changes by at most this "
                                                "(relative)")
     run = p.add_argument_group("cluster and run directory")
@@ -98,8 +107,28 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             chunks_per_task=args.chunks_per_task, workers=args.workers,
             threads=args.threads,
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,
-            config=config.to_dict(args), compute_dtype=args.compute_dtype)
+            config=config.to_dict(args), compute_dtype=args.compute_dtype,
+            mode=_mode(args))
     return cli_report.report_at_end(args, result.summary)
+
+
+def _mode(args: argparse.Namespace) -> BoundedStaleness | None:
+    """``--mode async --max-staleness S [--arrival seeded]`` as the object ``fit`` takes."""
+    if args.mode == "sync":
+        for flag, value, default in (("--max-staleness", args.max_staleness, None),
+                                     ("--arrival", args.arrival, "real")):
+            if value != default:
+                raise ValidationError(f"{flag} needs --mode async")
+        return None
+    if args.max_staleness is None:
+        raise ValidationError("--mode async needs --max-staleness S (0: synchronous)")
+    if args.optimizer == "lbfgs":
+        raise ValidationError("--optimizer lbfgs does not run with --mode async (its line "
+                              "search needs exact gradients)")
+    if args.epochs is not None:
+        raise ValidationError("--epochs does not run with --mode async: it is full-batch, "
+                              "use --iterations")
+    return BoundedStaleness(args.max_staleness, arrival=args.arrival)
 
 
 def _total_steps(args: argparse.Namespace, info: store.StoreInfo) -> int | None:

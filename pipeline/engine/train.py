@@ -33,6 +33,7 @@ from fedpipe.data import snapshot
 from fedpipe.data.store import StoreInfo, read_info
 from fedpipe.engine.graph import FAN_IN
 from fedpipe.engine.minibatch import run_epochs
+from fedpipe.engine.stale import BoundedStaleness, check_mode, mode_options, run_stale
 from fedpipe.engine.train_data import (
     CACHE_MODES,
     INLINE_PARAM_BYTES,
@@ -114,6 +115,7 @@ def fit(
     scheduler: str | None = None,
     config: Mapping[str, Any] | None = None,
     compute_dtype: str | None = None,
+    mode: BoundedStaleness | None = None,
 ) -> FitResult:
     """Train ``model`` on the store at ``store`` with ``optimizer`` on a Dask cluster.
 
@@ -177,6 +179,10 @@ def fit(
         built-in GLMs' matrix products in float32 (:mod:`fedpipe.tasks.kernels`): half the
         bytes to read per pass. Parameters, sums and the optimizer stay float64. Default
         float64; float32 needs a store ingested with ``dtype="float32"``.
+    mode : fedpipe.BoundedStaleness, optional
+        Bounded-staleness training (``fedpipe train --mode async``): each step adds gradients
+        up to ``max_staleness`` versions old instead of waiting for every worker
+        (:mod:`fedpipe.engine.stale`, docs/async-train.md). Full batch, first-order only.
 
     Returns
     -------
@@ -184,6 +190,8 @@ def fit(
     """
     _check_arguments(model, optimizer, iterations, epochs, batch_size, test_fraction,
                      checkpoint_every, tol, cache, fan_in, chunks_per_task)
+    if mode is not None:
+        check_mode(mode, optimizer, epochs)
     info = _with_compute_dtype(read_info(store), compute_dtype)
     _check_model_fits(model, info)
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
@@ -196,7 +204,7 @@ def fit(
             iterations=iterations, epochs=epochs, batch_size=batch_size, tol=tol, seed=seed,
             test_fraction=test_fraction, cache=cache, chunks_per_task=chunks_per_task,
             checkpoint_every=checkpoint_every, resume=resume, out=out,
-            compute_dtype=compute_dtype,
+            compute_dtype=compute_dtype, **mode_options(mode),
             # a dask_client given overrides these; the result does not depend on the cluster
             **({} if dask_client is not None else
                {"workers": workers, "threads": threads, "scheduler": scheduler})))
@@ -211,8 +219,10 @@ def fit(
                      per_task, run_dir, on_record) as engine:
             start = time.perf_counter()
             params, records, stopped = _run_loop(engine, optimizer, iterations, epochs,
-                                                 batch_size, seed, checkpoint_every, resume, tol)
+                                                 batch_size, seed, checkpoint_every, resume, tol,
+                                                 mode)
             summary = run_summary(engine, optimizer, records, stopped, time.perf_counter() - start)
+            summary.update(mode_options(mode, records))
             summary[snapshot.KEY] = data.digest
     named = model.unpack(params)
     if run_dir is not None:
@@ -224,7 +234,10 @@ def fit(
 
 
 def _run_loop(engine: Engine, optimizer, iterations, epochs, batch_size, seed,
-              checkpoint_every, resume, tol):
+              checkpoint_every, resume, tol, mode=None):
+    if mode is not None:
+        return run_stale(engine, optimizer, mode, iterations, seed, checkpoint_every, resume,
+                         tol)
     if isinstance(optimizer, LBFGS):
         return run_lbfgs(engine, optimizer, iterations, seed, checkpoint_every, resume, tol)
     if epochs is not None:

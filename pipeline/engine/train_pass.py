@@ -79,24 +79,25 @@ def open_engine(dask_client: Client, url: str, info: StoreInfo, model: Model, se
 
 
 def block_tasks(engine: Engine, split: str, func: Callable, params: Any,
-                group: str) -> list[Future]:
+                group: str, only: list[int] | None = None) -> list[Future]:
     """One task per block of ``split``: ``func(model, params, block)`` with ``block`` a tuple
-    of ``(X, y)`` chunks.
+    of ``(X, y)`` chunks (``only``: just those blocks, keyed by their index).
 
     In memory mode the task takes the loaded block; when streaming it reads the block's
     chunks itself one at a time (:func:`stream_block`), so a worker holds at most one chunk
     per thread, on the block's home worker (:func:`fedpipe.engine.train_data.block_homes`).
     """
     data, dc, token = engine.data, engine.dask_client, uuid.uuid4().hex
+    which = range(len(data.blocks)) if only is None else only
     if data.mode == "memory":
         blocks = data.train if split == "train" else data.test
-        return [dc.submit(func, engine.model_future, params, block,
-                          key=(f"{group}-{token}", b)) for b, block in enumerate(blocks)]
+        return [dc.submit(func, engine.model_future, params, blocks[b],
+                          key=(f"{group}-{token}", b)) for b in which]
     return [
-        dc.submit(stream_block, func, engine.model_future, params, data.url, refs, split,
-                  data.test_fraction, data.seed, data.info, key=(f"{group}-{token}", b),
-                  workers=home or None, allow_other_workers=bool(home))
-        for b, (refs, home) in enumerate(zip(data.blocks, data.homes, strict=True))
+        dc.submit(stream_block, func, engine.model_future, params, data.url, data.blocks[b],
+                  split, data.test_fraction, data.seed, data.info, key=(f"{group}-{token}", b),
+                  workers=data.homes[b] or None, allow_other_workers=bool(data.homes[b]))
+        for b in which
     ]
 
 
