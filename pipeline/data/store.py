@@ -129,13 +129,16 @@ def codecs() -> list:
     return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
-def row_array(group: zarr.Group, name: str, *, n_cols: int | None, rows: int, dtype: str, length: int = 0):
-    """Create a row-chunked array ``name`` in ``group`` with fedpipe's codecs.
+def row_array(group: zarr.Group, name: str, *, n_cols: int | None, rows: int, dtype: str,
+              length: int = 0, col_chunk: int | None = None):
+    """Create a row-chunked array ``name`` in ``group`` with fedpipe's codecs (``col_chunk``:
+    also cut in chunks of that many columns, for model-parallel reads of feature blocks).
 
     Chunks equal to the fill value are written too (zarr skips them by default), so every
     chunk of the manifest exists and an absent file always means a lost chunk.
     """
-    shape, chunks = ((length, n_cols), (rows, n_cols)) if n_cols is not None else ((length,), (rows,))
+    shape, chunks = (((length, n_cols), (rows, col_chunk or n_cols)) if n_cols is not None
+                     else ((length,), (rows,)))
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=codecs(),
                               config={"write_empty_chunks": True})
 
@@ -296,7 +299,7 @@ def read_block(group: zarr.Group, info: StoreInfo, prefix: str, index: int,
             raise StoreError(f"chunk {index} of {array_path(prefix, name)} is missing in {info.url}")
         array = group[array_path(prefix, name)]
         try:
-            block = array.blocks[(index, 0) if array.ndim == 2 else (index,)]
+            block = array.blocks[index]  # every feature chunk of the row chunk
         except Exception as exc:  # zarr/numcodecs raise plain ValueError/RuntimeError on bad bytes
             raise StoreError(
                 f"chunk {index} of {array_path(prefix, name)} in {info.url} is corrupt ({exc})"

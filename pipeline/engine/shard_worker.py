@@ -64,20 +64,37 @@ def install(token: str, j: int, cols: tuple[int, int], optimizer: Optimizer, l2:
     return int(entry["W"].nbytes + sum(np.asarray(v).nbytes for v in state.values()))
 
 
-def forward(token: str, j: int, url: str, info: StoreInfo, ref: ChunkRef, test_fraction: float,
-            seed: int, with_labels: bool) -> tuple:
-    """``(Z_train, Z_test, y_train, y_test)`` partial outputs of row chunk ``ref`` through
-    feature block ``j`` (labels only from the first shard). The block's columns are read on
-    first use and kept here."""
+def forward(token: str, j: int, url: str, info: StoreInfo, group: int,
+            refs: Sequence[ChunkRef], test_fraction: float, seed: int,
+            with_labels: bool) -> tuple:
+    """``(Z_train, Z_test, y_train, y_test)``: partial outputs of the row chunks ``refs`` (row
+    block ``group``) through feature block ``j`` (labels only from the first shard). The
+    block's columns are read on first use and kept here."""
     entry = _shard(token, j)
-    rows = entry["rows"].get(ref.index)
+    rows = entry["rows"].get(group)
     if rows is None:
-        rows = read_columns(url, info, ref, entry["cols"], test_fraction=test_fraction, seed=seed)
-        entry["rows"][ref.index] = rows
+        rows = _read_group(url, info, refs, entry["cols"], test_fraction, seed)
+        entry["rows"][group] = rows
     (X_tr, y_tr), (X_te, y_te) = rows
     W = entry["W"]
     return (sharded.block_forward(X_tr, W), sharded.block_forward(X_te, W),
             y_tr if with_labels else None, y_te if with_labels else None)
+
+
+def _read_group(url: str, info: StoreInfo, refs: Sequence[ChunkRef], cols: tuple[int, int],
+                test_fraction: float, seed: int) -> tuple:
+    parts = [read_columns(url, info, ref, cols, test_fraction=test_fraction, seed=seed)
+             for ref in refs]
+    return tuple((_stack([p[side][0] for p in parts]), np.concatenate([p[side][1] for p in parts]))
+                 for side in (0, 1))
+
+
+def _stack(blocks: list) -> Any:
+    if hasattr(blocks[0], "tocsr"):  # scipy.sparse chunks stay sparse
+        import scipy.sparse as sp
+
+        return sp.vstack(blocks, format="csr")
+    return np.concatenate(blocks)
 
 
 def head_task(task: str, b: np.ndarray, *parts: tuple) -> tuple[np.ndarray, np.ndarray]:
@@ -90,8 +107,8 @@ def head_task(task: str, b: np.ndarray, *parts: tuple) -> tuple[np.ndarray, np.n
     return sums, R
 
 
-def backward(token: str, j: int, index: Sequence[int], heads: Sequence[tuple], n: int,
-             apply: bool, save_to: str | None) -> tuple[float, np.ndarray | None]:
+def backward(token: str, j: int, n: int, apply: bool, save_to: str | None,
+             *heads: tuple) -> tuple[float, np.ndarray | None]:
     """Shard ``j``'s gradient summed over the row blocks (in their order) and, with ``apply``,
     its optimizer's step in place; then its checkpoint file when ``save_to`` is given.
 
@@ -103,8 +120,8 @@ def backward(token: str, j: int, index: Sequence[int], heads: Sequence[tuple], n
     pen, _ = sharded.block_penalty(W, entry["l2"], entry["l1"])
     if apply:
         grad = np.zeros_like(W)
-        for i, (_, R) in zip(index, heads, strict=True):
-            grad += sharded.block_grad(entry["rows"][i][0][0], R)
+        for group, (_, R) in enumerate(heads):
+            grad += sharded.block_grad(entry["rows"][group][0][0], R)
         W, state, pen = sharded.block_step(entry["optimizer"], W, entry["state"], grad, n,
                                            entry["l2"], entry["l1"])
         entry["W"], entry["state"] = W, state

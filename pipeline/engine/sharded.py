@@ -31,15 +31,18 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
+from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, span
 from fedpipe import cluster, rundir
 from fedpipe.data.blocks import feature_chunk
-from fedpipe.data.store import StoreInfo, chunk_refs, split_row_counts
+from fedpipe.data.store import ChunkRef, StoreInfo, chunk_refs, split_row_counts
 from fedpipe.engine import lend, placement, runlog, shard_worker
+from fedpipe.engine.graph import FAN_IN
 from fedpipe.engine.shard_worker import ShardLost
 from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.tasks import sharded
@@ -66,6 +69,7 @@ class Layout(NamedTuple):
     n_out: int
     intercept: bool
     n_train: int
+    groups: list[list[ChunkRef]]  # row blocks: consecutive chunks handled by one task each
     test_fraction: float
     seed: int
     run_dir: Path | None
@@ -101,8 +105,8 @@ def check(model: Model, optimizer: Any, iterations: int | None, shards: int | No
 
 @contextmanager
 def placed(dask_client: Client, url: str, info: StoreInfo, model: Model, optimizer: Optimizer,
-           n_shards: int, test_fraction: float, seed: int,
-           run_dir: Path | None) -> Iterator[Layout]:
+           n_shards: int, test_fraction: float, seed: int, run_dir: Path | None,
+           chunks_per_task: int = FAN_IN) -> Iterator[Layout]:
     """Lend each shard's resource to a worker for the run; drop the shards at the end."""
     token = uuid.uuid4().hex
     bounds = sharded.feature_bounds(info.n_features, n_shards, feature_chunk(info))
@@ -110,8 +114,10 @@ def placed(dask_client: Client, url: str, info: StoreInfo, model: Model, optimiz
     n_train = sum(split_row_counts(info, ref, test_fraction=test_fraction, seed=seed)[0]
                   for ref in chunk_refs(info))
     widths = {f"mp{j}": (b - a) * n_out for j, (a, b) in enumerate(bounds)}
+    refs = chunk_refs(info)
+    groups = [refs[i:i + chunks_per_task] for i in range(0, len(refs), chunks_per_task)]
     layout = Layout(dask_client, token, url, info, model, optimizer, bounds, n_out, intercept,
-                    n_train, test_fraction, seed, run_dir)
+                    n_train, groups, test_fraction, seed, run_dir)
     with lend.lend(dask_client, widths, token):
         try:
             yield layout
@@ -135,24 +141,31 @@ def install(layout: Layout, blocks: list[np.ndarray] | None, source: Path | None
 
 def iteration(layout: Layout, b: np.ndarray, apply: bool,
               save_to: Path | None) -> tuple[float, np.ndarray]:
-    """One forward/backward over every chunk: ``(sum of block penalties, row blocks' sums)``."""
-    dc, token = layout.dask_client, uuid.uuid4().hex[:12]
-    refs = chunk_refs(layout.info)
-    heads = []
-    for ref in refs:
-        parts = [dc.submit(shard_worker.forward, layout.token, j, layout.url, layout.info, ref,
-                           layout.test_fraction, layout.seed, j == 0,
-                           key=(f"fwd-{token}", ref.index, j), resources=layout.pin(j),
-                           pure=False)
-                 for j in range(len(layout.bounds))]
-        heads.append(dc.submit(shard_worker.head_task, layout.model.task, b, *parts,
-                               key=(f"head-{token}", ref.index), pure=False))
-    index = [ref.index for ref in refs]
-    steps = [dc.submit(shard_worker.backward, layout.token, j, index, heads, layout.n_train,
-                       apply, None if save_to is None else str(save_to),
-                       key=(f"step-{token}", j), resources=layout.pin(j), pure=False)
-             for j in range(len(layout.bounds))]
-    results = dc.gather(steps)
+    """One forward/backward over every row block: ``(sum of block penalties, their sums)``.
+
+    Submitted as ONE graph (one message to the scheduler), each shard's tasks in a layer that
+    carries its resource (the annotation rides on the layer: nothing optimises this graph).
+    """
+    token = uuid.uuid4().hex[:12]
+    n_shards = len(layout.bounds)
+    fwd = [[(f"fwd-{token}", g, j) for j in range(n_shards)] for g in range(len(layout.groups))]
+    heads = [(f"head-{token}", g) for g in range(len(layout.groups))]
+    steps = [(f"step-{token}", j) for j in range(n_shards)]
+    layers: dict[str, MaterializedLayer] = {}
+    for j in range(n_shards):
+        tasks = {fwd[g][j]: (partial(shard_worker.forward, layout.token, j, layout.url,
+                                     layout.info, g, refs, layout.test_fraction, layout.seed,
+                                     j == 0),)
+                 for g, refs in enumerate(layout.groups)}
+        tasks[steps[j]] = (partial(shard_worker.backward, layout.token, j, layout.n_train, apply,
+                                   None if save_to is None else str(save_to)), *heads)
+        layers[f"shard-{token}-{j}"] = MaterializedLayer(
+            tasks, annotations={"resources": layout.pin(j)})
+    layers[f"head-{token}"] = MaterializedLayer(
+        {heads[g]: (partial(shard_worker.head_task, layout.model.task, b), *fwd[g])
+         for g in range(len(layout.groups))})
+    graph = HighLevelGraph(layers, {name: set() for name in layers})
+    results = layout.dask_client.gather(layout.dask_client.get(graph, steps, sync=False))
     return float(sum(p for p, _ in results)), results[0][1]
 
 
@@ -322,10 +335,11 @@ def activation_bytes(info: StoreInfo, n_shards: int, n_out: int) -> int:
 def train(dask_client: Client, url: str, info: StoreInfo, model: Model, optimizer: Optimizer,
           n_shards: int, iterations: int, seed: int, test_fraction: float,
           checkpoint_every: int | None, resume: bool, tol: float | None, run_dir: Path | None,
-          on_record) -> tuple[np.ndarray, list[dict], dict[str, Any]]:
+          on_record, chunks_per_task: int | None = None
+          ) -> tuple[np.ndarray, list[dict], dict[str, Any]]:
     """Model-parallel training on ``dask_client``: ``(flat params, records, summary)``."""
     with placed(dask_client, url, info, model, optimizer, n_shards, test_fraction, seed,
-                run_dir) as layout:
+                run_dir, chunks_per_task or FAN_IN) as layout:
         log.info("model-parallel: %d parameters in %d shards of columns %s", model.n_params,
                  n_shards, layout.bounds)
         start = time.perf_counter()

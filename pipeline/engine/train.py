@@ -223,7 +223,7 @@ def fit(
         if shard_parameters:
             params, records, summary = sharded.train(
                 dc, str(store), info, model, optimizer, shards, iterations, seed, test_fraction,
-                checkpoint_every, resume, tol, run_dir, on_record)
+                checkpoint_every, resume, tol, run_dir, on_record, chunks_per_task)
         else:
             sharded.check_fits_worker(dc, model, optimizer, MEMORY_SHARE)
             per_task = choose_chunks_per_task(dc, info.n_chunks, fan_in, chunks_per_task)
