@@ -40,6 +40,13 @@ def read_columns(url: str, info: StoreInfo, ref: ChunkRef, cols: tuple[int, int]
     """
     if ref.prefix:
         raise StoreError("model-parallel training reads the top-level rows, not a partition")
+    if info.sparse:
+        from fedpipe.data.sparse import read_block_csr  # scipy: only for sparse stores
+
+        X, y = read_block_csr(url, info, ref, cols)
+        if test_fraction == 0:
+            return (X, y), (X[:0], y[:0])
+        return store.split_rows(X, y, ref, test_fraction=test_fraction, seed=seed)
     group = store._opened(url, info.content_hash)
     listed = set(info.manifest.get("X", [])) | set(info.manifest.get("y", []))
     for key in [*x_keys(info, ref.index, cols), store.chunk_key("", "y", ref.index)]:

@@ -84,6 +84,8 @@ class StoreInfo:
     target: str | None = None
     # columns per stored chunk of X when ingested with feature_chunks (2-D chunks); None: rows only
     feature_chunk: int | None = None
+    # {"nnz", "feature_chunk"} of a sparse store (CSR pieces, no dense X: fedpipe.data.sparse)
+    sparse: dict[str, Any] | None = None
     # Not stored: the dtype read_chunk hands X out in. fit sets "float32" on a float32 store
     # when asked to compute in float32 (half the bytes per pass); float64 otherwise.
     compute_dtype: str = "float64"

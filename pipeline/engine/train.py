@@ -199,6 +199,9 @@ def fit(
         shards = sharded.check(model, optimizer, iterations, shards, info)
     elif shards is not None:
         raise ValidationError("--shards needs --model-parallel")
+    elif info.sparse:
+        raise ValidationError(f"store {info.url} holds sparse CSR chunks: train it with "
+                              "--model-parallel (fit(..., shard_parameters=True))")
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if resume and run_dir is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")

@@ -155,3 +155,52 @@ def test_a_killed_workers_shard_is_rebuilt_from_the_checkpoint(stores, tmp_path)
     assert result.summary["rebuilt"] and result.summary["rebuilt"][0]["from_iteration"] == 4
     assert np.array_equal(result.params, whole.params)
     assert [r["iteration"] for r in rundir.read_metrics(tmp_path / "run")] == list(range(9))
+
+
+def test_sparse_csr_chunks_train_as_the_dense_store(dask_client, tmp_path):
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(5)
+    X = sp.random(300, 40, density=0.1, format="csr", random_state=5)
+    y = (X @ rng.normal(size=40) > 0).astype(int)
+    dense, sparse = str(tmp_path / "dense.zarr"), str(tmp_path / "sparse.zarr")
+    ingest_arrays(X.toarray(), y, dense, chunk_rows=50, task="binary")
+    info = fp.ingest_sparse(X, y, sparse, chunk_rows=50, feature_chunks=4)
+    assert info.sparse["nnz"] == X.nnz and info.task == "binary"
+    model, opt = fp.models.logistic(40, l2=0.01), fp.optimizers.adam(0.1)
+    dp = fp.fit(dense, model, opt, iterations=6, dask_client=dask_client)
+    mp = fp.fit(sparse, model, opt, iterations=6, dask_client=dask_client,
+                shard_parameters=True, shards=2)
+    assert _rel(mp.params, dp.params) < 1e-10
+    with pytest.raises(fp.ValidationError, match="--model-parallel"):
+        fp.fit(sparse, model, opt, iterations=1, dask_client=dask_client)
+
+
+def test_hashed_text_with_2_20_features_holds_memory_of_its_nonzeros(dask_client, tmp_path):
+    import scipy.sparse as sp
+    from fedpipe.engine import shard_worker
+
+    n, d, per_row = 2000, 2**20, 16  # a hashed bag of words: 16 tokens a row
+    rng = np.random.default_rng(6)
+    cols = rng.integers(0, d, size=(n, per_row))
+    X = sp.csr_matrix((np.ones(n * per_row), cols.ravel(), np.arange(0, n * per_row + 1, per_row)),
+                      shape=(n, d))
+    X.sum_duplicates()
+    y = (cols[:, 0] % 2).astype(int)
+    store = str(tmp_path / "hashed.zarr")
+    fp.ingest_sparse(X, y, store, chunk_rows=500, feature_chunks=2)
+    held: list[int] = []
+
+    def measure(record):
+        def rows_bytes():
+            return sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes
+                       for entry in shard_worker.SHARDS.values()
+                       for side in entry["rows"].values() for m, _ in side)
+        held.append(sum(dask_client.run(rows_bytes).values()) // 2)  # in-process: counted twice
+
+    result = fp.fit(store, fp.models.logistic(d), fp.optimizers.adam(0.5), iterations=4,
+                    dask_client=dask_client, shard_parameters=True, shards=2, on_record=measure)
+    assert result.metrics[-1]["train_loss"] < result.metrics[0]["train_loss"]
+    # the shards hold their rows as CSR: ~ (8 + 8) bytes per non-zero plus row pointers,
+    # against 8 * rows * features = 16 GiB dense
+    assert 12 * X.nnz <= held[-1] <= 20 * X.nnz + 2 * 8 * (n + 8)
