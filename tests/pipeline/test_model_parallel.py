@@ -114,20 +114,39 @@ def test_cli_model_parallel_and_its_one_line_refusals(stores, dask_client, tmp_p
         assert len(err.splitlines()) == 1 and culprit in err, err
 
 
-def test_data_parallel_refuses_parameters_over_a_workers_memory(tmp_path):
-    # Parameters, gradient and Adam state of 1,500 x 50 softmax: 2.3 MiB, over half of 4 MiB.
-    wide = str(tmp_path / "wide.zarr")
+def test_parameters_over_a_workers_memory_train_sharded_and_data_parallel_refuses(tmp_path):
+    # softmax 1,500 x 50 with Adam: parameters and state 1.8 MB, 1.4x a worker's 1.25 MB limit
+    from fedpipe.engine import shard_worker
+
+    wide, limit = str(tmp_path / "wide.zarr"), 1_250_000
     rng = np.random.default_rng(0)
     ingest_arrays(rng.normal(size=(60, 1500)), np.arange(60) % 50, wide, chunk_rows=30,
-                  task="multiclass")
+                  task="multiclass", feature_chunks=2)
+    model, opt = fp.models.softmax(1500, 50), fp.optimizers.adam(0.1)
+    assert 1.4 * limit < model.n_params * 8 * 3
+    # the memory monitor would pause in-process workers whose process exceeds a limit this small
     quiet = {f"distributed.worker.memory.{k}": False for k in ("target", "spill", "pause",
                                                                 "terminate")}
     with dask.config.set(quiet), \
-            LocalCluster(n_workers=1, threads_per_worker=1, processes=False, memory_limit="4MiB",
+            LocalCluster(n_workers=2, threads_per_worker=1, processes=False, memory_limit=limit,
                          dashboard_address="127.0.0.1:0") as cluster, Client(cluster) as dc:
         with pytest.raises(fp.ValidationError, match="--model-parallel"):
-            fp.fit(wide, fp.models.softmax(1500, 50), fp.optimizers.adam(0.1), iterations=1,
-                   dask_client=dc)
+            fp.fit(wide, model, opt, iterations=1, dask_client=dc)
+        held: dict = {}
+
+        def measure(record):
+            owners = {r: a for a, w in dc.scheduler_info(n_workers=-1)["workers"].items()
+                      for r, q in w["resources"].items() if q and r.startswith("client-mp")}
+            sizes = dc.run(lambda: {j: e["W"].nbytes + sum(v.nbytes for v in e["state"].values())
+                                    for (_, j), e in shard_worker.SHARDS.items()})
+            held.update(owners=owners, sizes=next(iter(sizes.values())))
+
+        fp.fit(wide, model, opt, iterations=2, dask_client=dc, shard_parameters=True, shards=2,
+               on_record=measure)
+    # each shard on its own worker, holding less than that worker's limit
+    assert len(set(held["owners"].values())) == 2
+    assert all(size < limit for size in held["sizes"].values())
+    assert sum(held["sizes"].values()) > 1.4 * limit
 
 
 @pytest.mark.slow
