@@ -30,6 +30,7 @@ from fedpipe.errors import (  # noqa: F401  (re-exported: fp.ValidationError, ..
 # public name -> (module, attribute or None for the module itself); the one table of the face.
 _EXPORTS: dict[str, tuple[str, str | None]] = {
     "ingest": ("fedpipe.data.ingest", "ingest"),
+    "ingest_sparse": ("fedpipe.data.sparse", "ingest_sparse"),
     "open_store": ("fedpipe.data.store", "open_store"),
     "read_info": ("fedpipe.data.store", "read_info"),
     "partition": ("fedpipe.data.partition", "partition"),

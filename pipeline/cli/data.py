@@ -23,6 +23,8 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--target", help="label column of a CSV/Parquet source (default: target, y or label)")
     p.add_argument("--labels", metavar="Y.npy", help="labels of a .npy source (which holds X only)")
     p.add_argument("--chunk-rows", type=positive_int, help="rows per chunk (default: about 8 MiB per chunk)")
+    p.add_argument("--feature-chunks", type=positive_int,
+                   help="also cut X into this many column blocks (for --model-parallel)")
     p.add_argument("--dtype", choices=ingest_mod.DTYPES, default="float64", help="storage type of X")
     p.add_argument("--impute", choices=ingest_mod.IMPUTE, default="none",
                    help="fill NaN/inf when reading (default none: NaN/inf is an error)")
@@ -70,10 +72,12 @@ def run_ingest(args: argparse.Namespace) -> dict[str, Any]:
         args.source, args.store, target=args.target, chunk_rows=args.chunk_rows, dtype=args.dtype,
         impute=args.impute, standardize=args.standardize, overwrite=args.overwrite,
         progress=not (args.quiet or args.json), task=args.task, labels=args.labels,
-        categorical=[c.strip() for c in (args.categorical or "").split(",") if c.strip()])
+        categorical=[c.strip() for c in (args.categorical or "").split(",") if c.strip()],
+        feature_chunks=args.feature_chunks)
     if console := _console(args):
         console.print(f"{args.store}: {info.n_rows} rows x {info.n_features} features, "
-                      f"{info.task}, {info.n_chunks} chunks of {info.chunk_rows} rows")
+                      f"{info.task}, {info.n_chunks} chunks of {info.chunk_rows} rows"
+                      + _columns_note(info))
     summary = _info_summary(info)
     summary.pop("stats")
     return summary
@@ -100,6 +104,13 @@ def run_info(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def _columns_note(info: StoreInfo) -> str:
+    if not info.feature_chunk:
+        return ""
+    return (f" x {-(-info.n_features // info.feature_chunk)} feature chunks of "
+            f"{info.feature_chunk} columns")
+
+
 def _verify_line(store: str, report) -> str:
     parts = []
     for kind, refs in (("missing", report.missing), ("corrupt", report.corrupt)):
@@ -117,7 +128,8 @@ def _verify_line(store: str, report) -> str:
 
 def _print_info(console: Console, info: StoreInfo, verify: dict | None) -> None:
     console.print(f"[bold]{info.url}[/]  {info.task}  {info.n_rows} rows x {info.n_features} "
-                  f"features ({info.dtype}), {info.n_chunks} chunks of {info.chunk_rows} rows")
+                  f"features ({info.dtype}), {info.n_chunks} chunks of {info.chunk_rows} rows"
+                  + _columns_note(info))
     if info.classes is not None:
         console.print(f"classes: {info.classes}")
     console.print(f"preprocess: {info.preprocess}   content hash: {info.content_hash[:16]}…")

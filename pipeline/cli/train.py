@@ -72,6 +72,12 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--compute-dtype", choices=("float64", "float32"),
                      help="float32: compute on a float32 store's rows in float32 (half the "
                           "bytes per pass; default float64)")
+    run.add_argument("--model-parallel", action="store_true",
+                     help="shard the weights by feature block across workers (linear, "
+                          "logistic, softmax; --iterations): docs/model-parallel.md")
+    run.add_argument("--shards", type=positive_int,
+                     help="feature blocks of --model-parallel (default: the store's feature "
+                          "chunks, or 2)")
     run.add_argument("--test-fraction", type=holdout, default=0.2,
                      help="held-out share of rows (default 0.2; 0 trains on every row)")
     run.add_argument("--out", help="run directory")
@@ -108,7 +114,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
             threads=args.threads,
             scheduler=kube.cluster_address(args.scheduler, args.kubernetes), on_record=on_record,
             config=config.to_dict(args), compute_dtype=args.compute_dtype,
-            mode=_mode(args))
+            mode=_mode(args), shard_parameters=args.model_parallel, shards=args.shards)
     return cli_report.report_at_end(args, result.summary)
 
 

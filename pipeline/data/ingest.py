@@ -62,6 +62,7 @@ def ingest(
     task: str | None = None,
     labels: str | None = None,
     categorical: list[str] | None = None,
+    feature_chunks: int | None = None,
 ) -> StoreInfo:
     """Validate ``source`` and write it as a fedpipe store at ``store``.
 
@@ -97,6 +98,10 @@ def ingest(
         encoded without being named). The categories are stored (``info.categorical``); the
         features are named ``column=value``. At predict time a category not seen here gives
         a row of zeros in its columns, as does a missing value.
+    feature_chunks : int, optional
+        Also cut ``X`` into this many column blocks (chunks of ``chunk_rows`` x
+        ``ceil(features / feature_chunks)``): a model-parallel shard then reads only its own
+        columns (``info.feature_chunk`` is the width). Default: rows only.
 
     String and boolean labels are kept in their original form as ``info.classes`` (``y``
     holds their indices); they make the task classification.
@@ -110,7 +115,8 @@ def ingest(
     src = sources_mod.open_source(source, target=target, labels=labels,
                                   categorical=categorical)
     return _ingest_source(src, store, chunk_rows=chunk_rows, dtype=dtype, impute=impute,
-                          standardize=standardize, overwrite=overwrite, progress=progress, task=task)
+                          standardize=standardize, overwrite=overwrite, progress=progress, task=task,
+                          feature_chunks=feature_chunks)
 
 
 def ingest_arrays(
@@ -126,6 +132,7 @@ def ingest_arrays(
     standardize: bool = False,
     overwrite: bool = False,
     progress: bool = False,
+    feature_chunks: int | None = None,
 ) -> StoreInfo:
     """Write in-memory arrays ``X`` (rows x features) and ``y`` as a fedpipe store.
 
@@ -135,7 +142,8 @@ def ingest_arrays(
     _check_options(chunk_rows, dtype, impute, task)
     src = sources_mod.from_arrays("arrays", X, y, feature_names, None)
     return _ingest_source(src, store, chunk_rows=chunk_rows, dtype=dtype, impute=impute,
-                          standardize=standardize, overwrite=overwrite, progress=progress, task=task)
+                          standardize=standardize, overwrite=overwrite, progress=progress, task=task,
+                          feature_chunks=feature_chunks)
 
 
 def ingest_blocks(X, y, store: str, *, chunk_rows: int | None = None, task: str | None = None,
@@ -163,11 +171,12 @@ def ingest_blocks(X, y, store: str, *, chunk_rows: int | None = None, task: str 
 
 
 def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwrite, progress,
-                   task) -> StoreInfo:
+                   task, feature_chunks=None) -> StoreInfo:
     n_features = len(src.feature_names)
     rows = chunk_rows or int(np.clip(CHUNK_BYTES // (8 * max(n_features, 1)), 1024, 1 << 20))
+    width = _feature_chunk(feature_chunks, n_features)
     with staged(store, overwrite=overwrite) as tmp:
-        meta = _write_rows(src, tmp, rows, dtype, impute, progress)
+        meta = _write_rows(src, tmp, rows, dtype, impute, progress, width)
         partials = meta.pop("partials")
         meta["task"], meta["classes"] = _decide_task(src, meta.pop("labels"), task)
         _write_labels(tmp, meta, rows)
@@ -189,6 +198,16 @@ def _ingest_source(src, store, *, chunk_rows, dtype, impute, standardize, overwr
     log.debug("ingested %s: %d rows x %d features in %d chunks -> %s",
              src.name, info.n_rows, info.n_features, info.n_chunks, store)
     return info
+
+
+def _feature_chunk(feature_chunks: int | None, n_features: int) -> int | None:
+    """Columns per chunk of ``X`` for ``feature_chunks`` column blocks (``None``: one block)."""
+    if feature_chunks is None:
+        return None
+    if not isinstance(feature_chunks, int | np.integer) or not 1 <= feature_chunks <= n_features:
+        raise ValidationError(f"--feature-chunks must be in 1..{n_features} (the features), "
+                              f"got {feature_chunks}")
+    return -(-n_features // int(feature_chunks))
 
 
 def _check_options(chunk_rows, dtype, impute, task) -> None:
@@ -247,13 +266,14 @@ def _progress(enabled: bool, total: int, label: str = "ingest") -> Progress:
     return Progress(*columns, console=Console(stderr=True), disable=not enabled, transient=True)
 
 
-def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: bool) -> dict:
+def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: bool,
+                width: int | None = None) -> dict:
     """Stream rows into X and the raw labels into ``_labels``; returns partial metadata."""
     group = zarr.open_group(url, mode="w", zarr_format=3)
     nf = len(src.feature_names)
     # A streamed source grows the arrays chunk by chunk; a known length saves the resizes.
     known = src.n_rows or 0
-    X_arr = row_array(group, "X", n_cols=nf, rows=rows, dtype=dtype, length=known)
+    X_arr = row_array(group, "X", n_cols=nf, rows=rows, dtype=dtype, length=known, col_chunk=width)
     lab = row_array(group, "_labels", n_cols=None, rows=rows, dtype="float64", length=known)
     hx = hashlib.sha256()
     partials: list = []  # per-chunk column statistics, taken while the rows are in memory
@@ -288,8 +308,10 @@ def _write_rows(src, url: str, rows: int, dtype: str, impute: str, progress: boo
     if n == 0:
         raise ValidationError(f"source {src.name} has no rows")
     n_chunks = -(-n // rows)
-    manifest = {"X": [chunk_key("", "X", i) for i in range(n_chunks)]}
+    manifest = {"X": [chunk_key("", "X", i) for i in range(n_chunks)] if width is None else
+                [f"X/c/{i}/{j}" for i in range(n_chunks) for j in range(-(-nf // width))]}
     return {"n_rows": n, "n_features": nf, "n_chunks": n_chunks, "manifest": manifest,
+            **({"feature_chunk": width} if width is not None else {}),
             "labels": labels, "x_digest": hx.hexdigest(), "partials": partials,
             "x_crcs": x_crcs}
 

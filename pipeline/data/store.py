@@ -82,6 +82,10 @@ class StoreInfo:
     categorical: dict[str, list] = field(default_factory=dict)
     input_dtypes: dict[str, str] = field(default_factory=dict)
     target: str | None = None
+    # columns per stored chunk of X when ingested with feature_chunks (2-D chunks); None: rows only
+    feature_chunk: int | None = None
+    # {"nnz", "feature_chunk"} of a sparse store (CSR pieces, no dense X: fedpipe.data.sparse)
+    sparse: dict[str, Any] | None = None
     # Not stored: the dtype read_chunk hands X out in. fit sets "float32" on a float32 store
     # when asked to compute in float32 (half the bytes per pass); float64 otherwise.
     compute_dtype: str = "float64"
@@ -127,13 +131,16 @@ def codecs() -> list:
     return [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
-def row_array(group: zarr.Group, name: str, *, n_cols: int | None, rows: int, dtype: str, length: int = 0):
-    """Create a row-chunked array ``name`` in ``group`` with fedpipe's codecs.
+def row_array(group: zarr.Group, name: str, *, n_cols: int | None, rows: int, dtype: str,
+              length: int = 0, col_chunk: int | None = None):
+    """Create a row-chunked array ``name`` in ``group`` with fedpipe's codecs (``col_chunk``:
+    also cut in chunks of that many columns, for model-parallel reads of feature blocks).
 
     Chunks equal to the fill value are written too (zarr skips them by default), so every
     chunk of the manifest exists and an absent file always means a lost chunk.
     """
-    shape, chunks = ((length, n_cols), (rows, n_cols)) if n_cols is not None else ((length,), (rows,))
+    shape, chunks = (((length, n_cols), (rows, col_chunk or n_cols)) if n_cols is not None
+                     else ((length,), (rows,)))
     return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, compressors=codecs(),
                               config={"write_empty_chunks": True})
 
@@ -294,7 +301,7 @@ def read_block(group: zarr.Group, info: StoreInfo, prefix: str, index: int,
             raise StoreError(f"chunk {index} of {array_path(prefix, name)} is missing in {info.url}")
         array = group[array_path(prefix, name)]
         try:
-            block = array.blocks[(index, 0) if array.ndim == 2 else (index,)]
+            block = array.blocks[index]  # every feature chunk of the row chunk
         except Exception as exc:  # zarr/numcodecs raise plain ValueError/RuntimeError on bad bytes
             raise StoreError(
                 f"chunk {index} of {array_path(prefix, name)} in {info.url} is corrupt ({exc})"

@@ -31,6 +31,7 @@ from distributed import Client
 from fedpipe import cluster, resilience, runconfig, rundir
 from fedpipe.data import snapshot
 from fedpipe.data.store import StoreInfo, read_info
+from fedpipe.engine import sharded
 from fedpipe.engine.graph import FAN_IN
 from fedpipe.engine.minibatch import run_epochs
 from fedpipe.engine.stale import BoundedStaleness, check_mode, mode_options, run_stale
@@ -116,6 +117,8 @@ def fit(
     config: Mapping[str, Any] | None = None,
     compute_dtype: str | None = None,
     mode: BoundedStaleness | None = None,
+    shard_parameters: bool = False,
+    shards: int | None = None,
 ) -> FitResult:
     """Train ``model`` on the store at ``store`` with ``optimizer`` on a Dask cluster.
 
@@ -183,6 +186,12 @@ def fit(
         Bounded-staleness training (``fedpipe train --mode async``): each step adds gradients
         up to ``max_staleness`` versions old instead of waiting for every worker
         (:mod:`fedpipe.engine.stale`, docs/async-train.md). Full batch, first-order only.
+    shard_parameters : bool
+        Model-parallel training (linear, logistic, softmax; full batch): the weights are cut
+        by feature block into ``shards`` blocks, each kept with its optimizer state on one
+        worker and never sent (:mod:`fedpipe.engine.sharded`, docs/model-parallel.md).
+    shards : int, optional
+        Feature blocks of a model-parallel run (default: the store's feature chunks, or 2).
 
     Returns
     -------
@@ -192,8 +201,17 @@ def fit(
                      checkpoint_every, tol, cache, fan_in, chunks_per_task)
     if mode is not None:
         check_mode(mode, optimizer, epochs)
+        if shard_parameters:
+            raise ValidationError("--mode async and --model-parallel cannot be combined")
     info = _with_compute_dtype(read_info(store), compute_dtype)
     _check_model_fits(model, info)
+    if shard_parameters:
+        shards = sharded.check(model, optimizer, iterations, shards, info)
+    elif shards is not None:
+        raise ValidationError("--shards needs --model-parallel")
+    elif info.sparse:
+        raise ValidationError(f"store {info.url} holds sparse CSR chunks: train it with "
+                              "--model-parallel (fit(..., shard_parameters=True))")
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
     if resume and run_dir is None:
         raise ValidationError("--resume needs --out RUN_DIR (the run to continue)")
@@ -205,6 +223,7 @@ def fit(
             test_fraction=test_fraction, cache=cache, chunks_per_task=chunks_per_task,
             checkpoint_every=checkpoint_every, resume=resume, out=out,
             compute_dtype=compute_dtype, **mode_options(mode),
+            **({"model_parallel": True, "shards": shards} if shard_parameters else {}),
             # a dask_client given overrides these; the result does not depend on the cluster
             **({} if dask_client is not None else
                {"workers": workers, "threads": threads, "scheduler": scheduler})))
@@ -214,16 +233,23 @@ def fit(
     with data, connection as dc, resilience.bounded(dc):
         if dask_client is not None:
             log.info("dashboard: %s", cluster.dashboard_link(dc))
-        per_task = choose_chunks_per_task(dc, info.n_chunks, fan_in, chunks_per_task)
-        with open_engine(dc, str(store), info, model, seed, test_fraction, cache, fan_in,
-                     per_task, run_dir, on_record) as engine:
-            start = time.perf_counter()
-            params, records, stopped = _run_loop(engine, optimizer, iterations, epochs,
-                                                 batch_size, seed, checkpoint_every, resume, tol,
-                                                 mode)
-            summary = run_summary(engine, optimizer, records, stopped, time.perf_counter() - start)
-            summary.update(mode_options(mode, records))
-            summary[snapshot.KEY] = data.digest
+        if shard_parameters:
+            params, records, summary = sharded.train(
+                dc, str(store), info, model, optimizer, shards, iterations, seed, test_fraction,
+                checkpoint_every, resume, tol, run_dir, on_record, chunks_per_task)
+        else:
+            sharded.check_fits_worker(dc, model, optimizer, MEMORY_SHARE)
+            per_task = choose_chunks_per_task(dc, info.n_chunks, fan_in, chunks_per_task)
+            with open_engine(dc, str(store), info, model, seed, test_fraction, cache, fan_in,
+                             per_task, run_dir, on_record) as engine:
+                start = time.perf_counter()
+                params, records, stopped = _run_loop(engine, optimizer, iterations, epochs,
+                                                     batch_size, seed, checkpoint_every, resume,
+                                                     tol, mode)
+                summary = run_summary(engine, optimizer, records, stopped,
+                                      time.perf_counter() - start)
+                summary.update(mode_options(mode, records))
+        summary[snapshot.KEY] = data.digest
     named = model.unpack(params)
     if run_dir is not None:
         rundir.write_params(run_dir, named)

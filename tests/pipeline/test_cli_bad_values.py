@@ -32,6 +32,8 @@ CASES: list[tuple[list[str], str]] = [
     (["ingest", "sklearn:iris", "TMP/o.zarr", "--target", "y"], "--target"),
     (["ingest", "sklearn:iris", "TMP/o.zarr", "--labels", "FILE"], "--labels"),
     (["ingest", "sklearn:iris", "TMP/o.zarr", "--chunk-rows", "0"], "--chunk-rows"),
+    (["ingest", "sklearn:iris", "TMP/o.zarr", "--feature-chunks", "0"], "--feature-chunks"),
+    (["ingest", "sklearn:iris", "TMP/o.zarr", "--feature-chunks", "9"], "--feature-chunks"),
     (["ingest", "sklearn:iris", "TMP/o.zarr", "--dtype", "float16"], "--dtype"),
     (["ingest", "sklearn:iris", "TMP/o.zarr", "--impute", "zero"], "--impute"),
     (["ingest", "sklearn:iris", "TMP/o.zarr", "--standardize=yes"], "--standardize"),
@@ -110,6 +112,11 @@ CASES: list[tuple[list[str], str]] = [
     ([*TRAIN, "--checkpoint-every", "-1"], "--checkpoint-every"),
     ([*TRAIN, "--resume"], "--resume"),
     ([*TRAIN, "--seed", "-1"], "--seed"),
+    ([*TRAIN, "--model-parallel=1"], "--model-parallel"),
+    ([*TRAIN, "--shards", "2"], "--model-parallel"),  # shards of what: no --model-parallel
+    ([*TRAIN, "--model-parallel", "--shards", "0"], "--shards"),
+    ([*TRAIN, "--model-parallel", "--shards", "999"], "--shards"),
+    (["train", "STORE", "--model", "mlp", "--iterations", "1", "--model-parallel"], "mlp"),
     ([*TRAIN, "--report"], "--report"),
     ([*TRAIN, "--config", "TMP/none.toml"], "none.toml"),
     # federate
