@@ -78,3 +78,27 @@ def test_scheduler_killed_mid_run_exits_3_and_resumes_bit_identical(command, tmp
         assert main([command, store, *length, "--scheduler", second.address,
                      "--out", str(whole), "-q"]) == 0, capsys.readouterr().err
     assert _params(killed) == _params(whole)
+
+
+def test_lost_scheduler_line_names_the_checkpoint_to_resume_from(dask_client, tmp_path,
+                                                                 small_store):
+    """The message path without the minutes of real processes: a real checkpointed run, then
+    the error the driver raises when its scheduler is gone."""
+    from fedpipe.cli import main as cli_main
+    from fedpipe.cluster import SchedulerLostError
+    from fedpipe.engine.train import fit
+    from fedpipe.tasks import models, optimizers
+
+    store = small_store()
+    out = tmp_path / "run"
+    fit(store, models.softmax(5, 3), optimizers.sgd(0.1), iterations=4, checkpoint_every=2,
+        dask_client=dask_client, out=out)
+    args = cli_main.build_parser().parse_known_args(
+        ["train", store, "--model", "softmax", "--out", str(out)])[0]
+    exc = SchedulerLostError("tcp://127.0.0.1:1")
+    status, message = cli_main._classify(exc)
+    line = message + cli_main._resume_hint(args, exc)
+    assert status == 3
+    assert line == ("lost the Dask scheduler tcp://127.0.0.1:1 mid-run; "
+                    f"{out} keeps its checkpoint at iteration 4: start a scheduler and workers "
+                    "and rerun the command with --resume (and --scheduler ADDRESS)")
