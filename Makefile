@@ -27,12 +27,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/install-browser.sh || echo "browser tests will be skipped: chromium could not be installed"
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q tests -m "not chaos"
 
 # Long fault runs with real process kills (minutes): benchmarks/results/chaos.json, the figures
 # of docs/reliability.md. The fast fault tests (seconds each) run in `make test`.
 chaos: $(STAMP)
 	$(BIN)/python -m benchmarks.chaos --out benchmarks/results/chaos.json
+	$(BIN)/python -m pytest -q tests -m chaos
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,6 +12,7 @@ import resource
 import socket
 import struct
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -70,7 +71,12 @@ def connect(
             raise InfrastructureError(f"cannot reach scheduler {scheduler}: {exc}") from exc
         with dask_client:
             log.info("dashboard: %s", dashboard_link(dask_client))
-            yield dask_client
+            try:
+                yield dask_client
+            except Exception as exc:
+                if scheduler_lost(dask_client, exc):
+                    raise SchedulerLostError(scheduler) from exc
+                raise
         return
     # A local cluster serves this machine only: every server it opens (scheduler, workers and
     # their HTTP servers) listens on loopback, never on all interfaces. Threads-only clusters
@@ -100,6 +106,44 @@ def connect(
     ):
         log.info("dashboard: %s", dashboard_link(dask_client))
         yield dask_client
+
+
+class SchedulerLostError(InfrastructureError):
+    """The scheduler of ``--scheduler ADDRESS`` went away mid-run (exit 3 from the CLI)."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__(f"lost the Dask scheduler {address} mid-run")
+        self.address = address
+
+
+# Dask cancels a client's futures with this reason when its scheduler connection drops.
+_LOST_REASON = "scheduler-connection-lost"
+_LOST_WAIT_SECONDS = 2.0
+
+
+def scheduler_lost(dask_client: Client, exc: BaseException) -> bool:
+    """Whether ``exc`` ended a run because ``dask_client`` lost its scheduler.
+
+    Dask reports the loss as cancelled futures, a closed comm, an ``OSError`` or a timeout,
+    depending on what the driver was waiting for; the client's own status says which it was
+    (``"connecting"`` while it retries, then ``"closed"``). The status may trail the error that
+    the dropped connection raised, hence a short wait before answering no.
+    """
+    from concurrent.futures import CancelledError
+
+    from distributed.comm.core import CommClosedError
+
+    chain = [exc]
+    while chain[-1].__context__ is not None and len(chain) < 10:  # a cleanup may raise anew
+        chain.append(chain[-1].__context__)
+    if dask_client.status != "running" or any(_LOST_REASON in str(e) for e in chain):
+        return True
+    if not isinstance(exc, CancelledError | CommClosedError | OSError | TimeoutError):
+        return False
+    deadline = time.monotonic() + _LOST_WAIT_SECONDS
+    while dask_client.status == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return dask_client.status != "running"
 
 
 LOOPBACK = "127.0.0.1"

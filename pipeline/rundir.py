@@ -360,6 +360,19 @@ def load_checkpoint(
     return None
 
 
+def checkpoint_step(run_dir: str | os.PathLike[str]) -> str | None:
+    """``"iteration 20"`` (or epoch, round) of the newest valid checkpoint, ``None`` if none."""
+    try:
+        loaded = load_checkpoint(run_dir)
+    except ValidationError:
+        return None
+    if loaded is None:
+        return None
+    meta = loaded[1]
+    return next((f"{key} {meta[key]}" for key in ("iteration", "epoch", "round") if key in meta),
+                "unknown")
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> Run:
     """Read a run directory back: parameters, metrics, summary and configuration.
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fedpipe.cli import config, registry
+from fedpipe.cli import config, registry, tls_options
 from fedpipe.cli import fedbuff as cli_fedbuff
 from fedpipe.cli import report as cli_report
 from fedpipe.cli import sites as cli_sites
@@ -104,6 +104,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--workers", type=positive_int, help="simulation workers (default 2)")
     run.add_argument("--scheduler", help="address of a running Dask scheduler (plain workers are "
                      "lent client-<id> resources for the run)")
+    tls_options.add_tls_options(run)
     run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
                      help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--out", help="run directory")
@@ -147,10 +148,11 @@ def run_federate(args: argparse.Namespace) -> dict[str, Any]:
         lr = registry.parse_schedule(args.lr_schedule, args.lr, total_steps=args.rounds,
                                      flag="--lr-schedule")
     stages = _secure_chain(args, info, partition, _make_chain(args, info, partition))
-    with monitoring(args, None, mode="federate", total=args.rounds,
-                    unit="round" if mode is None else "version",
-                    meta={"model": model.name, "strategy": args.strategy,
-                          **_chain_meta(args)}) as on_record:
+    with tls_options.client_tls(args), monitoring(
+            args, None, mode="federate", total=args.rounds,
+            unit="round" if mode is None else "version",
+            meta={"model": model.name, "strategy": args.strategy,
+                  **_chain_meta(args)}) as on_record:
         result = federate(
             args.store, model, rounds=args.rounds, strategy=strategy,
             local_epochs=args.local_epochs, batch_size=args.batch_size, lr=lr, partition=partition,

@@ -105,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose:
             log.exception("fedpipe %s failed", args.command)
         status, message = _classify(exc)
+        message += _resume_hint(args, exc)
         print(f"{_prog(args)}: error: {message}", file=sys.stderr)
         return status
     if summary is not None and args.json:
@@ -114,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _classify(exc: Exception) -> tuple[int, str]:
     """Exit status and one-line message for an exception that ended a command."""
-    from distributed.client import FutureCancelledError
+    from distributed.client import FutureCancelledError, FuturesCancelledError
     from distributed.comm.core import CommClosedError
     from distributed.scheduler import KilledWorker
 
@@ -125,13 +126,31 @@ def _classify(exc: Exception) -> tuple[int, str]:
         return EXIT_INPUT, f"{exc.strerror or text}: {exc.filename}" if exc.filename else text
     if isinstance(exc, InfrastructureError):
         return EXIT_INFRASTRUCTURE, text
-    if isinstance(exc, FutureCancelledError):  # the scheduler went away or forgot the work
+    if isinstance(exc, FutureCancelledError | FuturesCancelledError):  # the scheduler went away or forgot the work
         reason = "lost the connection to the Dask scheduler" if "connection" in text else text
         return EXIT_INFRASTRUCTURE, f"{reason} (rerun with -v for details)"
     if isinstance(exc, OSError | TimeoutError | CommClosedError | KilledWorker):
         return EXIT_INFRASTRUCTURE, f"{type(exc).__name__}: {text} (rerun with -v for details)"
     return EXIT_BUG, (f"internal error, please report it: {type(exc).__name__}: {text} "
                       "(rerun with -v for the traceback)")
+
+
+def _resume_hint(args: argparse.Namespace, exc: Exception) -> str:
+    """How to go on after the scheduler was lost: what is kept, and the command to resume."""
+    from fedpipe.cluster import SchedulerLostError
+
+    if not isinstance(exc, SchedulerLostError):
+        return ""
+    out = getattr(args, "out", None)  # options not given are absent (config files fill them)
+    if out is None or args.command not in ("train", "federate"):
+        return "; start a scheduler and workers again and rerun the command"
+    from fedpipe import rundir
+
+    kept = rundir.checkpoint_step(out)
+    if kept is None:
+        return f"; no checkpoint was written in {out} yet: start a scheduler and rerun the command"
+    return (f"; {out} keeps its checkpoint at {kept}: start a scheduler and workers and "
+            "rerun the command with --resume (and --scheduler ADDRESS)")
 
 
 def _prog(args: argparse.Namespace) -> str:

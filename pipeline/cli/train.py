@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from fedpipe.cli import config, registry
+from fedpipe.cli import config, registry, tls_options
 from fedpipe.cli import report as cli_report
 from fedpipe.cli.argtypes import (
     Renamed,
@@ -62,6 +62,7 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
     run.add_argument("--workers", type=positive_int, help="LocalCluster workers")
     run.add_argument("--threads", type=positive_int, help="threads per worker")
     run.add_argument("--scheduler", help="address of a running scheduler")
+    tls_options.add_tls_options(run)
     run.add_argument("--kubernetes", metavar="[NAMESPACE/]NAME",
                      help="dask-kubernetes cluster to run on (see docs/kubernetes.md)")
     run.add_argument("--cache", default="auto", choices=CACHE_MODES,
@@ -103,7 +104,7 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = registry.make_optimizer(args.optimizer, args.lr, args.lr_schedule,
                                         total_steps=_total_steps(args, info))
     unit = "iteration" if args.iterations is not None else "epoch"
-    with monitoring(args, None, mode="train", total=total, unit=unit,
+    with tls_options.client_tls(args), monitoring(args, None, mode="train", total=total, unit=unit,
                     meta={"model": f"{model.name} on {args.store}"}) as on_record:
         result = fit(
             args.store, model, optimizer, iterations=args.iterations, epochs=args.epochs,

@@ -121,6 +121,78 @@ def generate(
     return TLSFiles(root / CA_CERT, root / CERT, root / KEY)
 
 
+ROLES = ("scheduler", "worker", "client")
+
+
+def generate_roles(
+    directory: str | os.PathLike,
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    days: int = 365,
+    roles: Sequence[str] = ROLES,
+) -> dict[str, TLSFiles]:
+    """A CA and one certificate per role: ``ROLE.crt`` and ``ROLE.key`` signed by ``ca.crt``.
+
+    Each role (scheduler, workers, the driver as ``client``) gets its own key, so a leaked
+    worker key does not let its holder present the driver's certificate, and each can be
+    revoked or rotated alone. A member without a certificate of this CA is refused by all.
+
+    Returns
+    -------
+    dict of str to TLSFiles
+        ``role -> TLSFiles(ca, cert, key)``; ``ca.key`` stays in ``directory``.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpipe-dask-ca")])
+    ca_cert = (
+        _builder(ca_name, ca_name, ca_key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(*_usage(cert_sign=True)), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(root / CA_KEY, _key_pem(ca_key), private=True)
+    _write(root / CA_CERT, _cert_pem(ca_cert))
+    files = {}
+    for role in roles:
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedpipe-{role}")])
+        cert = (
+            _builder(name, ca_name, key.public_key(), now, days)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write(root / f"{role}.key", _key_pem(key), private=True)
+        _write(root / f"{role}.crt", _cert_pem(cert))
+        files[role] = TLSFiles(root / CA_CERT, root / f"{role}.crt", root / f"{role}.key")
+    return files
+
+
+def client_config(ca_file: str, cert: str, key: str) -> dict[str, str]:
+    """Dask settings that make the driver a TLS client of a scheduler (``--tls-*`` flags).
+
+    Raises
+    ------
+    ConfigError
+        Naming the first of the three files that is missing.
+    """
+    for flag, path in (("--tls-ca-file", ca_file), ("--tls-cert", cert), ("--tls-key", key)):
+        if not Path(path).is_file():
+            raise ConfigError(f"{flag} {path}: no such file")
+    return {"distributed.comm.tls.ca-file": str(ca_file),
+            "distributed.comm.tls.client.cert": str(cert),
+            "distributed.comm.tls.client.key": str(key),
+            "distributed.comm.require-encryption": True}
+
+
 def _builder(subject, issuer, public_key, now, days):
     from cryptography import x509
 

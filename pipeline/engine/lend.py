@@ -116,9 +116,12 @@ def lend(dask_client: Client, client_rows: Mapping[str, int], token: str) -> Ite
         try:
             yield lending
         finally:
-            dask_client.unregister_worker_plugin(name)  # each worker zeroes its own share
+            # A lost scheduler took the lending with it; asking it would wait out timeouts.
+            if dask_client.status == "running":
+                dask_client.unregister_worker_plugin(name)  # each worker zeroes its own share
     finally:
-        dask_client.run_on_scheduler(_end_lending, name)
+        if dask_client.status == "running":
+            dask_client.run_on_scheduler(_end_lending, name)
 
 
 class LentSlots(SchedulerPlugin):

@@ -338,8 +338,10 @@ def run_scope(dask_client: Client, run: str) -> Iterator[None]:
     try:
         yield
     finally:
-        with contextlib.suppress(OSError, TimeoutError):  # a lost cluster has nothing to free
-            dask_client.run(_free_run, run, on_error="ignore")
+        # A lost cluster has nothing to free (and asking a lost scheduler waits out timeouts).
+        with contextlib.suppress(OSError, TimeoutError):
+            if dask_client.status == "running":
+                dask_client.run(_free_run, run, on_error="ignore")
 
 
 def _free_run(run: str, dask_worker: Worker | None = None) -> int:
