@@ -17,7 +17,8 @@ The problem is the issue's: FedAvg of a logistic regression on ``make_classifica
   (default 3, a fresh cluster each time) and the median of the runs' ratios is reported, with
   every run's figures beside it: on a shared 2-core machine one run's ratio moves by +-20 %.
 * ``scale``: per-round time at 100, 1,000 and 10,000 clients and seconds per client-round.
-* ``memory``: driver and worker RSS after round 50 and after round 500 of one run (a reduced
+* ``memory``: driver and worker RSS after round 50 and after round 500 of one run at 1,000
+  clients evaluated every round (``--memory-clients``, ``--memory-rounds``; a reduced
   problem, stated in the output, so 500 rounds fit in a benchmark).
 * ``accuracy``: test accuracy of ``federate`` and of the serial loop after the same rounds.
 * ``digits``: non-IID accuracy — scikit-learn's digits (standardised), MLP (64 hidden units),
@@ -192,8 +193,11 @@ def _rss(_=None) -> int:
     return psutil.Process().memory_info().rss
 
 
-def memory(workdir: str, n_rows: int, clients: int, checkpoints: tuple[int, int]) -> dict:
-    """Driver and worker RSS after two round counts of one run (flat = within a few %)."""
+def memory(workdir: str, n_rows: int, clients: int, checkpoints: tuple[int, int],
+           eval_every: int = 1) -> dict:
+    """Driver and worker RSS after two round counts of one run (flat = within a few %),
+    evaluating every ``eval_every`` rounds; RSS is also sampled every 10 % of the run so a
+    shorter run's slope can be read."""
     url = os.path.join(workdir, "memory.zarr")
     name = make_store(url, n_rows, 50, clients)
     info = store.read_info(url)
@@ -201,15 +205,21 @@ def memory(workdir: str, n_rows: int, clients: int, checkpoints: tuple[int, int]
     samples: dict[int, dict] = {}
     with placement.simulation_cluster(placement.assign_clients(rows, 2)) as dc:
         def sample(record: dict) -> None:
-            if record["round"] + 1 in checkpoints:
+            done = record["round"] + 1
+            if done in checkpoints or done % max(1, checkpoints[1] // 10) == 0:
                 workers = dc.run(_rss)
-                samples[record["round"] + 1] = {"driver": _rss(), "workers": sum(workers.values())}
+                samples[done] = {"driver": _rss(), "workers": sum(workers.values())}
 
+        started = time.perf_counter()
         federate(url, models.logistic(50), rounds=checkpoints[1], partition=name,
-                 local_epochs=EPOCHS, batch_size=BATCH, lr=LR, eval_every=checkpoints[1],
+                 local_epochs=EPOCHS, batch_size=BATCH, lr=LR, eval_every=eval_every,
                  dask_client=dc, on_record=sample)
+        seconds = time.perf_counter() - started
     early, late = samples[checkpoints[0]], samples[checkpoints[1]]
     return {"rows": n_rows, "clients": clients, "rounds": list(checkpoints),
+            "eval_every": eval_every, "seconds": seconds,
+            "rss_mb_by_round": {r: [v["driver"] / 1e6, v["workers"] / 1e6]
+                                for r, v in sorted(samples.items())},
             "driver_rss_mb": [early["driver"] / 1e6, late["driver"] / 1e6],
             "workers_rss_mb": [early["workers"] / 1e6, late["workers"] / 1e6],
             "driver_growth": late["driver"] / early["driver"] - 1,
@@ -250,6 +260,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="speed: runs per client count; the median ratio is reported "
                              "(default 3)")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--memory-clients", type=int, default=1000,
+                        help="memory: clients of the run (default 1,000, every round evaluated)")
+    parser.add_argument("--memory-rounds", type=int, nargs=2, metavar=("EARLY", "LATE"),
+                        help="memory: the two round counts compared (default 50 500; quick 10 40)")
     args = parser.parse_args(argv)
     sections = args.only or list(SECTIONS)
     if args.quick:
@@ -265,7 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["speed"] = speed_and_scale(workdir, rows, clients, rounds, {100, 1000},
                                               1 if args.quick else args.repeats)
         if "memory" in sections:
-            result["memory"] = memory(workdir, 20_000, 100, mem)
+            result["memory"] = memory(workdir, 20_000, args.memory_clients,
+                                      tuple(args.memory_rounds or mem))
         if "digits" in sections:
             result["digits"] = digits(workdir, 10 if args.quick else 50)
     result["targets"] = _targets(result)

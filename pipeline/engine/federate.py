@@ -243,6 +243,8 @@ def run_rounds(dc: Client, spec: ClientSpec, groups, clients: Sequence[str], str
     What a simulation (:func:`federate`) and site-local stores (``federate_sites``) share once
     their clients are placed.
     """
+    # The groups travel once per run inside the spec; a round's tasks name them by index.
+    spec = spec._replace(groups=tuple(tuple(g) for g in groups))
     state = fed_state.initial_state(spec.model, strategy, spec.stages, spec.seed)
     if resume:
         state = fed_state.resume(dc, run_dir, spec, groups, state)
