@@ -119,7 +119,7 @@ def federated(url: str, name: str, model: models.Model, rounds: int, workers: in
     run = federate(url, model, rounds=rounds, partition=name, local_epochs=EPOCHS,
                    batch_size=BATCH, lr=LR, seed=SEED, test_fraction=TEST_FRACTION,
                    eval_every=rounds, workers=workers, on_record=on_record)
-    return [rec["seconds"] for rec in run.history], run.summary["test_accuracy"]
+    return [rec["seconds"] for rec in run.metrics], run.summary["test_accuracy"]
 
 
 def _step_all(loops: list[SerialLoop], _record: dict) -> None:
@@ -226,6 +226,27 @@ def memory(workdir: str, n_rows: int, clients: int, checkpoints: tuple[int, int]
             "workers_growth": late["workers"] / early["workers"] - 1}
 
 
+def _client_ids_every_round(spec, j, group, chosen=None):
+    """What a round's task was told of its clients before issue 12: the ids themselves."""
+    mine = list(group) if chosen is None else [c for c in group if c in chosen]
+    return mine or None
+
+
+def memory_side_by_side(workdir: str, clients: int, checkpoints: tuple[int, int]) -> dict:
+    """:func:`memory` with the client ids sent every round (as before) and by group index."""
+    from fedpipe.engine import fed_round
+
+    placed = fed_round._of
+    out = {}
+    try:
+        fed_round._of = _client_ids_every_round
+        out["ids_every_round"] = memory(workdir, 20_000, clients, checkpoints)
+    finally:
+        fed_round._of = placed
+    out["groups_placed_once"] = memory(workdir, 20_000, clients, checkpoints)
+    return out
+
+
 def digits(workdir: str, rounds: int) -> dict:
     """Test accuracy every 5 rounds of FedAvg, FedProx and FedAdam on non-IID digits."""
     from fedpipe.data.ingest import ingest
@@ -240,7 +261,7 @@ def digits(workdir: str, rounds: int) -> dict:
         model = models.mlp(info.n_features, len(info.classes), hidden=(64,))
         run = federate(url, model, rounds=rounds, partition="dir100", strategy=strategy,
                        local_epochs=2, batch_size=10, lr=0.05, eval_every=5, workers=2)
-        curve = {rec["round"] + 1: rec["test_accuracy"] for rec in run.history
+        curve = {rec["round"] + 1: rec["test_accuracy"] for rec in run.metrics
                  if "test_accuracy" in rec}
         reached = [r for r, acc in curve.items() if acc >= 0.90]
         out[strategy.name] = {"accuracy_by_round": curve, "final": curve[rounds],
@@ -279,8 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["speed"] = speed_and_scale(workdir, rows, clients, rounds, {100, 1000},
                                               1 if args.quick else args.repeats)
         if "memory" in sections:
-            result["memory"] = memory(workdir, 20_000, args.memory_clients,
-                                      tuple(args.memory_rounds or mem))
+            result["memory"] = memory_side_by_side(workdir, args.memory_clients,
+                                                   tuple(args.memory_rounds or mem))
         if "digits" in sections:
             result["digits"] = digits(workdir, 10 if args.quick else 50)
     result["targets"] = _targets(result)
@@ -304,8 +325,8 @@ def _targets(result: dict) -> dict:
             per_client = [per_k[k]["federate_s_per_client_round"] for k in ("1000", "10000")]
             out["s_per_client_round_1000_vs_10000"] = per_client
     if "memory" in result:
-        out["memory_flat_5pct"] = max(result["memory"]["driver_growth"],
-                                      result["memory"]["workers_growth"]) <= 0.05
+        now = result["memory"]["groups_placed_once"]
+        out["memory_flat_5pct"] = max(now["driver_growth"], now["workers_growth"]) <= 0.05
     if "digits" in result:
         first = result["digits"]["fedavg"]["first_round_at_0.90"]
         out["digits_fedavg_0.90_within_50_rounds"] = first is not None and first <= 50
