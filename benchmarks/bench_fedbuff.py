@@ -65,7 +65,7 @@ def sync_side(url: str, dc, rows: dict[str, int], rounds: int, seed: int) -> dic
                    seed=seed, dask_client=dc, **TRAIN)
     seconds = time.perf_counter() - start
     clock, curve = 0.0, []
-    for rec in run.history:
+    for rec in run.metrics:
         sampled = sampling.sample_clients(clients, rec["round"], seed, count=PER_ROUND)
         clock += fedbuff.sync_round_time(durations, sampled)
         curve.append((clock, rec["test_accuracy"]))

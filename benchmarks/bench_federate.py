@@ -17,7 +17,8 @@ The problem is the issue's: FedAvg of a logistic regression on ``make_classifica
   (default 3, a fresh cluster each time) and the median of the runs' ratios is reported, with
   every run's figures beside it: on a shared 2-core machine one run's ratio moves by +-20 %.
 * ``scale``: per-round time at 100, 1,000 and 10,000 clients and seconds per client-round.
-* ``memory``: driver and worker RSS after round 50 and after round 500 of one run (a reduced
+* ``memory``: driver and worker RSS after round 50 and after round 500 of one run at 1,000
+  clients evaluated every round (``--memory-clients``, ``--memory-rounds``; a reduced
   problem, stated in the output, so 500 rounds fit in a benchmark).
 * ``accuracy``: test accuracy of ``federate`` and of the serial loop after the same rounds.
 * ``digits``: non-IID accuracy — scikit-learn's digits (standardised), MLP (64 hidden units),
@@ -118,7 +119,7 @@ def federated(url: str, name: str, model: models.Model, rounds: int, workers: in
     run = federate(url, model, rounds=rounds, partition=name, local_epochs=EPOCHS,
                    batch_size=BATCH, lr=LR, seed=SEED, test_fraction=TEST_FRACTION,
                    eval_every=rounds, workers=workers, on_record=on_record)
-    return [rec["seconds"] for rec in run.history], run.summary["test_accuracy"]
+    return [rec["seconds"] for rec in run.metrics], run.summary["test_accuracy"]
 
 
 def _step_all(loops: list[SerialLoop], _record: dict) -> None:
@@ -192,8 +193,11 @@ def _rss(_=None) -> int:
     return psutil.Process().memory_info().rss
 
 
-def memory(workdir: str, n_rows: int, clients: int, checkpoints: tuple[int, int]) -> dict:
-    """Driver and worker RSS after two round counts of one run (flat = within a few %)."""
+def memory(workdir: str, n_rows: int, clients: int, checkpoints: tuple[int, int],
+           eval_every: int = 1) -> dict:
+    """Driver and worker RSS after two round counts of one run (flat = within a few %),
+    evaluating every ``eval_every`` rounds; RSS is also sampled every 10 % of the run so a
+    shorter run's slope can be read."""
     url = os.path.join(workdir, "memory.zarr")
     name = make_store(url, n_rows, 50, clients)
     info = store.read_info(url)
@@ -201,19 +205,46 @@ def memory(workdir: str, n_rows: int, clients: int, checkpoints: tuple[int, int]
     samples: dict[int, dict] = {}
     with placement.simulation_cluster(placement.assign_clients(rows, 2)) as dc:
         def sample(record: dict) -> None:
-            if record["round"] + 1 in checkpoints:
+            done = record["round"] + 1
+            if done in checkpoints or done % max(1, checkpoints[1] // 10) == 0:
                 workers = dc.run(_rss)
-                samples[record["round"] + 1] = {"driver": _rss(), "workers": sum(workers.values())}
+                samples[done] = {"driver": _rss(), "workers": sum(workers.values())}
 
+        started = time.perf_counter()
         federate(url, models.logistic(50), rounds=checkpoints[1], partition=name,
-                 local_epochs=EPOCHS, batch_size=BATCH, lr=LR, eval_every=checkpoints[1],
+                 local_epochs=EPOCHS, batch_size=BATCH, lr=LR, eval_every=eval_every,
                  dask_client=dc, on_record=sample)
+        seconds = time.perf_counter() - started
     early, late = samples[checkpoints[0]], samples[checkpoints[1]]
     return {"rows": n_rows, "clients": clients, "rounds": list(checkpoints),
+            "eval_every": eval_every, "seconds": seconds,
+            "rss_mb_by_round": {r: [v["driver"] / 1e6, v["workers"] / 1e6]
+                                for r, v in sorted(samples.items())},
             "driver_rss_mb": [early["driver"] / 1e6, late["driver"] / 1e6],
             "workers_rss_mb": [early["workers"] / 1e6, late["workers"] / 1e6],
             "driver_growth": late["driver"] / early["driver"] - 1,
             "workers_growth": late["workers"] / early["workers"] - 1}
+
+
+def _client_ids_every_round(spec, j, group, chosen=None):
+    """What a round's task was told of its clients before issue 12: the ids themselves."""
+    mine = list(group) if chosen is None else [c for c in group if c in chosen]
+    return mine or None
+
+
+def memory_side_by_side(workdir: str, clients: int, checkpoints: tuple[int, int]) -> dict:
+    """:func:`memory` with the client ids sent every round (as before) and by group index."""
+    from fedpipe.engine import fed_round
+
+    placed = fed_round._of
+    out = {}
+    try:
+        fed_round._of = _client_ids_every_round
+        out["ids_every_round"] = memory(workdir, 20_000, clients, checkpoints)
+    finally:
+        fed_round._of = placed
+    out["groups_placed_once"] = memory(workdir, 20_000, clients, checkpoints)
+    return out
 
 
 def digits(workdir: str, rounds: int) -> dict:
@@ -230,7 +261,7 @@ def digits(workdir: str, rounds: int) -> dict:
         model = models.mlp(info.n_features, len(info.classes), hidden=(64,))
         run = federate(url, model, rounds=rounds, partition="dir100", strategy=strategy,
                        local_epochs=2, batch_size=10, lr=0.05, eval_every=5, workers=2)
-        curve = {rec["round"] + 1: rec["test_accuracy"] for rec in run.history
+        curve = {rec["round"] + 1: rec["test_accuracy"] for rec in run.metrics
                  if "test_accuracy" in rec}
         reached = [r for r, acc in curve.items() if acc >= 0.90]
         out[strategy.name] = {"accuracy_by_round": curve, "final": curve[rounds],
@@ -250,6 +281,10 @@ def main(argv: list[str] | None = None) -> dict:
                         help="speed: runs per client count; the median ratio is reported "
                              "(default 3)")
     parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--memory-clients", type=int, default=1000,
+                        help="memory: clients of the run (default 1,000, every round evaluated)")
+    parser.add_argument("--memory-rounds", type=int, nargs=2, metavar=("EARLY", "LATE"),
+                        help="memory: the two round counts compared (default 50 500; quick 10 40)")
     args = parser.parse_args(argv)
     sections = args.only or list(SECTIONS)
     if args.quick:
@@ -265,7 +300,8 @@ def main(argv: list[str] | None = None) -> dict:
             result["speed"] = speed_and_scale(workdir, rows, clients, rounds, {100, 1000},
                                               1 if args.quick else args.repeats)
         if "memory" in sections:
-            result["memory"] = memory(workdir, 20_000, 100, mem)
+            result["memory"] = memory_side_by_side(workdir, args.memory_clients,
+                                                   tuple(args.memory_rounds or mem))
         if "digits" in sections:
             result["digits"] = digits(workdir, 10 if args.quick else 50)
     result["targets"] = _targets(result)
@@ -289,8 +325,8 @@ def _targets(result: dict) -> dict:
             per_client = [per_k[k]["federate_s_per_client_round"] for k in ("1000", "10000")]
             out["s_per_client_round_1000_vs_10000"] = per_client
     if "memory" in result:
-        out["memory_flat_5pct"] = max(result["memory"]["driver_growth"],
-                                      result["memory"]["workers_growth"]) <= 0.05
+        now = result["memory"]["groups_placed_once"]
+        out["memory_flat_5pct"] = max(now["driver_growth"], now["workers_growth"]) <= 0.05
     if "digits" in result:
         first = result["digits"]["fedavg"]["first_round_at_0.90"]
         out["digits_fedavg_0.90_within_50_rounds"] = first is not None and first <= 50

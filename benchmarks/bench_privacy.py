@@ -170,7 +170,7 @@ def robust_round(quick: bool, rounds: int = 3) -> dict:
                 run = federate(url, model, rounds=rounds, batch_size=32, lr=0.1, stages=chain,
                                dask_client=dc, eval_every=rounds)
                 out[f"{rule}_round_s"] = statistics.median(r["seconds"]
-                                                           for r in run.history[1:])
+                                                           for r in run.metrics[1:])
     for rule in ("median", "trimmed-mean", "krum"):
         out[f"{rule}_over_mean"] = out[f"{rule}_round_s"] / out["mean_round_s"]
     return out

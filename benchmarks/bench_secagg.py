@@ -66,9 +66,9 @@ def bench_round(clients: int, params: int, rounds: int, graphs=("full", "sparse"
             for name, chain in chains.items():
                 run = federate(url, model, rounds=rounds, batch_size=32, lr=0.1, stages=chain,
                                dask_client=dc, eval_every=rounds)
-                out[f"{name}_seconds"] = statistics.median(r["seconds"] for r in run.history[1:])
+                out[f"{name}_seconds"] = statistics.median(r["seconds"] for r in run.metrics[1:])
                 if chain is not None:
-                    out[f"{name}_bytes_per_client"] = run.history[-1]["secagg"][
+                    out[f"{name}_bytes_per_client"] = run.metrics[-1]["secagg"][
                         "bytes_per_client"]
     for name in (f"secure_{g}" for g in graphs):
         out[f"{name}_ratio"] = out[f"{name}_seconds"] / out["plain_seconds"]

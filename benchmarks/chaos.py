@@ -140,9 +140,9 @@ def federate_chaos(store: str, rounds: int, deadline: float) -> dict:
         run = federate(store, models.logistic(N_FEATURES), rounds=rounds, partition="fed",
                        deadline=deadline, dask_client=dc, on_record=kill_later, lr=0.1,
                        batch_size=256, seed=SEED)
-    aggregated = [r["aggregated"] for r in run.history]
+    aggregated = [r["aggregated"] for r in run.metrics]
     budget = 2 * (deadline + 1.0)  # a train and an eval wave, each deadline + fetch grace
-    return {"rounds": rounds, "completed": len(run.history), "clients": len(rows),
+    return {"rounds": rounds, "completed": len(run.metrics), "clients": len(rows),
             "deadline_s": deadline, "aggregated": {"min": min(aggregated),
                                                    "median": statistics.median(aggregated)},
             "rounds_with_9_of_10": sum(a >= 9 for a in aggregated),

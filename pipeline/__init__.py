@@ -8,6 +8,7 @@
     fp.fedbuff
     fp.LogisticRegression, fp.SoftmaxRegression, fp.LinearRegression, fp.MLPClassifier,
     fp.MLPRegressor (scikit-learn estimators over Dask), fp.load_model, fp.export_onnx
+    fp.check_model, fp.check_optimizer, fp.check_stage, fp.check_strategy (conformance suites)
 
 The folder ``pipeline/`` of the repository is installed as ``fedpipe`` and ``tasks/`` (the pure
 NumPy math) as ``fedpipe.tasks``. Names resolve lazily (PEP 562) so that a worker unpickling
@@ -53,6 +54,10 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "MLPRegressor": ("fedpipe.model.estimators", "MLPRegressor"),
     "export_onnx": ("fedpipe.model.onnx_export", "export_onnx"),
     "load_model": ("fedpipe.model.saved", "load"),
+    "check_model": ("fedpipe.tasks.checks", "check_model"),
+    "check_optimizer": ("fedpipe.tasks.checks", "check_optimizer"),
+    "check_stage": ("fedpipe.tasks.conformance", "check_stage"),
+    "check_strategy": ("fedpipe.tasks.conformance", "check_strategy"),
 }
 
 __all__ = sorted([*_EXPORTS, "FedpipeError", "ValidationError", "StoreError", "ConfigError",

@@ -40,18 +40,41 @@ RunDir = Path  # a run directory is just a path; the functions below are its who
 
 
 class Run(NamedTuple):
-    """A finished (or interrupted) run read back from disk by :func:`load_run`.
+    """A run: what :func:`fedpipe.engine.train.fit` and :func:`fedpipe.engine.federate.federate`
+    return and what :func:`load_run` reads back from its directory, the same value all three.
 
     A finished run is a self-contained model (``model.json``, ``preprocess.json``,
     ``params.npz``): :meth:`predict` and :meth:`predict_proba` need neither the training store
     nor the code that built the model.
+
+    Attributes
+    ----------
+    params : ndarray
+        The flat float64 parameter vector (``load_run``: ``named`` ravelled in order).
+    named : dict of str to ndarray
+        The model's ``unpack(params)``, as in ``params.npz``.
+    metrics : list of dict
+        One record per iteration, epoch or round, as in ``metrics.jsonl``; a federated run
+        started in this process keeps each round's record without its per-client records
+        (``clients``, in ``metrics.jsonl`` only), so memory does not grow with clients.
+    summary : dict
+        ``summary.json``.
+    config : dict
+        ``config.toml``: the configuration written for the run ({} when it had no run directory).
+    path : Path or None
+        The run directory (None for a run without one).
+    state : ServerState or None
+        A federated run's final state on the driver (params, server optimizer state, stage
+        states, control, round, seed), what its checkpoint holds; None otherwise.
     """
 
-    params: dict[str, np.ndarray]
+    params: np.ndarray
+    named: dict[str, np.ndarray]
     metrics: list[dict[str, Any]]
     summary: dict[str, Any]
     config: dict[str, Any]
     path: Path | None = None
+    state: Any = None
 
     def predict(self, X: Any) -> Any:
         """Predictions in the original labels; see :func:`fedpipe.model.predict.predict`."""
@@ -373,12 +396,21 @@ def checkpoint_step(run_dir: str | os.PathLike[str]) -> str | None:
                 "unknown")
 
 
+def read_config(run_dir: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """``config.toml`` of a run directory as a dict ({} without one)."""
+    import tomllib
+
+    path = None if run_dir is None else Path(run_dir) / CONFIG
+    if path is None or not path.exists():
+        return {}
+    return tomllib.loads(path.read_text(encoding="utf-8"))
+
+
 def load_run(run_dir: str | os.PathLike[str]) -> Run:
     """Read a run directory back: parameters, metrics, summary and configuration.
 
     Missing files give empty values, so an interrupted run can be inspected too.
     """
-    import tomllib
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -390,8 +422,8 @@ def load_run(run_dir: str | os.PathLike[str]) -> Run:
     summary = {}
     if (run_dir / SUMMARY).exists():
         summary = json.loads((run_dir / SUMMARY).read_text(encoding="utf-8"))
-    config = {}
-    if (run_dir / CONFIG).exists():
-        config = tomllib.loads((run_dir / CONFIG).read_text(encoding="utf-8"))
-    return Run(params=params, metrics=read_metrics(run_dir), summary=summary, config=config,
-               path=run_dir)
+    config = read_config(run_dir)
+    flat = (np.concatenate([np.ravel(v) for v in params.values()]).astype(np.float64)
+            if params else np.zeros(0))
+    return Run(params=flat, named=params, metrics=read_metrics(run_dir), summary=summary,
+               config=config, path=run_dir)

@@ -41,6 +41,27 @@ class ClientSpec(NamedTuple):
     stages: tuple[Stage, ...]
     token: str
     client_optimizer: Optimizer | None = None  # None: sgd at lr (the strategy's ``client``)
+    # Each worker's clients, placed once per run with the spec (see Members); empty: tasks
+    # name their clients themselves.
+    groups: tuple[tuple[str, ...], ...] = ()
+
+
+class Members(NamedTuple):
+    """Some clients of group ``group`` of the run's :attr:`ClientSpec.groups`: all of them, or
+    those at positions ``picked``. A round's task carries this instead of the client ids,
+    which at 1,000 clients were a thousand strings a round that the scheduler kept and the
+    driver's memory grew by (issue 12)."""
+
+    group: int
+    picked: np.ndarray | None = None
+
+
+def members(spec: ClientSpec, clients: Sequence[str] | Members) -> Sequence[str]:
+    """The client ids a task works on, in group order."""
+    if not isinstance(clients, Members):
+        return clients
+    group = spec.groups[clients.group]
+    return group if clients.picked is None else [group[i] for i in clients.picked]
 
 
 class PackedSpec(NamedTuple):
@@ -106,7 +127,7 @@ def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int
     return aggregate.client_report(client, packet, metrics, rejected)
 
 
-def train_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np.ndarray,
+def train_group(spec: ClientSpec | PackedSpec, clients: Sequence[str] | Members, params: np.ndarray,
                 round_: int, stage_states: dict, control: np.ndarray | None) -> dict:
     """Train the given clients of this worker, in order, and merge their reports.
 
@@ -114,11 +135,12 @@ def train_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: n
     over the same clients in the same order.
     """
     spec = unpack(spec)
-    reports = [_train_client(spec, c, params, round_, stage_states, control) for c in clients]
+    reports = [_train_client(spec, c, params, round_, stage_states, control)
+               for c in members(spec, clients)]
     return aggregate.add_reports(*reports)
 
 
-def eval_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np.ndarray) -> dict:
+def eval_group(spec: ClientSpec | PackedSpec, clients: Sequence[str] | Members, params: np.ndarray) -> dict:
     """Test-row sums of the given clients of this worker (their rows never leave it).
 
     Each client's packet is ``{"sums": reduce.eval_sums(...)}``, the data-parallel engine's
@@ -127,7 +149,7 @@ def eval_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np
     """
     spec = unpack(spec)
     reports = []
-    for client in clients:
+    for client in members(spec, clients):
         (_, _, X, y), _ = placement.client_rows(spec.url, spec.partition, client,
                                                 test_fraction=spec.test_fraction,
                                                 seed=spec.seed, run=spec.token,
@@ -138,8 +160,8 @@ def eval_group(spec: ClientSpec | PackedSpec, clients: Sequence[str], params: np
     return aggregate.add_reports(*reports)
 
 
-def round_group(spec: ClientSpec | PackedSpec, evaluated: Sequence[str],
-                trained: Sequence[str], params: np.ndarray, round_: int, stage_states: dict,
+def round_group(spec: ClientSpec | PackedSpec, evaluated: Sequence[str] | Members,
+                trained: Sequence[str] | Members | None, params: np.ndarray, round_: int, stage_states: dict,
                 control: np.ndarray | None) -> dict:
     """One round's work of this worker in one task: train on ``params`` and evaluate them.
 

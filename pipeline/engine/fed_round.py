@@ -21,6 +21,7 @@ from fedpipe import poison, resilience
 from fedpipe.engine import placement
 from fedpipe.engine.fed_client import (
     ClientSpec,
+    Members,
     add_round_parts,
     eval_group,
     pack_spec,
@@ -59,6 +60,18 @@ class Sampling(NamedTuple):
     retries: int = 1
 
 
+def _of(spec: ClientSpec, j: int, group: Sequence[str],
+        chosen: set[str] | None = None) -> Sequence[str] | Members | None:
+    """What a task of group ``j`` is told of its clients: all of them, those ``chosen`` (None:
+    none chosen), by position in the spec's groups when the run placed them there."""
+    mine = list(group) if chosen is None else [c for c in group if c in chosen]
+    if not mine or not spec.groups:
+        return mine or None
+    if len(mine) == len(group):
+        return Members(j)
+    return Members(j, np.array([i for i, c in enumerate(group) if c in chosen], np.int32))
+
+
 class _Leaves(NamedTuple):
     futures: list[Future]
     clients: list[list[str]]
@@ -69,22 +82,24 @@ def _submit_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequen
                   batch_clients: bool) -> _Leaves:
     r = state.round
     work = [(j, group, [c for c in group if c in sampled]) for j, group in enumerate(groups)]
-    work = [(f"{spec.token}-r{r}-a{attempt}-g{j}", group, mine) for j, group, mine in work if mine]
+    work = [(f"{spec.token}-r{r}-a{attempt}-g{j}", group, mine, j)
+            for j, group, mine in work if mine]
     if batch_clients:  # one wave: a single graph of one pinned task per worker
-        calls = {f"local-{tag}": (functools.partial(train_group, pack_spec(spec), mine, params_f,
+        calls = {f"local-{tag}": (functools.partial(train_group, pack_spec(spec),
+                                                    _of(spec, j, group, sampled), params_f,
                                                     r, state.stage_states, state.control),
                                   placement.pin_group(group))
-                 for tag, group, mine in work}
-        return _Leaves(placement.submit_pinned(dask_client, calls), [m for _, _, m in work])
+                 for tag, group, _, j in work}
+        return _Leaves(placement.submit_pinned(dask_client, calls), [m for _, _, m, _ in work])
     futures = []
-    for tag, _, mine in work:
+    for tag, _, mine, _ in work:
         per_client = [
             dask_client.submit(train_group, pack_spec(spec), [c], params_f, r,
                                state.stage_states, state.control, key=f"local-{tag}-c{c}",
                                resources=placement.resources_of([c]), pure=False)
             for c in mine]
         futures.append(dask_client.submit(aggregate.add_reports, *per_client, key=f"agg-{tag}"))
-    return _Leaves(futures, [m for _, _, m in work])
+    return _Leaves(futures, [m for _, _, m, _ in work])
 
 
 def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: int,
@@ -239,7 +254,7 @@ def _evaluate_and_train(dask_client: Client, spec: ClientSpec, groups: Sequence[
     """
     r = state.round
     calls = {f"local-{spec.token}-r{r}-a0-g{j}": (
-        functools.partial(round_group, pack_spec(spec), g, [c for c in g if c in sampled],
+        functools.partial(round_group, pack_spec(spec), _of(spec, j, g), _of(spec, j, g, sampled),
                           state.params, r, state.stage_states, state.control),
         placement.pin_group(g)) for j, g in enumerate(groups)}
     leaves = _Leaves(placement.submit_pinned(dask_client, calls), [list(g) for g in groups])
@@ -252,8 +267,9 @@ def _evaluate_and_train(dask_client: Client, spec: ClientSpec, groups: Sequence[
 def evaluate(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]],
               params: np.ndarray, r: int, deadline: float | None) -> dict:
     """Test metrics of ``params`` summed over the clients' own test rows (kept on workers)."""
-    calls = {f"eval-{spec.token}-r{r}-g{j}": (functools.partial(eval_group, pack_spec(spec), g,
-                                                                 params), placement.pin_group(g))
+    calls = {f"eval-{spec.token}-r{r}-g{j}": (functools.partial(eval_group, pack_spec(spec),
+                                                                 _of(spec, j, g), params),
+                                              placement.pin_group(g))
              for j, g in enumerate(groups)}
     futures = placement.submit_pinned(dask_client, calls)
     report, dropped = _collect(dask_client, _Leaves(futures, [list(g) for g in groups]),

@@ -40,13 +40,14 @@ from fedpipe.engine.fed_round import (
 )
 from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.model import saved as saved_model
+from fedpipe.rundir import Run
 from fedpipe.tasks import aggregate, fedbuff, sampling
 from fedpipe.tasks.aggregate import Stage, Strategy
 from fedpipe.tasks.models import Model
 
 log = logging.getLogger("fedpipe")
 
-__all__ = ["ClientSpec", "FederatedRun", "Sampling", "ServerState", "federate"]
+__all__ = ["ClientSpec", "Run", "Sampling", "ServerState", "federate"]
 
 # How long a task may wait for its client's worker when no --deadline bounds the round.
 DEFAULT_NO_WORKER_TIMEOUT = 60.0
@@ -55,20 +56,6 @@ DIVERGE_FACTOR = 1e6  # a global training loss this many times round 0's stops t
 DEFAULT_DELTA = 1e-5
 DEFAULT_LR = 0.1  # the default client sgd's step size
 DEFAULT_LOCAL_EPOCHS = 1
-
-
-class FederatedRun(NamedTuple):
-    """What :func:`federate` returns: final params and state, per-round history, summary.
-
-    ``history`` holds each round's record without its per-client records (``clients``), which
-    are in ``metrics.jsonl`` and reach ``on_record``: the driver's memory does not grow with
-    clients times rounds.
-    """
-
-    params: np.ndarray
-    state: ServerState
-    history: list[dict]
-    summary: dict
 
 
 def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | None = None,
@@ -85,7 +72,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
              config: Mapping[str, object] | None = None, delta: float | None = None,
              target_epsilon: float | None = None,
              diverge_factor: float | None = DIVERGE_FACTOR,
-             mode: fedbuff.Buffered | None = None) -> FederatedRun:
+             mode: fedbuff.Buffered | None = None) -> Run:
     """Federated training of ``model`` on the clients of a partition of a fedpipe store.
 
     Parameters
@@ -164,7 +151,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
 
     Returns
     -------
-    FederatedRun
+    Run
 
     References
     ----------
@@ -235,7 +222,15 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
         saved_model.write(run_dir, model, info)  # model.json + preprocess.json: predict needs no store
         rundir.write_summary(run_dir, summary)
         rundir.publish(run_dir)
-    return FederatedRun(state.params, state, history, summary)
+    return finished_run(model, state, history, summary, run_dir)
+
+
+def finished_run(model: Model, state: ServerState, history: list[dict], summary: dict,
+                 run_dir) -> Run:
+    """The :class:`~fedpipe.rundir.Run` a federated run returns (``history`` as its metrics)."""
+    path = None if run_dir is None else rundir.target(run_dir)
+    return Run(state.params, model.unpack(state.params), history, summary,
+               rundir.read_config(path), path, state)
 
 
 def round_for(chain: Sequence[Stage], n_clients: int, sampling_: Sampling):
@@ -257,6 +252,8 @@ def run_rounds(dc: Client, spec: ClientSpec, groups, clients: Sequence[str], str
     What a simulation (:func:`federate`) and site-local stores (``federate_sites``) share once
     their clients are placed.
     """
+    # The groups travel once per run inside the spec; a round's tasks name them by index.
+    spec = spec._replace(groups=tuple(tuple(g) for g in groups))
     state = fed_state.initial_state(spec.model, strategy, spec.stages, spec.seed)
     if resume:
         state = fed_state.resume(dc, run_dir, spec, groups, state)

@@ -318,7 +318,7 @@ def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds:
                    overwrite: bool = False, on_record: Callable[[dict], None] | None = None,
                    config: Mapping[str, object] | None = None, delta: float | None = None,
                    target_epsilon: float | None = None,
-                   diverge_factor: float | None = fed.DIVERGE_FACTOR) -> fed.FederatedRun:
+                   diverge_factor: float | None = fed.DIVERGE_FACTOR) -> fed.Run:
     """Federated training on the site-local stores of :func:`prepare_sites`'s ``plan``.
 
     The options are :func:`fedpipe.engine.federate.federate`'s; the loop, deadlines, stages
@@ -367,4 +367,4 @@ def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds:
         saved_model.write(run_dir, model, plan.info)  # the global statistics: predict applies them
         rundir.write_summary(run_dir, summary)
         rundir.publish(run_dir)
-    return fed.FederatedRun(state.params, state, history, summary)
+    return fed.finished_run(model, state, history, summary, run_dir)

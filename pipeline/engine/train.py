@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Mapping
 from contextlib import nullcontext
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from distributed import Client
@@ -62,13 +62,14 @@ from fedpipe.engine.train_records import (
 )
 from fedpipe.errors import ValidationError
 from fedpipe.model import saved as saved_model
+from fedpipe.rundir import Run
 from fedpipe.tasks.lbfgs import LBFGS
 from fedpipe.tasks.models import Model
 from fedpipe.tasks.optimizers import Optimizer
 
 # Names that lived in this module before it was split; importable from here as before.
 __all__ = [
-    "CACHE_MODES", "INLINE_PARAM_BYTES", "MEMORY_SHARE", "Data", "Engine", "FitResult",
+    "CACHE_MODES", "INLINE_PARAM_BYTES", "MEMORY_SHARE", "Data", "Engine",
     "OnRecord", "Pass", "block_tasks", "check_finite", "choose_cache", "choose_chunks_per_task",
     "converged", "emit",
     "fit", "full_pass", "load_data", "pass_record", "read_block", "restore_state",
@@ -77,15 +78,6 @@ __all__ = [
 
 log = logging.getLogger("fedpipe")
 
-
-
-class FitResult(NamedTuple):
-    """What :func:`fit` returns: flat parameters, named arrays, the metric records, the summary."""
-
-    params: np.ndarray
-    named: dict[str, np.ndarray]
-    metrics: list[dict[str, Any]]
-    summary: dict[str, Any]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +111,7 @@ def fit(
     mode: BoundedStaleness | None = None,
     shard_parameters: bool = False,
     shards: int | None = None,
-) -> FitResult:
+) -> Run:
     """Train ``model`` on the store at ``store`` with ``optimizer`` on a Dask cluster.
 
     Parameters
@@ -195,7 +187,7 @@ def fit(
 
     Returns
     -------
-    FitResult
+    Run
     """
     _check_arguments(model, optimizer, iterations, epochs, batch_size, test_fraction,
                      checkpoint_every, tol, cache, fan_in, chunks_per_task)
@@ -256,7 +248,8 @@ def fit(
         saved_model.write(run_dir, model, info)  # model.json + preprocess.json: predict needs no store
         rundir.write_summary(run_dir, summary)
         rundir.publish(run_dir)
-    return FitResult(params, named, records, summary)
+    path = None if run_dir is None else rundir.target(run_dir)
+    return Run(params, named, records, summary, rundir.read_config(path), path)
 
 
 def _run_loop(engine: Engine, optimizer, iterations, epochs, batch_size, seed,

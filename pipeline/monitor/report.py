@@ -359,7 +359,7 @@ def report_plots(run: rundir.Run, model: Any = None) -> list[Plot]:
         plots += [plot_client_distribution(run.metrics), plot_round_times(run.metrics)]
     if (hists := label_histograms(run.config, run.summary)) is not None:
         plots.append(plot_label_histogram(*hists))
-    if run.params and run.config.get("store") and (cm := test_confusion(run.config, run.params, model)):
+    if run.named and run.config.get("store") and (cm := test_confusion(run.config, run.named, model)):
         plots.append(plot_confusion(*cm))
     return plots
 

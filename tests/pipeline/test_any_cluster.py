@@ -177,7 +177,7 @@ def test_python_run_on_plain_workers_survives_a_killed_worker(cluster, fed_store
     joined = [r for r in last.values() if r["nanny"] not in nannies]
     assert len(joined) == 1 and joined[0]["resident"] == [] and joined[0]["reads"] == 0
     # Every round aggregated every client, the killed worker's in the rounds after the kill.
-    assert [r["aggregated"] for r in run.history] == [N_CLIENTS] * 4
+    assert [r["aggregated"] for r in run.metrics] == [N_CLIENTS] * 4
     # round 0's record arrives once round 1 has trained (its evaluation rides on round 1)
     after = events["records"][2]["clients"]
     assert all(after[c]["read"] for c in victim["resident"])
@@ -190,7 +190,7 @@ def test_declared_resources_are_discovered_not_lent(fed_store):
     with placement.simulation_cluster(groups, processes=False, dashboard_address=":0") as dc:
         assert lend.declares_clients(dc)
         run = federate(fed_store, models.softmax(5, 3), rounds=1, dask_client=dc)
-        assert run.history[0]["aggregated"] == N_CLIENTS
+        assert run.metrics[0]["aggregated"] == N_CLIENTS
         assert dc.run_on_scheduler(_scheduler_view)["plugins"] == []
         resources = sorted(sorted(w["resources"]) for w in
                            dc.scheduler_info(n_workers=-1)["workers"].values())

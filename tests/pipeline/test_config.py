@@ -119,9 +119,9 @@ def test_fedpipe_train_repeats_a_run_from_its_config(small_store, tmp_path, caps
     again = tmp_path / "again"
     assert main(["train", "--config", str(first / "config.toml"), "--out", str(again), "-q"]) == 0
     one, two = rundir.load_run(first), rundir.load_run(again)
-    assert one.params.keys() == two.params.keys()
-    for name in one.params:
-        assert (one.params[name] == two.params[name]).all()
+    assert one.named.keys() == two.named.keys()
+    for name in one.named:
+        assert (one.named[name] == two.named[name]).all()
     assert rundir.load_run(again).config["out"] == str(again)  # the flag won over the file
     capsys.readouterr()
 

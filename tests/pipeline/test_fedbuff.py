@@ -86,7 +86,7 @@ def test_resume_after_an_interruption_ends_bit_identical(fed_store, dask_client,
 def test_clipping_runs_in_the_async_chain(fed_store, dask_client):
     chain = (aggregate.validate(), privacy.clip(0.05), aggregate.weighted_mean())
     run = _run(fed_store, dask_client, stages=chain, rounds=3, eval_every=3)
-    assert all(h["aggregation"]["clip/clipped"] > 0 for h in run.history)
+    assert all(h["aggregation"]["clip/clipped"] > 0 for h in run.metrics)
 
 
 @pytest.mark.parametrize("kwargs, flag", [
@@ -125,10 +125,10 @@ def test_async_options_without_mode_async_are_refused(fed_store, capsys):
 def test_wall_clock_takes_updates_as_they_arrive_within_the_bound(fed_store, dask_client):
     mode = fedbuff.buffered(buffer_size=2, max_concurrency=4, max_staleness=0, clock="wall")
     run = _run(fed_store, dask_client, mode=mode, rounds=4, eval_every=4)
-    assert [h["version"] for h in run.history] == [1, 2, 3, 4]
-    assert all(h["staleness"]["max"] == 0 for h in run.history)  # S = 0: fresh updates only
-    times = [h["clock_time"] for h in run.history]
-    assert times == sorted(times) and "test_accuracy" in run.history[-1]
+    assert [h["version"] for h in run.metrics] == [1, 2, 3, 4]
+    assert all(h["staleness"]["max"] == 0 for h in run.metrics)  # S = 0: fresh updates only
+    times = [h["clock_time"] for h in run.metrics]
+    assert times == sorted(times) and "test_accuracy" in run.metrics[-1]
 
 
 @pytest.mark.slow  # a cluster of real worker processes (~20 s)

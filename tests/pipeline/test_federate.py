@@ -58,7 +58,7 @@ def test_fedavg_with_one_full_batch_step_is_gradient_descent(fed_store, dask_cli
         _, g, n = model.loss_and_grad(p, X, y)
         p = p - lr * (g / n + model.penalty(p)[1])
     np.testing.assert_allclose(run.params, p, rtol=1e-10, atol=1e-12)
-    assert [r["aggregated"] for r in run.history] == [N_CLIENTS] * rounds
+    assert [r["aggregated"] for r in run.metrics] == [N_CLIENTS] * rounds
 
 
 @pytest.mark.parametrize("strategy", [aggregate.fedprox(0.1), aggregate.scaffold()],
@@ -69,8 +69,8 @@ def test_one_task_per_worker_equals_one_task_per_client(fed_store, dask_client, 
     batched = federate(fed_store, _model(), batch_clients=True, **kwargs)
     single = federate(fed_store, _model(), batch_clients=False, **kwargs)
     np.testing.assert_array_equal(batched.params, single.params)
-    assert [r["test_loss"] for r in batched.history] == [r["test_loss"] for r in single.history]
-    assert [r["sampled"] for r in batched.history] == [4, 4, 4]
+    assert [r["test_loss"] for r in batched.metrics] == [r["test_loss"] for r in single.metrics]
+    assert [r["sampled"] for r in batched.metrics] == [4, 4, 4]
 
 
 @pytest.mark.parametrize("strategy", [aggregate.fedadam(0.05), aggregate.scaffold()],
@@ -85,7 +85,7 @@ def test_resume_ends_bit_identical(fed_store, dask_client, tmp_path, strategy):
     np.testing.assert_array_equal(resumed.params, whole.params)
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
-    assert json.loads(lines[-1])["test_loss"] == whole.history[-1]["test_loss"]
+    assert json.loads(lines[-1])["test_loss"] == whole.metrics[-1]["test_loss"]
 
 
 def _client_test_rows(url: str, client: str) -> tuple[np.ndarray, np.ndarray]:
@@ -103,10 +103,10 @@ def test_regression_run_reports_the_data_parallel_test_metrics(dask_client, tmp_
     url = partitioned_store(str(tmp_path / "reg.zarr"), source=REGRESSION, clients=N_CLIENTS,
                             chunk_rows=50, name="fed")
     model = models.linear(5)
-    records: list[dict] = []  # with per-client records, which run.history leaves out
+    records: list[dict] = []  # with per-client records, which run.metrics leaves out
     run = federate(url, model, rounds=2, lr=0.1, dask_client=dask_client,
                    on_record=records.append)
-    assert all({"test_loss", "test_rmse", "test_r2"} <= set(r) for r in run.history)
+    assert all({"test_loss", "test_rmse", "test_r2"} <= set(r) for r in run.metrics)
     # The serial reference: the data-parallel engine's sums of each client's own test rows.
     sums = {c: reduce.eval_sums(model, run.params, _client_test_rows(url, c))
             for c in map(str, range(N_CLIENTS))}
@@ -250,7 +250,7 @@ def test_external_scheduler_is_used_not_replaced(fed_store, dask_client):
     address = dask_client.scheduler.address
     before = set(dask_client.scheduler_info()["workers"])
     run = federate(fed_store, _model(), rounds=1, scheduler=address)
-    assert run.history[0]["aggregated"] == N_CLIENTS
+    assert run.metrics[0]["aggregated"] == N_CLIENTS
     assert set(dask_client.scheduler_info()["workers"]) == before
 
 
@@ -286,7 +286,7 @@ def test_driver_history_keeps_no_per_client_records(fed_store, dask_client, tmp_
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert [len(rec["clients"]) for rec in lines] == [N_CLIENTS] * 3  # and so does the file
     # The driver keeps each round's own figures, nothing per client.
-    assert run.history == [{k: v for k, v in rec.items() if k != "clients"} for rec in seen]
+    assert run.metrics == [{k: v for k, v in rec.items() if k != "clients"} for rec in seen]
 
 
 def _rows_of(url: str, client: str) -> tuple[np.ndarray, np.ndarray]:
@@ -352,7 +352,7 @@ def test_an_evaluated_round_costs_one_wave_of_client_tasks(fed_store, dask_clien
     # last round's evaluation: 5, where evaluating apart costs 8.
     assert len(waves) == rounds + 1
     assert all(k.startswith("eval-") for k in waves[-1])
-    assert all("test_accuracy" in h for h in run.history)
+    assert all("test_accuracy" in h for h in run.metrics)
     # Each record's test metrics are those of the params after its round, as when evaluated
     # apart (per-client tasks take that path), and training is unchanged bit for bit.
     apart = federate(fed_store, _model(), rounds=rounds, dask_client=dask_client,
@@ -361,4 +361,4 @@ def test_an_evaluated_round_costs_one_wave_of_client_tasks(fed_store, dask_clien
     def tests(history):
         return [{k: v for k, v in h.items() if k.startswith("test_")} for h in history]
 
-    assert tests(run.history) == tests(apart.history)
+    assert tests(run.metrics) == tests(apart.metrics)

@@ -55,8 +55,8 @@ def test_secure_fedavg_ends_within_encoding_error_of_plaintext(digits, dask_clie
     # per round: N rounding errors of half a step on delta * n, divided by the rows summed
     assert np.abs(safe.params - plain.params).max() < 3 * N * 0.5 / enc.scale
     assert not np.array_equal(safe.params, plain.params)  # it did go through the encoding
-    assert safe.history[-1]["test_accuracy"] == pytest.approx(plain.history[-1]["test_accuracy"])
-    stats = safe.history[0]["secagg"]
+    assert safe.metrics[-1]["test_accuracy"] == pytest.approx(plain.metrics[-1]["test_accuracy"])
+    stats = safe.metrics[0]["secagg"]
     assert stats["masked"] == N and stats["dropped"] == 0 and stats["threshold"] == 5
     # masked uint32 update plus keys and shares, against the float64 update it replaces
     assert stats["bytes_per_client"] <= 1.2 * 8 * _model().n_params
@@ -67,16 +67,16 @@ def test_dropouts_after_upload_leave_the_sum_exact(digits, dask_client):
     whole = _run(digits, dask_client, _secure())
     dropped = _run(digits, dask_client, _secure(dropout=1 / 3, dropout_phase="unmask"))
     np.testing.assert_array_equal(dropped.params, whole.params)  # same sum, bit for bit
-    stats = dropped.history[0]["secagg"]
+    stats = dropped.metrics[0]["secagg"]
     assert stats["dropped_after_upload"] == N // 3 and stats["masked"] == N
-    assert len(dropped.history[0]["dropped"]) == N // 3
+    assert len(dropped.metrics[0]["dropped"]) == N // 3
 
 
 @pytest.mark.parametrize("rate", [1 / N, 1 / 3])
 def test_dropouts_at_upload_give_the_exact_sum_of_survivors(digits, dask_client, rate):
     run = _run(digits, dask_client, _secure(dropout=rate, dropout_phase="upload"), rounds=1)
-    gone = set(run.history[0]["dropped"])
-    assert len(gone) == round(rate * N) and run.history[0]["secagg"]["recovered"] == len(gone)
+    gone = set(run.metrics[0]["dropped"])
+    assert len(gone) == round(rate * N) and run.metrics[0]["secagg"]["recovered"] == len(gone)
     enc, model = secure.find(_secure()).encoding, _model()
     p0, total, rows = model.init(SEED), np.zeros(model.n_params, np.uint32), 0.0
     info = store.read_info(digits)
@@ -95,7 +95,7 @@ def test_dropouts_at_upload_give_the_exact_sum_of_survivors(digits, dask_client,
 def test_fewer_than_threshold_survivors_abort_with_the_model_unchanged(digits, dask_client):
     run = _run(digits, dask_client, _secure(threshold=N, dropout=1 / N, dropout_phase="unmask"))
     np.testing.assert_array_equal(run.params, _model().init(SEED))
-    assert all("fewer than the threshold 9" in r["secagg"]["aborted"] for r in run.history)
+    assert all("fewer than the threshold 9" in r["secagg"]["aborted"] for r in run.metrics)
     assert run.summary["secagg"]["rounds_aborted"] == 2
 
 
@@ -113,7 +113,7 @@ def test_resume_mid_run_ends_bit_identical(digits, dask_client, tmp_path):
     _run(digits, dask_client, rounds=2, checkpoint_every=1, out=str(tmp_path / "cut"), **kw)
     resumed = _run(digits, dask_client, rounds=4, out=str(tmp_path / "cut"), resume=True, **kw)
     np.testing.assert_array_equal(resumed.params, whole.params)
-    assert [r["round"] for r in resumed.history] == [2, 3]
+    assert [r["round"] for r in resumed.metrics] == [2, 3]
 
 
 def test_cli_secure_aggregation(digits, tmp_path, capsys):

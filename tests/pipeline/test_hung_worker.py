@@ -103,7 +103,7 @@ def test_federate_keeps_its_deadline_when_a_worker_hangs_after_its_task(
 
     run = federate(store, models.softmax(5, 3), rounds=3, partition="fed", deadline=deadline,
                    dask_client=dc, on_record=timed, lr=0.1)
-    rounds = run.history
+    rounds = run.metrics
     assert [r["dropped"] for r in rounds][:2] == [{}, {"1": "late", "3": "late"}]
     assert rounds[1]["aggregated"] == 2
     # a train wave and an eval wave, each bounded by the deadline and the fetch grace

@@ -127,7 +127,7 @@ def test_no_client_rows_leave_their_worker(fed_store):
     reread = [c for rec in events["records"][2:] for c, m in rec["clients"].items() if m.get("read")]
     assert set(killed) <= set(reread)
     # The retired worker's clients were dropped from the last round, which still completed.
-    last = run.history[-1]
+    last = run.metrics[-1]
     assert set(events["retired"]) <= set(last["dropped"])
     assert last["aggregated"] == N_CLIENTS - len(events["retired"])
     assert np.all(np.isfinite(run.params))

@@ -47,7 +47,7 @@ def test_fit_equals_federate_with_chunks_as_participants(chunk_store, dask_clien
     run = fp.federate(chunk_store, model, rounds=rounds, strategy=data_parallel,
                       partition="chunks", batch_size=CHUNK_ROWS, test_fraction=0.0,
                       dask_client=dask_client)
-    assert [r["aggregated"] for r in run.history] == [N_CHUNKS] * rounds
+    assert [r["aggregated"] for r in run.metrics] == [N_CHUNKS] * rounds
     np.testing.assert_allclose(run.params, fitted.params, rtol=1e-10, atol=1e-13)
     assert not np.allclose(fitted.params, model.init(0))  # it did train
 
@@ -81,3 +81,22 @@ def test_fit_and_federate_keep_one_checkpoint_and_record_format(chunk_store, das
     assert server_side == set(fit_arrays) == {"params", "opt/step", "opt/mu", "opt/nu"}
     assert fed_meta["n_params"] == fit_meta["n_params"] == model.n_params
     assert fit_meta["iteration"] == 4 and fed_meta["round"] == 2
+
+
+def test_fit_federate_and_load_run_return_one_run_type(chunk_store, dask_client, tmp_path):
+    model, optimizer = fp.models.softmax(5, 3, l2=0.01), fp.optimizers.sgd(0.5)
+    fitted = fp.fit(chunk_store, model, optimizer, iterations=2, dask_client=dask_client,
+                    out=str(tmp_path / "fit"))
+    fed = fp.federate(chunk_store, model, rounds=2, partition="chunks", dask_client=dask_client,
+                      out=str(tmp_path / "fed"))
+    for run, path in ((fitted, tmp_path / "fit"), (fed, tmp_path / "fed")):
+        loaded = fp.load_run(path)
+        assert type(run) is type(loaded) is rundir.Run
+        assert run.path == loaded.path == path and run.config == loaded.config != {}
+        assert run.params.tobytes() == loaded.params.tobytes()  # flat, as unpack ravels it
+        assert run.named.keys() == loaded.named.keys() == model.unpack(run.params).keys()
+        assert all(np.array_equal(run.named[k], loaded.named[k]) for k in run.named)
+        assert run.summary == loaded.summary
+        assert [r.get("round", r.get("iteration")) for r in run.metrics] == \
+            [r.get("round", r.get("iteration")) for r in loaded.metrics]
+    assert fed.state.round == 2 and fitted.state is None and loaded.state is None

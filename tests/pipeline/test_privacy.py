@@ -93,14 +93,14 @@ def _dp_chain(k=4, z=0.8, s=0.5, seed=7, extra=()):
 def test_central_dp_reports_epsilon_every_round(fed_store, dask_client):
     run = federate(fed_store, _model(), rounds=3, lr=0.1, clients_per_round=4,
                    stages=_dp_chain(), dask_client=dask_client, seed=1)
-    eps = [r["epsilon"] for r in run.history]
+    eps = [r["epsilon"] for r in run.metrics]
     assert eps == sorted(eps) and eps[0] > 0
     acc = privacy.Accountant(privacy.DpSetup("central", 0.8, N_CLIENTS, 4, 1e-5))
     assert eps == [acc.epsilon(t) for t in (1, 2, 3)]
     dp = run.summary["privacy"]
     assert dp["epsilon"] == eps[-1] and "SampledWithoutReplacement" in dp["event"]
     assert dp["noise_source"].startswith("run seed") and dp["weights"] == "uniform"
-    assert all(r["aggregation"]["noise/std"] == pytest.approx(0.4) for r in run.history)
+    assert all(r["aggregation"]["noise/std"] == pytest.approx(0.4) for r in run.metrics)
 
 
 def test_resume_with_the_dp_ledger_and_topk_residual_is_bit_identical(fed_store, dask_client,
@@ -133,7 +133,7 @@ def test_budget_stops_before_the_round_that_would_pass_it(fed_store, dask_client
     target = (acc.epsilon(2) + acc.epsilon(3)) / 2
     run = federate(fed_store, _model(), rounds=5, lr=0.1, clients_per_round=4,
                    stages=_dp_chain(), target_epsilon=target, dask_client=dask_client)
-    assert len(run.history) == 2 and run.history[-1]["epsilon"] <= target
+    assert len(run.metrics) == 2 and run.metrics[-1]["epsilon"] <= target
     assert "round 2 would bring ε" in run.summary["stopped"]
     with pytest.raises(ValidationError, match="budget already spent"):
         federate(fed_store, _model(), rounds=5, clients_per_round=4, stages=_dp_chain(),
@@ -179,7 +179,7 @@ def test_scaled_attacker_is_bounded_by_the_clip_in_a_real_run(fed_store, dask_cl
     run = federate(fed_store, model, rounds=1, lr=0.1, stages=chain, dask_client=dask_client)
     # every client's contribution has norm <= S, the mean moves at most S
     assert np.linalg.norm(run.params - before) <= bound * (1 + 1e-9)
-    assert run.history[0]["aggregation"]["clip/clipped"] >= 1
+    assert run.metrics[0]["aggregation"]["clip/clipped"] >= 1
     plain = federate(fed_store, model, rounds=1, lr=0.1, dask_client=dask_client)
     assert np.linalg.norm(plain.params - before) > 100 * bound
 

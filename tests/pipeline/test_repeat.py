@@ -41,7 +41,7 @@ def dask_client(fed_store):
 
 
 def _same_params(one, two) -> None:
-    a, b = rundir.load_run(one).params, rundir.load_run(two).params
+    a, b = rundir.load_run(one).named, rundir.load_run(two).named
     assert a.keys() == b.keys() and a
     for name in a:
         assert a[name].tobytes() == b[name].tobytes(), name

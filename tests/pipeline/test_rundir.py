@@ -17,7 +17,8 @@ def test_round_trip(tmp_path):
     rundir.write_summary(run_dir, {"iterations": 1, "final": {"train_loss": 0.25}})
     rundir.write_config(run_dir, {"model": "logistic", "lr": 0.1, "hidden": [4, 2], "l1": None})
     run = rundir.load_run(run_dir)
-    np.testing.assert_array_equal(run.params["coef"], np.arange(3.0))
+    np.testing.assert_array_equal(run.named["coef"], np.arange(3.0))
+    np.testing.assert_array_equal(run.params, [0.0, 1.0, 2.0, 1.0])  # flat, in file order
     assert [m["iteration"] for m in run.metrics] == [0, 1]
     assert run.summary["final"]["train_loss"] == 0.25
     assert run.config == {"model": "logistic", "lr": 0.1, "hidden": [4, 2]}

@@ -130,7 +130,7 @@ def test_a_site_local_run_resumes_bit_identical(stores):
         resumed = sites.federate_sites(plan, models.softmax(5, 3), dask_client=dc, rounds=4,
                                        strategy=aggregate.fedadam(server_lr=0.05),
                                        out=str(out), resume=True)
-    assert resumed.state.round == 4 and len(resumed.history) == 2
+    assert resumed.state.round == 4 and len(resumed.metrics) == 2
     np.testing.assert_array_equal(resumed.params, whole.params)
 
 

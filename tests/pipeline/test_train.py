@@ -136,7 +136,7 @@ def test_resume_ends_with_the_uninterrupted_params(dask_client, store, tmp_path,
     key = "epoch" if kind == "mini-batch" else "iteration"
     steps = [r[key] for r in rundir.load_run(tmp_path / "split").metrics]
     assert steps == [r[key] for r in whole.metrics]  # no step missing, none twice
-    np.testing.assert_array_equal(rundir.load_run(tmp_path / "split").params["coef"],
+    np.testing.assert_array_equal(rundir.load_run(tmp_path / "split").named["coef"],
                                   whole.named["coef"])
 
 
@@ -285,7 +285,7 @@ def test_split_modules_keep_the_public_names():
     import fedpipe.engine.train as train
     from fedpipe.engine import train_data, train_pass, train_records
 
-    assert train.fit.__module__ == "fedpipe.engine.train" and train.FitResult._fields[0] == "params"
+    assert train.fit.__module__ == "fedpipe.engine.train" and train.Run._fields[0] == "params"
     for name in train.__all__:
         assert hasattr(train, name), name
     assert train.choose_cache is train_data.choose_cache
