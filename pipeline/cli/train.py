@@ -104,8 +104,9 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
     optimizer = registry.make_optimizer(args.optimizer, args.lr, args.lr_schedule,
                                         total_steps=_total_steps(args, info))
     unit = "iteration" if args.iterations is not None else "epoch"
-    with tls_options.client_tls(args), monitoring(args, None, mode="train", total=total, unit=unit,
-                    meta={"model": f"{model.name} on {args.store}"}) as on_record:
+    with tls_options.client_tls(args), monitoring(
+            args, None, mode="train", total=total, unit=unit,
+            meta={"model": f"{model.name} on {args.store}"}) as on_record:
         result = fit(
             args.store, model, optimizer, iterations=args.iterations, epochs=args.epochs,
             batch_size=args.batch_size, out=args.out, seed=args.seed,
