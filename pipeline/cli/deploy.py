@@ -25,10 +25,11 @@ def register(subparsers: Any, parents: list[argparse.ArgumentParser]) -> None:
                                 help="write DaskCluster + one DaskWorkerGroup per client as YAML")
     render.add_argument("--out", type=Path, help="directory for cluster.yaml (default: stdout)")
     render.add_argument("--tls", action="store_true",
-                        help="tls:// + require-encryption; cert material from --tls-dir")
+                        help="tls:// + require-encryption with one certificate per member "
+                             "(scheduler, server, each client, the driver) from --tls-dir")
     render.add_argument("--tls-dir", type=Path,
-                        help="ca.crt/tls.crt/tls.key to use, generated there if absent "
-                             "(default OUT/tls)")
+                        help="the CA and per-member certificates, kept if present and signed "
+                             "there if absent (default OUT/tls)")
     render.add_argument("--tls-secret", metavar="NAME",
                         help="like --tls, but mount an existing Secret NAME (created out of band "
                              "with ca.crt, tls.crt, tls.key) and write no key material")
@@ -101,9 +102,9 @@ def _render_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_render(args: argparse.Namespace) -> dict[str, Any]:
-    """Render the manifests; with ``--tls`` also the Secret (its own file, mode 0600)."""
+    """Render the manifests; with ``--tls`` also one Secret per member (own file, mode 0600)."""
     options = _render_options(args)
-    secret, tls_dir = None, None
+    secrets, tls_dir, driver = [], None, None
     if args.tls and args.tls_secret:
         raise ConfigError("--tls and --tls-secret: give one (generate material, or reference it)")
     if args.tls_secret:
@@ -112,31 +113,40 @@ def run_render(args: argparse.Namespace) -> dict[str, Any]:
         tls_dir = args.tls_dir or (args.out / "tls" if args.out else None)
         if tls_dir is None:
             raise ConfigError("--tls needs --out or --tls-dir (where the certificates go)")
-        files = _tls_files(tls_dir, args.name, args.namespace)
-        options["tls_secret"] = f"{args.name}-tls"
-        secret = deploy.tls_secret(files, options["tls_secret"], args.namespace)
+        secrets, driver = _role_secrets(tls_dir, args)
+        options.update(tls_secret=f"{args.name}-tls", tls_per_role=True)
     resources = deploy.render(args.clients, args.image, args.namespace, **options)
     summary: dict[str, Any] = {
         "resources": [f"{r['kind']}/{r['metadata']['name']}" for r in resources],
         "clients": deploy.parse_clients(args.clients),
         "tls_dir": str(tls_dir) if tls_dir else None,
     }
+    if driver is not None:
+        summary["driver_tls"] = driver
     if args.out is None:
-        sys.stdout.write(deploy.dump(resources + ([secret] if secret else [])))
+        sys.stdout.write(deploy.dump(resources + secrets))
         return summary
-    summary["files"] = [str(p) for p in deploy.write_manifests(resources, args.out, secret)]
+    summary["files"] = [str(p) for p in deploy.write_manifests(resources, args.out, secrets)]
     if not args.json and not args.quiet:
         print(f"wrote {', '.join(summary['files'])}", file=sys.stderr)
+        if driver is not None:
+            print("the driver's own certificate stays here: fedpipe train/federate ... "
+                  + " ".join(f"--tls-{k} {v}" for k, v in driver.items()), file=sys.stderr)
     return summary
 
 
-def _tls_files(directory: Path, name: str, namespace: str | None) -> tls.TLSFiles:
-    if all((directory / f).is_file() for f in (tls.CA_CERT, tls.CERT, tls.KEY)):
-        return tls.load(directory)
-    hosts = [f"{name}-scheduler", "localhost", "127.0.0.1"]
-    if namespace:
-        hosts += [f"{name}-scheduler.{namespace}", f"{name}-scheduler.{namespace}.svc"]
-    return tls.generate(directory, hosts=hosts)
+def _role_secrets(tls_dir: Path, args: argparse.Namespace) -> tuple[list[dict], dict[str, str]]:
+    """One Secret per member of the cluster; the driver's key is never put into one."""
+    hosts = [f"{args.name}-scheduler", "localhost", "127.0.0.1"]
+    if args.namespace:
+        hosts += [f"{args.name}-scheduler.{args.namespace}",
+                  f"{args.name}-scheduler.{args.namespace}.svc"]
+    roles = deploy.tls_roles(args.clients)
+    files = tls.ensure_roles(tls_dir, [*roles, "driver"], hosts=hosts)
+    names = deploy.tls_secret_names(f"{args.name}-tls", args.clients)
+    secrets = [deploy.tls_secret(files[role], names[role], args.namespace) for role in roles]
+    mine = files["driver"]
+    return secrets, {"ca-file": str(mine.ca), "cert": str(mine.cert), "key": str(mine.key)}
 
 
 def run_up(args: argparse.Namespace) -> dict[str, Any]:

@@ -34,9 +34,10 @@ def client_tls(args: argparse.Namespace) -> Iterator[None]:
     if missing:
         raise ValidationError(f"TLS needs --tls-ca-file, --tls-cert and --tls-key; missing "
                               f"{', '.join(missing)}")
-    if not getattr(args, "scheduler", None):
+    if not (getattr(args, "scheduler", None) or getattr(args, "kubernetes", None)):
         raise ValidationError("--tls-ca-file/--tls-cert/--tls-key need --scheduler tls://HOST:PORT "
-                              "(the cluster fedpipe starts itself listens on loopback only)")
+                              "or --kubernetes (the cluster fedpipe starts itself listens on "
+                              "loopback only)")
     import dask
     from fedpipe.deploy import tls
 

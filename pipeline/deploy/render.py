@@ -136,6 +136,7 @@ def render(
     tls_secret: str | None = None,
     no_workers_timeout: str = "300s",
     site_store: str | None = None,
+    tls_per_role: bool = False,
 ) -> list[dict[str, Any]]:
     """The operator resources of one fedpipe cluster: a ``DaskCluster`` then one group per client.
 
@@ -165,6 +166,10 @@ def render(
     tls_secret : str, optional
         Name of a Secret holding ``ca.crt``, ``tls.crt``, ``tls.key``: switches every member to
         ``tls://`` with ``require-encryption`` and mounts the Secret at ``/etc/fedpipe/tls``.
+    tls_per_role : bool
+        With ``tls_secret``: each pod mounts its own role's Secret instead of a shared one,
+        named by :func:`tls_secret_names` (``<tls_secret>-scheduler``, ``-server``,
+        ``-client-<id>``), so a client's worker holds no other member's key.
     no_workers_timeout : str
         ``distributed.scheduler.no-workers-timeout``: a task pinned to a client whose workers are
         gone fails after this long instead of waiting forever.
@@ -195,8 +200,10 @@ def render(
                                    or ".." in site_store.split("/")):
         raise ValidationError(f"--site-store {site_store!r} must be a relative path inside "
                               "the client's volume")
+    if tls_per_role and not tls_secret:
+        raise ValidationError("tls_per_role needs tls_secret (the Secrets' name prefix)")
     pod = _PodOptions(name, image, threads, memory, data_path, tls_secret, no_workers_timeout,
-                      site_store)
+                      site_store, tls_per_role)
     resources = [_cluster(pod, server_workers, server_placement or Placement())]
     for client_id in ids:
         where = _client_placement(client_id, placement.get(client_id), node_label, taint_key)
@@ -217,10 +224,27 @@ class _PodOptions:
     tls_secret: str | None
     no_workers_timeout: str
     site_store: str | None = None
+    tls_per_role: bool = False
 
     @property
     def scheme(self) -> str:
         return "tls" if self.tls_secret else "tcp"
+
+    def secret(self, role: str) -> str | None:
+        """The Secret a pod of ``role`` (scheduler, server, client-<id>) mounts, if any."""
+        if self.tls_secret and self.tls_per_role:
+            return f"{self.tls_secret}-{role}"
+        return self.tls_secret
+
+
+def tls_roles(clients: str | Sequence[str]) -> list[str]:
+    """The members that get a certificate of their own: scheduler, server, each client."""
+    return ["scheduler", "server", *(f"client-{c}" for c in parse_clients(clients))]
+
+
+def tls_secret_names(prefix: str, clients: str | Sequence[str]) -> dict[str, str]:
+    """``role -> Secret name`` of a ``tls_per_role`` render (as its pods mount them)."""
+    return {role: f"{prefix}-{role}" for role in tls_roles(clients)}
 
 
 def _cluster(pod: _PodOptions, server_workers: int, where: Placement) -> dict[str, Any]:
@@ -232,7 +256,8 @@ def _cluster(pod: _PodOptions, server_workers: int, where: Placement) -> dict[st
         "spec": {
             "scheduler": {
                 "metadata": {"labels": {ROLE_LABEL: "scheduler"}},
-                "spec": _pod_spec([_scheduler_container(pod)], pod, Placement(), data=False),
+                "spec": _pod_spec([_scheduler_container(pod)], pod, Placement(), data=False,
+                                  role="scheduler"),
                 "service": {
                     "type": "ClusterIP",
                     # Exactly the labels the operator puts on the scheduler pod.
@@ -311,7 +336,8 @@ def _worker(
     return {
         "replicas": replicas,
         "metadata": {"labels": labels},
-        "spec": _pod_spec([container], pod, where, data=where.volume is not None),
+        "spec": _pod_spec([container], pod, where, data=where.volume is not None,
+                          role="server" if client_id is None else f"client-{client_id}"),
     }
 
 
@@ -374,7 +400,7 @@ def _site_env(pod: _PodOptions, client_id: str | None) -> list[dict[str, str]]:
 
 
 def _pod_spec(
-    containers: list[dict[str, Any]], pod: _PodOptions, where: Placement, data: bool
+    containers: list[dict[str, Any]], pod: _PodOptions, where: Placement, data: bool, role: str
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {"containers": containers}
     volumes, mounts = [], []
@@ -383,7 +409,7 @@ def _pod_spec(
         volumes.append({"name": "data", **source})
         mounts.append({"name": "data", "mountPath": pod.data_path, "readOnly": True})
     if pod.tls_secret:
-        volumes.append({"name": "tls", "secret": {"secretName": pod.tls_secret}})
+        volumes.append({"name": "tls", "secret": {"secretName": pod.secret(role)}})
         mounts.append({"name": "tls", "mountPath": TLS_MOUNT, "readOnly": True})
     if mounts:
         for container in containers:
@@ -432,23 +458,24 @@ def tls_secret(files: TLSFiles, name: str, namespace: str | None = None) -> dict
 def write_manifests(
     resources: Sequence[Mapping[str, Any]],
     out: str | os.PathLike,
-    secret: Mapping[str, Any] | None = None,
+    secret: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
 ) -> list[Path]:
     """Write ``cluster.yaml`` (multi-document) and a ``kustomization.yaml`` listing it into ``out``.
 
-    A ``secret`` goes to its own ``tls-secret.yaml`` with mode 0600 (keep it out of git).
-    Returns the paths written.
+    A ``secret`` (or a list of them, one per role) goes to its own ``tls-secret.yaml`` with
+    mode 0600 (keep it out of git). Returns the paths written.
     """
+    secrets = [secret] if isinstance(secret, Mapping) else list(secret or [])
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     written = [root / MANIFEST]
     written[0].write_text(HEADER + dump(resources))
     names = [MANIFEST]
-    if secret is not None:
+    if secrets:
         path = root / SECRET_MANIFEST
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            handle.write(dump([secret]))
+            handle.write(dump(secrets))
         names.append(SECRET_MANIFEST)
         written.append(path)
     kustomization = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",

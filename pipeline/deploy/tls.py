@@ -130,23 +130,63 @@ def generate_roles(
     days: int = 365,
     roles: Sequence[str] = ROLES,
 ) -> dict[str, TLSFiles]:
-    """A CA and one certificate per role: ``ROLE.crt`` and ``ROLE.key`` signed by ``ca.crt``.
+    """A new CA and one certificate per role: ``ROLE.crt`` and ``ROLE.key`` signed by ``ca.crt``.
 
     Each role (scheduler, workers, the driver as ``client``) gets its own key, so a leaked
     worker key does not let its holder present the driver's certificate, and each can be
     revoked or rotated alone. A member without a certificate of this CA is refused by all.
+    Existing files of the same names are replaced (see :func:`ensure_roles` to keep them).
 
     Returns
     -------
     dict of str to TLSFiles
         ``role -> TLSFiles(ca, cert, key)``; ``ca.key`` stays in ``directory``.
     """
+    root = Path(directory)
+    ca = _new_ca(root, days)
+    return {role: _sign_role(root, role, ca, hosts, days) for role in roles}
+
+
+def ensure_roles(
+    directory: str | os.PathLike,
+    roles: Sequence[str],
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    days: int = 365,
+) -> dict[str, TLSFiles]:
+    """Like :func:`generate_roles`, but keeps what ``directory`` already holds.
+
+    The CA (``ca.crt`` + ``ca.key``) and every role with both ``ROLE.crt`` and ``ROLE.key`` are
+    reused; only missing roles are signed, so rendering again after adding a client neither
+    replaces the CA the cluster trusts nor rotates the other members' keys.
+
+    Raises
+    ------
+    ConfigError
+        A role is missing and ``ca.key`` is not there to sign it.
+    """
+    root = Path(directory)
+    have = {r for r in roles if (root / f"{r}.crt").is_file() and (root / f"{r}.key").is_file()}
+    missing = [r for r in roles if r not in have]
+    ca = None
+    if missing:
+        if (root / CA_CERT).is_file() != (root / CA_KEY).is_file():
+            raise ConfigError(f"{root} holds only one of {CA_CERT} and {CA_KEY}: cannot sign "
+                              f"a certificate for {missing[0]!r}; give a directory with both "
+                              "or an empty one")
+        ca = _load_ca(root) if (root / CA_KEY).is_file() else _new_ca(root, days)
+    files = {}
+    for role in roles:
+        files[role] = (TLSFiles(root / CA_CERT, root / f"{role}.crt", root / f"{role}.key")
+                       if role in have else _sign_role(root, role, ca, hosts, days))
+    return files
+
+
+def _new_ca(root: Path, days: int):
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -159,21 +199,41 @@ def generate_roles(
     )
     _write(root / CA_KEY, _key_pem(ca_key), private=True)
     _write(root / CA_CERT, _cert_pem(ca_cert))
-    files = {}
-    for role in roles:
-        key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedpipe-{role}")])
-        cert = (
-            _builder(name, ca_name, key.public_key(), now, days)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]),
-                           critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
-        _write(root / f"{role}.key", _key_pem(key), private=True)
-        _write(root / f"{role}.crt", _cert_pem(cert))
-        files[role] = TLSFiles(root / CA_CERT, root / f"{role}.crt", root / f"{role}.key")
-    return files
+    return ca_key, ca_cert
+
+
+def _load_ca(root: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    try:
+        key = serialization.load_pem_private_key((root / CA_KEY).read_bytes(), password=None)
+        cert = x509.load_pem_x509_certificate((root / CA_CERT).read_bytes())
+    except ValueError as exc:
+        raise ConfigError(f"{root / CA_KEY} or {root / CA_CERT} is not a PEM key/certificate: "
+                          f"{exc}") from None
+    return key, cert
+
+
+def _sign_role(root: Path, role: str, ca, hosts: Sequence[str], days: int) -> TLSFiles:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    ca_key, ca_cert = ca
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedpipe-{role}")])
+    cert = (
+        _builder(name, ca_cert.subject, key.public_key(), now, days)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write(root / f"{role}.key", _key_pem(key), private=True)
+    _write(root / f"{role}.crt", _cert_pem(cert))
+    return TLSFiles(root / CA_CERT, root / f"{role}.crt", root / f"{role}.key")
 
 
 def client_config(ca_file: str, cert: str, key: str) -> dict[str, str]:

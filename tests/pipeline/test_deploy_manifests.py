@@ -7,8 +7,10 @@ overlays are rendered offline with ``kubectl kustomize``.
 
 from __future__ import annotations
 
+import base64
 import copy
 import functools
+import json
 import shutil
 import subprocess
 import sys
@@ -245,21 +247,80 @@ def test_committed_manifests_equal_a_fresh_render(tmp_path, base, extra):
         )
 
 
-def test_render_tls_writes_secret_apart_and_never_the_ca_key(tmp_path, capsys):
+def _cert(pem_b64: str):
+    import base64
+
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(base64.b64decode(pem_b64))
+
+
+def _mounted_secret(resource: dict[str, Any], part: str) -> str:
+    volumes = resource["spec"][part]["spec"]["volumes"]
+    return next(v["secret"]["secretName"] for v in volumes if v["name"] == "tls")
+
+
+def test_render_tls_gives_every_member_its_own_secret_and_never_a_ca_or_driver_key(
+        tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["deploy", "render", "--clients", "0", "--out", str(out), "--tls", "--json"]) == 0
-    secret = yaml.safe_load((out / deploy.SECRET_MANIFEST).read_text())
-    assert set(secret["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    assert main(["deploy", "render", "--clients", "0,1", "--out", str(out), "--tls",
+                 "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    secrets = {d["metadata"]["name"]: d["data"]
+               for d in yaml.safe_load_all((out / deploy.SECRET_MANIFEST).read_text())}
+    assert sorted(secrets) == ["fedpipe-tls-client-0", "fedpipe-tls-client-1",
+                               "fedpipe-tls-scheduler", "fedpipe-tls-server"]
+    assert all(set(data) == {"ca.crt", "tls.crt", "tls.key"} for data in secrets.values())
+    assert len({data["ca.crt"] for data in secrets.values()}) == 1
+    assert len({data["tls.key"] for data in secrets.values()}) == 4  # no key shared
+    ca = _cert(next(iter(secrets.values()))["ca.crt"])
+    for name, data in secrets.items():
+        cert = _cert(data["tls.crt"])
+        cert.verify_directly_issued_by(ca)
+        assert cert.subject.rfc4514_string() == f"CN=fedpipe-{name.removeprefix('fedpipe-tls-')}"
+    # The CA key and the driver's key stay in --tls-dir, out of every Secret.
+    kept = [(out / "tls" / "ca.key").read_bytes(), Path(summary["driver_tls"]["key"]).read_bytes()]
+    text = (out / deploy.SECRET_MANIFEST).read_text()
+    assert not any(base64.b64encode(k).decode() in text for k in kept)
     assert (out / deploy.SECRET_MANIFEST).stat().st_mode & 0o077 == 0
     assert (out / "tls" / "ca.key").stat().st_mode & 0o077 == 0
+    # Each pod mounts its own member's Secret.
     cluster = list(yaml.safe_load_all((out / "cluster.yaml").read_text()))
     assert all(r["kind"] != "Secret" for r in cluster)
+    assert _mounted_secret(cluster[0], "scheduler") == "fedpipe-tls-scheduler"
+    assert _mounted_secret(cluster[0], "worker") == "fedpipe-tls-server"
+    assert [_mounted_secret(r, "worker") for r in cluster[1:]] == ["fedpipe-tls-client-0",
+                                                                   "fedpipe-tls-client-1"]
     for container in (c for r in cluster for c in _containers(r)):
         assert container["args"][container["args"].index("--protocol") + 1] == "tls"
-    # A second render reuses the material instead of replacing the CA the cluster trusts.
-    ca = (out / "tls" / "ca.crt").read_bytes()
-    assert main(["deploy", "render", "--clients", "0", "--out", str(out), "--tls", "-q"]) == 0
-    assert (out / "tls" / "ca.crt").read_bytes() == ca
+    # Rendering again with one more client keeps the CA and every earlier member's key.
+    assert main(["deploy", "render", "--clients", "0,1,2", "--out", str(out), "--tls", "-q"]) == 0
+    again = {d["metadata"]["name"]: d["data"]
+             for d in yaml.safe_load_all((out / deploy.SECRET_MANIFEST).read_text())}
+    assert all(again[name] == data for name, data in secrets.items())
+    _cert(again["fedpipe-tls-client-2"]["tls.crt"]).verify_directly_issued_by(ca)
+
+
+def test_rendered_member_certificates_form_a_working_tls_cluster(tmp_path):
+    """Scheduler, a client's worker and the driver each present their own rendered files."""
+    from distributed import Client, LocalCluster
+    from distributed.security import Security
+    from fedpipe.deploy import tls
+
+    files = tls.ensure_roles(tmp_path / "tls", ["scheduler", "client-0", "driver"])
+    security = Security(
+        tls_ca_file=str(files["driver"].ca), require_encryption=True,
+        tls_scheduler_cert=str(files["scheduler"].cert),
+        tls_scheduler_key=str(files["scheduler"].key),
+        tls_worker_cert=str(files["client-0"].cert), tls_worker_key=str(files["client-0"].key),
+        tls_client_cert=str(files["driver"].cert), tls_client_key=str(files["driver"].key))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls",
+                      security=security, dashboard_address=None, host="127.0.0.1") as running, \
+            Client(running, security=security) as dask_client:
+        assert dask_client.submit(sum, [1, 2]).result(timeout=30) == 3
+    with pytest.raises(ConfigError, match="ca.key"):  # a CA without its key cannot sign more
+        (tmp_path / "tls" / "ca.key").unlink()
+        tls.ensure_roles(tmp_path / "tls", ["client-1"])
 
 
 def test_render_to_stdout_and_errors_exit_2(capsys):
