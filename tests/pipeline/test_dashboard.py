@@ -20,6 +20,7 @@ from fedpipe.engine.federate import federate
 from fedpipe.engine.train import fit
 from fedpipe.monitor.dashboard import Publisher, install_page, monitoring
 from fedpipe.monitor.progress import chain
+from fedpipe.tasks import fedbuff
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -121,3 +122,31 @@ def test_page_updates_in_a_browser(federated_cluster, tmp_path) -> None:
     assert not errors, errors
     for name in ("dashboard-train.png", "dashboard-federate.png"):
         assert (tmp_path / name).stat().st_size > 10_000
+
+
+def test_asynchronous_run_shows_versions_staleness_and_buffer(federated_cluster, tmp_path) -> None:
+    """A FedBuff run: the page counts versions, not rounds, and draws staleness and the buffer."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    path, dask_client = federated_cluster
+    url = install_page(dask_client)
+    model = registry.make_model("softmax", read_info(path))
+    mode = fedbuff.buffered(buffer_size=2, max_concurrency=4, speeds=fedbuff.two_tier(0.5, 10))
+    args = argparse.Namespace(quiet=True, json=False)
+    with monitoring(args, dask_client, mode="federate", total=6, unit="version") as on_record:
+        federate(path, model, rounds=6, partition="p", dask_client=dask_client, batch_size=64,
+                 mode=mode, on_record=on_record)
+    with sync_api.sync_playwright() as playwright:
+        browser = launch_browser(playwright, tmp_path)
+        page = browser.new_page()
+        page.goto(url)
+        page.wait_for_function("+document.getElementById('n-records').textContent === 6",
+                               timeout=60_000)
+        assert page.is_visible("#async-section")
+        assert page.text_content("#unit") == "version" and page.text_content("#done") == "6"
+        assert int(page.get_attribute("#staleness-chart", "data-points")) == 12  # mean, max
+        assert int(page.get_attribute("#buffer-chart", "data-points")) == 18
+        assert "versions →" in page.text_content("#participation")
+        assert page.text_content("#clients-section h2") == "Clients in the latest version"
+        page.screenshot(path=str(tmp_path / "dashboard-async.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "dashboard-async.png").stat().st_size > 10_000

@@ -10,6 +10,8 @@ test calls ``rebalance``, kills a worker process and gracefully retires another 
 * every transfer between workers carries only model-sized keys;
 * each worker's row cache holds only clients whose ``client-<id>`` resource it carries, and the
   killed worker's clients are re-read on their restarted worker.
+
+The same audit covers asynchronous (FedBuff) training and the site-local path.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from fedpipe.data import sites as site_tasks
 from fedpipe.data import store
 from fedpipe.engine import placement, sites
 from fedpipe.engine.federate import federate
-from fedpipe.tasks import models
+from fedpipe.tasks import fedbuff, models
 from sites_support import ingest_site, site_rows
 from test_federate_support import partitioned_store
 
@@ -131,6 +133,38 @@ def test_no_client_rows_leave_their_worker(fed_store):
     assert set(events["retired"]) <= set(last["dropped"])
     assert last["aggregated"] == N_CLIENTS - len(events["retired"])
     assert np.all(np.isfinite(run.params))
+
+
+def test_asynchronous_rounds_move_no_client_rows(fed_store):
+    """FedBuff (no round barrier, a version's tasks still in flight while the next starts):
+    the same audit, on real arrival order, with a rebalance between versions."""
+    info = store.read_info(fed_store)
+    rows = {c: m["n_rows"] for c, m in info.partitions["fed"]["clients"].items()}
+    transfers: list[dict] = []
+    events: dict[str, object] = {}
+    mode = fedbuff.buffered(buffer_size=2, max_concurrency=4, clock="wall")
+    with placement.simulation_cluster(placement.assign_clients(rows, 3), processes=True,
+                                      dashboard_address=":0") as dc:
+        recorder = ResultRecorder(dc.cluster.scheduler)
+        dc.cluster.scheduler.add_plugin(recorder)
+
+        def disrupt(record):
+            for logs in dc.run(_outgoing).values():
+                transfers.extend(logs)
+            if record["version"] == 2:
+                dc.rebalance()
+            events["caches"] = dc.run(_cache_report)
+
+        run = federate(fed_store, models.softmax(N_FEATURES, 2), rounds=6, lr=0.1,
+                       batch_size=32, mode=mode, dask_client=dc, on_record=disrupt)
+        for logs in dc.run(_outgoing).values():
+            transfers.extend(logs)
+    assert recorder.seen and [r["version"] for r in run.metrics] == list(range(1, 7))
+    assert {k: v["nbytes"] for k, v in recorder.seen.items() if v["nbytes"] > BOUND} == {}
+    assert {k: n for t in transfers for k, n in t["keys"].items() if n > BOUND} == {}
+    reports = events["caches"].values()
+    assert any(report["cached"] for report in reports)
+    assert all(set(report["cached"]) <= set(report["resident"]) for report in reports)
 
 
 def _cache_report_of(dc, worker: str) -> dict:
