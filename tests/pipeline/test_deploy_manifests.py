@@ -315,7 +315,7 @@ def test_rendered_member_certificates_form_a_working_tls_cluster(tmp_path):
         tls_worker_cert=str(files["client-0"].cert), tls_worker_key=str(files["client-0"].key),
         tls_client_cert=str(files["driver"].cert), tls_client_key=str(files["driver"].key))
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tls",
-                      security=security, dashboard_address=None, host="127.0.0.1") as running, \
+                      security=security, dashboard_address="127.0.0.1:0", host="127.0.0.1") as running, \
             Client(running, security=security) as dask_client:
         assert dask_client.submit(sum, [1, 2]).result(timeout=30) == 3
     with pytest.raises(ConfigError, match="ca.key"):  # a CA without its key cannot sign more

@@ -143,8 +143,8 @@ def test_asynchronous_rounds_move_no_client_rows(fed_store):
     transfers: list[dict] = []
     events: dict[str, object] = {}
     mode = fedbuff.buffered(buffer_size=2, max_concurrency=4, clock="wall")
-    with placement.simulation_cluster(placement.assign_clients(rows, 3), processes=True,
-                                      dashboard_address=":0") as dc:
+    with placement.simulation_cluster(placement.assign_clients(rows, 3), processes=False,
+                                      dashboard_address="127.0.0.1:0") as dc:
         recorder = ResultRecorder(dc.cluster.scheduler)
         dc.cluster.scheduler.add_plugin(recorder)
 
