@@ -120,6 +120,7 @@ def test_a_bug_is_one_line_with_exit_1_and_a_traceback_only_with_v(monkeypatch, 
     assert [r for r in caplog.records if r.exc_info]  # the traceback, logged
 
 
+@pytest.mark.chaos  # a real scheduler process killed: ~10 s; make test keeps the message test (test_scheduler_loss.py)
 def test_losing_the_scheduler_mid_run_is_exit_3(small_store, tmp_path):
     port = _free_port()
     bin_dir = Path(sys.executable).parent

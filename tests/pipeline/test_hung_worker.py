@@ -45,6 +45,7 @@ def cluster_with_external_worker():
             proc.wait()
 
 
+@pytest.mark.chaos  # waits out a worker TTL: ~10 s; make test keeps the federated SIGSTOP case
 def test_train_finishes_bit_identical_when_a_worker_is_sigstopped(cluster_with_external_worker,
                                                                   small_store):
     dc, proc = cluster_with_external_worker

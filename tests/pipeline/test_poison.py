@@ -52,6 +52,7 @@ def one_failure():
         yield
 
 
+@pytest.mark.chaos  # two worker deaths and a nanny restart: ~9 s; make test keeps the federated case
 def test_train_stops_naming_the_chunk_that_kills_its_workers(small_store, one_failure):
     store = small_store()
     marker = read_chunk(store, ChunkRef("", 4))[0][0, 0]

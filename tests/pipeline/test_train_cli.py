@@ -65,6 +65,7 @@ def test_missing_store_is_one_line(tmp_path, capsys):
     assert "nope.zarr" in capsys.readouterr().err
 
 
+@pytest.mark.chaos  # a CLI process killed and resumed: ~13 s; make test keeps the in-process resume tests
 def test_killed_run_resumes_to_the_uninterrupted_params(small_store, tmp_path, dask_client):
     store = small_store(standardize=True)
     out = tmp_path / "killed"
