@@ -1,10 +1,12 @@
-"""TLS material for a fedpipe Dask cluster: a private CA and one certificate it signs.
+"""TLS material for a fedpipe Dask cluster: a private CA and the certificates it signs.
 
 distributed authenticates both ends of every connection against the cluster CA and does not
 check host names (``check_hostname = False`` in :mod:`distributed.security`), so one
-certificate signed by a dedicated CA serves scheduler, workers and the driver. The CA key never
-leaves the directory it was generated in: only ``ca.crt``, ``tls.crt`` and ``tls.key`` go into
-the Kubernetes Secret.
+certificate signed by a dedicated CA can serve scheduler, workers and the driver
+(:func:`generate`); :func:`generate_roles` and :func:`ensure_roles` give each member its own,
+so one leaked key exposes one member and can be replaced alone. The CA key never leaves the
+directory it was generated in: only ``ca.crt`` and a member's ``tls.crt``/``tls.key`` go into
+a Kubernetes Secret.
 """
 
 from __future__ import annotations
@@ -90,35 +92,10 @@ def generate(
     days : int
         Validity of both certificates.
     """
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
     root = Path(directory)
-    root.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpipe-dask-ca")])
-    ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key(), now, days)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(*_usage(cert_sign=True)), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedpipe-dask")])
-    cert = (
-        _builder(name, ca_name, key.public_key(), now, days)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    _write(root / CA_KEY, _key_pem(ca_key), private=True)
-    _write(root / KEY, _key_pem(key), private=True)
-    _write(root / CA_CERT, _cert_pem(ca_cert))
-    _write(root / CERT, _cert_pem(cert))
-    return TLSFiles(root / CA_CERT, root / CERT, root / KEY)
+    # One certificate for every member: tls.crt / tls.key, the names the Secret's keys take.
+    return _sign_role(root, CERT.removesuffix(".crt"), _new_ca(root, days), hosts, days,
+                      common_name="fedpipe-dask")
 
 
 ROLES = ("scheduler", "worker", "client")
@@ -215,7 +192,8 @@ def _load_ca(root: Path):
     return key, cert
 
 
-def _sign_role(root: Path, role: str, ca, hosts: Sequence[str], days: int) -> TLSFiles:
+def _sign_role(root: Path, role: str, ca, hosts: Sequence[str], days: int,
+               common_name: str | None = None) -> TLSFiles:
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -224,7 +202,7 @@ def _sign_role(root: Path, role: str, ca, hosts: Sequence[str], days: int) -> TL
     ca_key, ca_cert = ca
     now = datetime.datetime.now(datetime.UTC)
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"fedpipe-{role}")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name or f"fedpipe-{role}")])
     cert = (
         _builder(name, ca_cert.subject, key.public_key(), now, days)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
