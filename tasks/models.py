@@ -91,7 +91,13 @@ class Model(NamedTuple):
 
 
 def _as_float(X: np.ndarray) -> np.ndarray:
-    """Float64 view (or one copy for float32/int input): all arithmetic is float64."""
+    """Float64 view (or one copy for float32/int input): all arithmetic is float64.
+
+    A scipy.sparse matrix (a model trained on a sparse store) stays sparse: ``X @ W`` of a
+    CSR matrix and a dense ``W`` is dense, and costs the non-zeros, not rows x columns.
+    """
+    if hasattr(X, "tocsr"):
+        return X.tocsr().astype(np.float64, copy=False)
     return np.asarray(X, dtype=np.float64)
 
 

@@ -51,6 +51,8 @@ def aligned(array: np.ndarray) -> np.ndarray:
     BLAS for ``@`` and sums in another order, which would make results depend on how the
     bytes travelled. Aligning first keeps every worker on the same code path, bit for bit.
     """
+    if hasattr(array, "tocsr"):  # scipy.sparse (a sparse store's rows): no buffer to align
+        return array
     return np.require(array, requirements="A")
 
 
@@ -61,6 +63,8 @@ def row_slices(X: np.ndarray, slice_bytes: int | None = None) -> list[slice]:
     and dtype, so every worker slices a chunk the same way.
     """
     n = X.shape[0]
+    if hasattr(X, "tocsr"):  # sparse rows cost their non-zeros: one slice
+        return [slice(0, n)]
     row_bytes = max(X.itemsize * int(np.prod(X.shape[1:], dtype=np.int64)), 1)
     step = max((slice_bytes or SLICE_BYTES) // row_bytes, 1)
     return [slice(i, i + step) for i in range(0, n, step)] or [slice(0, 0)]

@@ -69,12 +69,12 @@ def export_onnx(saved: SavedModel, out: str | os.PathLike[str]) -> Path:
     if kind == "mlp":
         logits = _mlp(g, x, arrays)
     else:
-        coef = arrays["coef"].reshape(len(enc.feature_names), -1)
+        coef = arrays["coef"].reshape(enc.n_features, -1)
         logits = g.add("MatMul", x, g.const(coef, "coef"))
         if "intercept" in arrays:
             logits = g.add("Add", logits, g.const(np.atleast_1d(arrays["intercept"]), "intercept"))
     outputs = _outputs(g, kind, saved, logits)
-    d = len(enc.feature_names)
+    d = enc.n_features  # a sparse store's model takes dense rows of its full width
     graph = onnx.helper.make_graph(
         g.nodes, f"fedpipe_{saved.model.name}",
         [onnx.helper.make_tensor_value_info("X", onnx.TensorProto.DOUBLE, [None, d])],

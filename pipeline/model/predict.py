@@ -39,8 +39,12 @@ def predict(saved: SavedModel, X: Any, *, proba: bool = False) -> Any:
         raise ValidationError(f"model {saved.model.name} ({saved.model.task}) has no "
                               "probabilities: predict_proba is for classifiers")
     if isinstance(X, str | bytes) or hasattr(X, "__fspath__"):
+        if saved.encoding.sparse_width is not None:
+            return _predict_sparse_store(saved, str(X), proba)
         return _predict_store(saved, str(X), proba)
     kind = type(X).__module__.split(".")[0]
+    if saved.encoding.sparse_width is not None:
+        return predict_block(saved, X, proba)
     if kind == "dask":
         if hasattr(X, "map_partitions"):
             return _predict_dask_frame(saved, X, proba)
@@ -52,6 +56,8 @@ def predict_block(saved: SavedModel, X: Any, proba: bool = False, *,
                   encoded: bool = False) -> np.ndarray:
     """Predict on one in-memory block of raw rows (``encoded``: already one-hot, as in a store)."""
     enc = saved.encoding
+    if enc.sparse_width is not None:
+        return _predict_sparse(saved, X, proba)
     raw = X if encoded else raw_features(enc, X)
     if raw.ndim != 2 or raw.shape[1] != enc.n_features:
         raise ValidationError(f"X has {raw.shape[-1] if raw.ndim else 0} features, the model "
@@ -65,6 +71,41 @@ def predict_block(saved: SavedModel, X: Any, proba: bool = False, *,
         return saved.model.predict_proba(saved.params, features)
     out = saved.model.predict(saved.params, features)
     return labels_of(enc, out)
+
+
+def _predict_sparse(saved: SavedModel, X: Any, proba: bool) -> np.ndarray:
+    """A model trained on a sparse store: rows as a scipy.sparse matrix or a dense array."""
+    width = saved.encoding.sparse_width
+    if hasattr(X, "columns"):
+        raise ValidationError(f"the model was trained on a sparse store ({width} columns): "
+                              "predict on a scipy.sparse matrix, an array of that width or a "
+                              "sparse store")
+    if hasattr(X, "tocsr"):
+        X = X.tocsr()
+    elif type(X).__module__.split(".")[0] == "dask":
+        raise ValidationError("a model trained on a sparse store predicts on in-memory rows: "
+                              "pass a scipy.sparse matrix (X.compute() for a Dask array)")
+    else:
+        X = np.asarray(X)
+    if X.ndim != 2 or X.shape[1] != width:
+        raise ValidationError(f"X has shape {X.shape}, the model expects (rows, {width})")
+    if proba:
+        return saved.model.predict_proba(saved.params, X)
+    return labels_of(saved.encoding, saved.model.predict(saved.params, X))
+
+
+def _predict_sparse_store(saved: SavedModel, url: str, proba: bool) -> np.ndarray:
+    """Every row of a sparse store, one row chunk (all feature blocks, CSR) at a time."""
+    from fedpipe.data.sparse import read_block_csr
+    from fedpipe.data.store import chunk_refs, read_info
+
+    info = read_info(url)
+    if not info.sparse or info.n_features != saved.encoding.sparse_width:
+        raise ValidationError(f"store {url} is not a sparse store of "
+                              f"{saved.encoding.sparse_width} columns, as the model's was")
+    return np.concatenate([
+        _predict_sparse(saved, read_block_csr(url, info, ref, (0, info.n_features))[0], proba)
+        for ref in chunk_refs(info)])
 
 
 def labels_of(enc: Encoding, index: np.ndarray) -> np.ndarray:

@@ -46,10 +46,13 @@ class Encoding:
     categorical: dict[str, list] = field(default_factory=dict)
     dtypes: dict[str, str] = field(default_factory=dict)
     target: str | None = None
+    # A sparse store (fedpipe.ingest_sparse): columns are unnamed positions 0..width-1, taken
+    # as they are (no preprocessing), and inputs may be scipy.sparse matrices.
+    sparse_width: int | None = None
 
     @property
     def n_features(self) -> int:
-        return len(self.feature_names)
+        return len(self.feature_names) if self.sparse_width is None else self.sparse_width
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,11 @@ def encoding_of(info: Any) -> Encoding:
     """The :class:`Encoding` of a store's metadata (a :class:`~fedpipe.data.store.StoreInfo`)."""
     from fedpipe.data.store import stats_arrays
 
+    if getattr(info, "sparse", None):  # no names, no statistics: 2**20 of them would be MBs
+        empty = np.zeros(0)
+        return Encoding(columns=[], feature_names=[], pre=encode.Preprocess(None, empty, empty,
+                                                                            False),
+                        task=info.task, classes=info.classes, sparse_width=info.n_features)
     impute = info.preprocess.get("impute", "none")
     standardize = bool(info.preprocess.get("standardize", False))
     if info.stats:
@@ -117,7 +125,8 @@ def encoding_to_json(enc: Encoding) -> dict[str, Any]:
             "columns": enc.columns, "dtypes": enc.dtypes, "categorical": enc.categorical,
             "feature_names": enc.feature_names, "standardize": pre.standardize,
             "fill": None if pre.fill is None else pre.fill.tolist(),
-            "shift": pre.shift.tolist(), "scale": pre.scale.tolist()}
+            "shift": pre.shift.tolist(), "scale": pre.scale.tolist(),
+            **({} if enc.sparse_width is None else {"sparse_width": enc.sparse_width})}
 
 
 def encoding_from_json(data: dict[str, Any]) -> Encoding:
@@ -128,7 +137,8 @@ def encoding_from_json(data: dict[str, Any]) -> Encoding:
     return Encoding(columns=list(data["columns"]), feature_names=list(data["feature_names"]),
                     pre=pre, task=data["task"], classes=data.get("classes"),
                     categorical=dict(data.get("categorical") or {}),
-                    dtypes=dict(data.get("dtypes") or {}), target=data.get("target"))
+                    dtypes=dict(data.get("dtypes") or {}), target=data.get("target"),
+                    sparse_width=data.get("sparse_width"))
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:

@@ -54,8 +54,10 @@ def predict_to_parquet(saved: SavedModel, source: str, out: str | os.PathLike[st
                     writer = pq.ParquetWriter(tmp, table.schema)
                 writer.write_table(table)
                 if y is not None:
+                    model_input = (features if enc.sparse_width is not None
+                                   else encode.apply(enc.pre, features))
                     part = reduce.eval_sums(saved.model, saved.params,
-                                            (encode.apply(enc.pre, features), _targets(enc, y)))
+                                            (model_input, _targets(enc, y)))
                     sums = part if sums is None else sums + part
                 n += table.num_rows
                 bar.update(task, advance=units)
@@ -105,6 +107,10 @@ def open_blocks(saved: SavedModel, source: str, target: str | None,
                 block_rows: int) -> tuple[Iterator[Block], int]:
     """Blocks of ``source`` and the progress total (rows, or bytes of a CSV)."""
     lower = source.lower()
+    if saved.encoding.sparse_width is not None and lower.endswith(
+            (".csv", ".csv.gz", ".txt", ".parquet", ".pq")):
+        raise ValidationError(f"the model was trained on a sparse store: predict on a sparse "
+                              f"store (fp.ingest_sparse) or a .npz/.npy array, not {source}")
     if lower.endswith((".csv", ".csv.gz", ".txt")):
         _exists(source)
         return _csv_blocks(source, target, saved.encoding.columns, block_rows), os.path.getsize(source)
@@ -176,6 +182,8 @@ def _store_blocks(saved: SavedModel, url: str) -> tuple[Iterator[Block], int]:
     from fedpipe.data.store import chunk_refs, open_group, read_info, read_raw_chunk
 
     info = read_info(url)
+    if info.sparse:
+        return _sparse_store_blocks(saved, url, info), info.n_rows
     if list(info.feature_names) != list(saved.encoding.feature_names):
         raise ValidationError(f"store {url} does not have the features the model was trained on")
 
@@ -187,3 +195,16 @@ def _store_blocks(saved: SavedModel, url: str) -> tuple[Iterator[Block], int]:
             yield X, (np.asarray(info.classes)[y] if info.classes else y), True, len(y)
 
     return blocks(), info.n_rows
+
+
+def _sparse_store_blocks(saved: SavedModel, url: str, info) -> Iterator[Block]:
+    """Row chunks of a sparse store as CSR matrices (every feature block), with their labels."""
+    from fedpipe.data.sparse import read_block_csr
+    from fedpipe.data.store import chunk_refs
+
+    if info.n_features != saved.encoding.sparse_width:
+        raise ValidationError(f"store {url} has {info.n_features} columns, the model was "
+                              f"trained on {saved.encoding.sparse_width}")
+    for ref in chunk_refs(info):
+        X, y = read_block_csr(url, info, ref, (0, info.n_features))
+        yield X, (np.asarray(info.classes)[y] if info.classes else y), True, len(y)

@@ -195,6 +195,39 @@ def test_sparse_csr_chunks_train_as_the_dense_store(dask_client, tmp_path):
         fp.fit(sparse, model, opt, iterations=1, dask_client=dask_client)
 
 
+def test_a_sparse_run_predicts_on_csr_dense_rows_and_its_store_and_exports(dask_client, tmp_path,
+                                                                          capsys):
+    """The model of a sparse store's run: the same predictions from a CSR matrix, dense rows,
+    the store (Python and ``fedpipe predict``, with test metrics) and its ONNX export."""
+    import onnxruntime
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(6)
+    X = sp.random(240, 64, density=0.1, format="csr", random_state=6)
+    y = np.asarray(X @ rng.normal(size=(64, 3))).argmax(axis=1)
+    store, out = str(tmp_path / "sparse.zarr"), tmp_path / "run"
+    fp.ingest_sparse(X, y, store, chunk_rows=60, feature_chunks=2)
+    fp.fit(store, fp.models.softmax(64, 3), fp.optimizers.adam(0.1), iterations=8,
+           dask_client=dask_client, shard_parameters=True, out=str(out))
+    run = fp.load_run(out)
+    expected = run.predict(X)
+    assert (expected == y).mean() > 0.6  # trained, not a constant
+    np.testing.assert_array_equal(run.predict(X.toarray()), expected)
+    np.testing.assert_array_equal(run.predict(store), expected)
+    np.testing.assert_allclose(run.predict_proba(X).sum(axis=1), 1.0)
+    with pytest.raises(fp.ValidationError, match="expects"):
+        run.predict(X[:, :10])
+    assert main(["predict", str(out), store, "--out", str(tmp_path / "p.parquet"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["rows"] == 240 and summary["test_accuracy"] == (expected == y).mean()
+    np.testing.assert_array_equal(pd.read_parquet(tmp_path / "p.parquet")["prediction"], expected)
+    assert main(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
+    labels = session.run(None, {"X": X.toarray()})[0]
+    np.testing.assert_array_equal(np.asarray(labels).reshape(-1), expected)
+
+
 def test_hashed_text_with_2_20_features_holds_memory_of_its_nonzeros(dask_client, tmp_path):
     import scipy.sparse as sp
     from fedpipe.engine import shard_worker
