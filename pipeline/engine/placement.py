@@ -27,7 +27,7 @@ import numpy as np
 from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
 from distributed import Client, Future, Nanny, Scheduler, SpecCluster, Worker, get_worker
 from distributed.diagnostics.plugin import WorkerPlugin
-from fedpipe.cluster import LOOPBACK, loopback_address, worker_log_level
+from fedpipe.cluster import LOOPBACK, local_processes, loopback_address, worker_log_level
 from fedpipe.data import store
 from fedpipe.errors import TrainingError
 
@@ -108,7 +108,7 @@ def sort_clients(clients: Sequence[str]) -> list[str]:
 
 
 @contextlib.contextmanager
-def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = True,
+def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool | None = None,
                        threads: int = 1, dashboard_address: str | None = ":0",
                        worker_kwargs: Mapping[str, Any] | None = None) -> Iterator[Client]:
     """A local cluster with one worker per group, carrying the group's client resources.
@@ -117,9 +117,10 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
     ----------
     groups : sequence of sequence of str
         Clients of each worker (e.g. from :func:`assign_clients`).
-    processes : bool
+    processes : bool, optional
         Nanny-managed worker processes (a killed worker restarts with the same resources);
         ``False`` runs workers in this process (fast tests, inspectable ``Worker`` objects).
+        Default: :func:`fedpipe.cluster.local_processes` (True unless configured).
     threads : int
         Threads per worker.
     dashboard_address : str or None
@@ -131,6 +132,8 @@ def simulation_cluster(groups: Sequence[Sequence[str]], *, processes: bool = Tru
     ------
     distributed.Client
     """
+    if processes is None:
+        processes = local_processes()
     cls = Nanny if processes else Worker
     extra = dict(worker_kwargs or {})
     # A simulation serves this machine only: scheduler, workers and their HTTP servers listen on

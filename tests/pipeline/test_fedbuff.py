@@ -131,7 +131,8 @@ def test_wall_clock_takes_updates_as_they_arrive_within_the_bound(fed_store, das
     assert times == sorted(times) and "test_accuracy" in run.metrics[-1]
 
 
-@pytest.mark.slow  # a cluster of real worker processes (~20 s)
+@pytest.mark.slow
+@pytest.mark.chaos  # a cluster of real worker processes, one SIGKILLed and restarted (~20 s)
 def test_a_killed_client_worker_changes_nothing_on_the_virtual_clock(fed_store, tmp_path):
     """SIGKILL of a worker mid-run: Dask runs its clients' lost tasks again on the worker its
     nanny restarts (the clients' resources lent again), from the same inputs; the virtual

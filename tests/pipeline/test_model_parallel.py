@@ -150,6 +150,7 @@ def test_parameters_over_a_workers_memory_train_sharded_and_data_parallel_refuse
 
 
 @pytest.mark.slow
+@pytest.mark.chaos  # worker processes, one SIGKILLed and restarted (~10 s)
 def test_a_killed_workers_shard_is_rebuilt_from_the_checkpoint(stores, tmp_path):
     store, model, opt = stores["multiclass"], MODELS["multiclass"](), fp.optimizers.adam(0.05)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
