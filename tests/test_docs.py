@@ -18,7 +18,6 @@ import pathlib
 import re
 import shlex
 
-import dask
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -85,10 +84,7 @@ def test_page_runs_in_order(page, tmp_path, monkeypatch, capsys):
     # Examples write relative paths; run them in a scratch copy of the working directory.
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FEDPIPE_DOCS_TEST", "1")
-    # The clusters the examples' commands start run worker threads, not processes (the same
-    # bits, seconds faster per command; fedpipe.cluster.local_processes). Worker processes,
-    # kills and restarts are tested in tests/pipeline.
-    monkeypatch.setitem(dask.config.config, "fedpipe", {"local-processes": False})
+    # The clusters the examples' commands start run worker threads (tests/conftest.py).
     namespace: dict = {"__name__": f"docs_{page.stem}"}
     for i, (kind, code, expected) in enumerate(steps(page)):
         if kind == "cmd":

@@ -62,3 +62,17 @@ def test_in_process_cluster_runs_no_worker_profiler():
             cluster.connect(workers=1, threads=1, processes=False) as dc:
         flags = dc.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
     assert flags and not any(flags.values())
+
+
+@pytest.mark.worker_processes
+def test_local_processes_is_the_default_and_a_dask_config_key():
+    import os
+
+    import dask
+
+    assert cluster.local_processes() is True
+    with dask.config.set({"fedpipe.local-processes": False}):
+        with cluster.connect(workers=2, threads=1) as dc:  # worker threads of this process
+            assert set(dc.run(os.getpid).values()) == {os.getpid()}
+    with cluster.connect(workers=1, threads=1) as dc:
+        assert set(dc.run(os.getpid).values()) != {os.getpid()}

@@ -22,6 +22,9 @@ from fedpipe.engine.train import fit
 from fedpipe.poison import PoisonTaskError
 from fedpipe.tasks import models, optimizers
 
+# A task here ends its worker's process (os._exit): never the test's own process.
+pytestmark = pytest.mark.worker_processes
+
 # Workers unpickle this module's functions by value: they need not import the tests.
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
