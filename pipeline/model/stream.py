@@ -48,7 +48,8 @@ def predict_to_parquet(saved: SavedModel, source: str, out: str | os.PathLike[st
         with _progress(progress, total, "predict") as bar:
             task = bar.add_task("predict", total=total)
             for X, y, encoded, units in blocks:
-                features = X if encoded else raw_features(enc, X)
+                # a sparse store's model takes its rows as they are (no columns to encode)
+                features = X if encoded or enc.sparse_width is not None else raw_features(enc, X)
                 table = _table(saved, features, proba)
                 if writer is None:
                     writer = pq.ParquetWriter(tmp, table.schema)

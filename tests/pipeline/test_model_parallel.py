@@ -223,6 +223,14 @@ def test_a_sparse_run_predicts_on_csr_dense_rows_and_its_store_and_exports(dask_
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["rows"] == 240 and summary["test_accuracy"] == (expected == y).mean()
     np.testing.assert_array_equal(pd.read_parquet(tmp_path / "p.parquet")["prediction"], expected)
+    np.save(tmp_path / "rows.npy", X.toarray())  # dense rows from a file
+    assert main(["predict", str(out), str(tmp_path / "rows.npy"), "--out",
+                 str(tmp_path / "q.parquet"), "-q"]) == 0
+    np.testing.assert_array_equal(pd.read_parquet(tmp_path / "q.parquet")["prediction"], expected)
+    capsys.readouterr()
+    assert main(["predict", str(out), str(tmp_path / "rows.csv"), "--out",
+                 str(tmp_path / "r.parquet")]) == 2  # a table has no sparse columns
+    assert "sparse store" in capsys.readouterr().err
     assert main(["export", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"))
     labels = session.run(None, {"X": X.toarray()})[0]
