@@ -96,16 +96,11 @@ def _predict_sparse(saved: SavedModel, X: Any, proba: bool) -> np.ndarray:
 
 def _predict_sparse_store(saved: SavedModel, url: str, proba: bool) -> np.ndarray:
     """Every row of a sparse store, one row chunk (all feature blocks, CSR) at a time."""
-    from fedpipe.data.sparse import read_block_csr
-    from fedpipe.data.store import chunk_refs, read_info
+    from fedpipe.data.store import read_info
+    from fedpipe.model.stream import sparse_store_blocks  # stream imports this module
 
-    info = read_info(url)
-    if not info.sparse or info.n_features != saved.encoding.sparse_width:
-        raise ValidationError(f"store {url} is not a sparse store of "
-                              f"{saved.encoding.sparse_width} columns, as the model's was")
-    return np.concatenate([
-        _predict_sparse(saved, read_block_csr(url, info, ref, (0, info.n_features))[0], proba)
-        for ref in chunk_refs(info)])
+    return np.concatenate([_predict_sparse(saved, X, proba)
+                           for X, *_ in sparse_store_blocks(saved, url, read_info(url))])
 
 
 def labels_of(enc: Encoding, index: np.ndarray) -> np.ndarray:

@@ -184,7 +184,7 @@ def _store_blocks(saved: SavedModel, url: str) -> tuple[Iterator[Block], int]:
 
     info = read_info(url)
     if info.sparse:
-        return _sparse_store_blocks(saved, url, info), info.n_rows
+        return sparse_store_blocks(saved, url, info), info.n_rows
     if list(info.feature_names) != list(saved.encoding.feature_names):
         raise ValidationError(f"store {url} does not have the features the model was trained on")
 
@@ -198,14 +198,14 @@ def _store_blocks(saved: SavedModel, url: str) -> tuple[Iterator[Block], int]:
     return blocks(), info.n_rows
 
 
-def _sparse_store_blocks(saved: SavedModel, url: str, info) -> Iterator[Block]:
+def sparse_store_blocks(saved: SavedModel, url: str, info) -> Iterator[Block]:
     """Row chunks of a sparse store as CSR matrices (every feature block), with their labels."""
     from fedpipe.data.sparse import read_block_csr
     from fedpipe.data.store import chunk_refs
 
-    if info.n_features != saved.encoding.sparse_width:
-        raise ValidationError(f"store {url} has {info.n_features} columns, the model was "
-                              f"trained on {saved.encoding.sparse_width}")
+    if not info.sparse or info.n_features != saved.encoding.sparse_width:
+        raise ValidationError(f"store {url} is not a sparse store of "
+                              f"{saved.encoding.sparse_width} columns, as the model's was")
     for ref in chunk_refs(info):
         X, y = read_block_csr(url, info, ref, (0, info.n_features))
         yield X, (np.asarray(info.classes)[y] if info.classes else y), True, len(y)
