@@ -233,7 +233,7 @@ class _PodOptions:
     def secret(self, role: str) -> str | None:
         """The Secret a pod of ``role`` (scheduler, server, client-<id>) mounts, if any."""
         if self.tls_secret and self.tls_per_role:
-            return f"{self.tls_secret}-{role}"
+            return _role_secret(self.tls_secret, role)
         return self.tls_secret
 
 
@@ -244,7 +244,11 @@ def tls_roles(clients: str | Sequence[str]) -> list[str]:
 
 def tls_secret_names(prefix: str, clients: str | Sequence[str]) -> dict[str, str]:
     """``role -> Secret name`` of a ``tls_per_role`` render (as its pods mount them)."""
-    return {role: f"{prefix}-{role}" for role in tls_roles(clients)}
+    return {role: _role_secret(prefix, role) for role in tls_roles(clients)}
+
+
+def _role_secret(prefix: str, role: str) -> str:
+    return f"{prefix}-{role}"  # the one naming rule of per-member Secrets
 
 
 def _cluster(pod: _PodOptions, server_workers: int, where: Placement) -> dict[str, Any]:
