@@ -37,6 +37,7 @@ SCHEDULER_PORT = 8786
 DASHBOARD_PORT = 8787
 WORKER_DASHBOARD_PORT = 8788
 TLS_MOUNT = "/etc/fedpipe/tls"
+GUARD = "fedpipe.deploy.guard"  # the preload that lets only the driver run code (issue 17)
 CLIENT_LABEL = "fedpipe/client"
 ROLE_LABEL = "fedpipe/role"
 MANIFEST = "cluster.yaml"
@@ -328,7 +329,8 @@ def _worker(
     container = {
         "name": "worker",
         "image": pod.image,
-        "args": worker_command(pod.threads, worker_resources, pod.tls_secret is not None),
+        "args": worker_command(pod.threads, worker_resources, pod.tls_secret is not None,
+                               guard=pod.tls_per_role),
         "env": _env(pod) + [_env_var("DASK_SCHEDULER_ADDRESS", scheduler_url(pod))]
         + _site_env(pod, client_id),
         "ports": [_container_port("http-dashboard", WORKER_DASHBOARD_PORT)],
@@ -345,20 +347,30 @@ def _worker(
     }
 
 
-def scheduler_command(tls: bool = False) -> list[str]:
-    """Arguments of the scheduler container (``dask scheduler``, never ``dask-scheduler``)."""
+def scheduler_command(tls: bool = False, guard: bool = False) -> list[str]:
+    """Arguments of the scheduler container (``dask scheduler``, never ``dask-scheduler``).
+
+    ``guard`` (per-member certificates) loads :mod:`fedpipe.deploy.guard`: only the driver's
+    certificate may submit work or run code.
+    """
     args = ["dask", "scheduler", "--host", "0.0.0.0", "--port", str(SCHEDULER_PORT),
             "--dashboard-address", f":{DASHBOARD_PORT}"]
-    return args + (_tls_args() if tls else [])
+    return args + (_tls_args() if tls else []) + (["--preload", GUARD] if guard else [])
 
 
-def worker_command(threads: int, worker_resources: Sequence[str], tls: bool = False) -> list[str]:
-    """Arguments of a worker container; ``$(VAR)`` is expanded by Kubernetes from the env."""
+def worker_command(threads: int, worker_resources: Sequence[str], tls: bool = False,
+                   guard: bool = False) -> list[str]:
+    """Arguments of a worker container; ``$(VAR)`` is expanded by Kubernetes from the env.
+
+    ``guard``: the worker and its nanny serve ``Client.run`` and the like only when the
+    scheduler forwards them (:mod:`fedpipe.deploy.guard`).
+    """
     args = ["dask", "worker", "$(DASK_SCHEDULER_ADDRESS)", "--name", "$(DASK_WORKER_NAME)",
             "--nthreads", str(threads), "--dashboard-address", f":{WORKER_DASHBOARD_PORT}"]
     if worker_resources:
         args += ["--resources", " ".join(worker_resources)]
-    return args + (_tls_args() if tls else [])
+    guarded = ["--preload", GUARD, "--preload-nanny", GUARD] if guard else []
+    return args + (_tls_args() if tls else []) + guarded
 
 
 def scheduler_url(pod: _PodOptions) -> str:
@@ -376,7 +388,7 @@ def _scheduler_container(pod: _PodOptions) -> dict[str, Any]:
     return {
         "name": "scheduler",
         "image": pod.image,
-        "args": scheduler_command(pod.tls_secret is not None),
+        "args": scheduler_command(pod.tls_secret is not None, guard=pod.tls_per_role),
         "env": _env(pod)
         + [_env_var("DASK_DISTRIBUTED__SCHEDULER__NO_WORKERS_TIMEOUT", pod.no_workers_timeout)],
         "ports": [

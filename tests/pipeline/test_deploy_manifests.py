@@ -293,6 +293,10 @@ def test_render_tls_gives_every_member_its_own_secret_and_never_a_ca_or_driver_k
                                                                    "fedpipe-tls-client-1"]
     for container in (c for r in cluster for c in _containers(r)):
         assert container["args"][container["args"].index("--protocol") + 1] == "tls"
+        # Only the driver's certificate may run code (fedpipe.deploy.guard, on every member).
+        assert container["args"][container["args"].index("--preload") + 1] == deploy.GUARD
+    workers = [c for r in cluster for c in _containers(r) if c["args"][1] == "worker"]
+    assert workers and all("--preload-nanny" in c["args"] for c in workers)
     # Rendering again with one more client keeps the CA and every earlier member's key.
     assert main(["deploy", "render", "--clients", "0,1,2", "--out", str(out), "--tls", "-q"]) == 0
     again = {d["metadata"]["name"]: d["data"]
