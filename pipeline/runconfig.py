@@ -226,16 +226,28 @@ def strategy_options(strategy: Strategy) -> dict[str, Any]:
     # a client optimizer, epochs or chain carried by the strategy itself has no CLI spelling yet
     own = (strategy.client, strategy.local_epochs, strategy.stages) != (None, None, None)
     if not own and strategy.name in STRATEGIES and isinstance(server.get("lr"), float):
-        mu = {"mu": strategy.mu} if strategy.name == "fedprox" else {}
+        mu = _proximal_mu(strategy)
         try:
             ref = getattr(aggregate, strategy.name)(server_lr=server["lr"], **mu)
         except ValueError:  # a mu the factory refuses
             ref = None
-        same = ref is not None and (ref.mu, ref.scaffold, ref.server.spec) == (
-            strategy.mu, strategy.scaffold, server)
+        same = ref is not None and (_specs(ref.client_transforms), ref.server.spec) == (
+            _specs(strategy.client_transforms), server)
     if not same:
         raise NotExpressible(f"{strategy.name!r} is not what --strategy NAME --server-lr RATE "
                              "--mu MU builds (other server hyperparameters or a strategy of "
                              "your own)")
-    return {"strategy": strategy.name, "server_lr": server["lr"],
-            **({"mu": strategy.mu} if strategy.name == "fedprox" else {})}
+    return {"strategy": strategy.name, "server_lr": server["lr"], **_proximal_mu(strategy)}
+
+
+def _specs(transforms) -> list:
+    return [optimizers.describe(t) for t in transforms]
+
+
+def _proximal_mu(strategy: Strategy) -> dict:
+    """``{"mu": MU}`` of a fedprox strategy's proximal transform (``--mu``), else nothing."""
+    if strategy.name != "fedprox":
+        return {}
+    mus = [spec["mu"] for spec in _specs(strategy.client_transforms)
+           if spec and spec.get("kind") == "add_proximal"]
+    return {"mu": mus[0]} if len(mus) == 1 else {}

@@ -289,10 +289,11 @@ class Strategy(NamedTuple):
         Local epochs per round; None: ``federate``'s ``local_epochs``.
     stages : tuple of Stage, optional
         The aggregation chain; None: ``federate``'s ``stages`` or :func:`default_chain`.
-    mu : float
-        FedProx proximal weight on the clients (0 = plain local training).
-    scaffold : bool
-        Clients keep SCAFFOLD control variates on their workers (needs the default sgd client).
+    client_transforms : tuple of Optimizer
+        Chained before the client's optimizer (:func:`client_optimizer`): FedProx's
+        :func:`~fedpipe.tasks.optimizers.add_proximal`, SCAFFOLD's
+        :func:`~fedpipe.tasks.optimizers.control_variates`. What they keep between rounds stays
+        on the client's worker.
     """
 
     name: str
@@ -300,8 +301,24 @@ class Strategy(NamedTuple):
     client: Optimizer | None = None
     local_epochs: int | None = None
     stages: tuple[Stage, ...] | None = None
-    mu: float = 0.0
-    scaffold: bool = False
+    client_transforms: tuple[Optimizer, ...] = ()
+
+
+def client_optimizer(transforms: Sequence[Optimizer], client: Optimizer | None,
+                     lr: float) -> Optimizer | None:
+    """A client's optimizer for a round: ``transforms`` then ``client`` (``sgd(lr)`` if None).
+
+    None when there is nothing but the default sgd, which :func:`fedpipe.tasks.local.local_train`
+    runs inline (same bits, less time).
+    """
+    if not transforms:
+        return client
+    return optimizers.chain(*transforms, client if client is not None else optimizers.sgd(lr))
+
+
+def server_control(transforms: Sequence[Optimizer]) -> bool:
+    """Whether the clients' transforms read a control variate the server keeps (SCAFFOLD)."""
+    return any(f"{optimizers.SERVER}control" in t.init(np.zeros(1)) for t in transforms)
 
 
 def fedavg(server_lr: float = 1.0) -> Strategy:
@@ -322,9 +339,8 @@ def fedprox(mu: float = 0.01, server_lr: float = 1.0) -> Strategy:
     ----------
     Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020.
     """
-    if mu < 0:
-        raise ValueError(f"mu must be >= 0, got {mu}")
-    return Strategy("fedprox", optimizers.sgd(server_lr), mu=float(mu))
+    return Strategy("fedprox", optimizers.sgd(server_lr),
+                    client_transforms=(optimizers.add_proximal(mu),))
 
 
 def fedavgm(server_lr: float = 1.0, beta: float = 0.9) -> Strategy:
@@ -376,7 +392,8 @@ def scaffold(server_lr: float = 1.0) -> Strategy:
     Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning",
     ICML 2020.
     """
-    return Strategy("scaffold", optimizers.sgd(server_lr), scaffold=True)
+    return Strategy("scaffold", optimizers.sgd(server_lr),
+                    client_transforms=(optimizers.control_variates(),))
 
 
 # --------------------------------------------------------------------------------------------

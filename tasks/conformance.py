@@ -27,6 +27,7 @@ import numpy as np
 from . import models, optimizers
 from .aggregate import (
     GATHER,
+    LOCAL,
     Packet,
     RejectedUpdate,
     Stage,
@@ -34,10 +35,12 @@ from .aggregate import (
     Strategy,
     add_packets,
     check_chain,
+    client_optimizer,
     client_side,
     default_chain,
     init_states,
     scaffold_control,
+    server_control,
     server_side,
     server_step,
     split_local,
@@ -301,24 +304,27 @@ def simulate(strategy: Strategy, model: models.Model, data: Sequence[tuple[np.nd
     The serial reference of the federated loop: each client trains from the global params
     (its stream from ``(seed, round, client)``), the chain's client parts run with each
     client's kept entries, packets are added in client order, the server parts and the server
-    optimizer run; SCAFFOLD's control variates are kept per client. ``lr`` is the default sgd
+    optimizer run; what the client transforms keep (SCAFFOLD's ``c_i``) is kept per client. ``lr`` is the default sgd
     client's rate (a strategy whose ``client`` is set carries its own).
     """
     stages = strategy.stages if strategy.stages is not None else default_chain()
     params = model.init(seed)
     opt_state, states = strategy.server.init(params), init_states(stages, model.n_params)
-    control = np.zeros(model.n_params) if strategy.scaffold else None
+    control = (np.zeros(model.n_params) if server_control(strategy.client_transforms)
+               else None)
+    client = client_optimizer(strategy.client_transforms, strategy.client, lr)
     kept: list[dict] = [{} for _ in data]
     for r in range(rounds):
         sent = []
         for c, (X, y) in enumerate(data):
-            pair = None if control is None else (control, kept[c].get("control", 0 * control))
+            carry = {k: v for k, v in kept[c].items() if k.startswith(optimizers.CLIENT)}
+            if control is not None:
+                carry[f"{optimizers.SERVER}control"] = control
             result = local_train(model, params, X, y, epochs=strategy.local_epochs or 1,
                                  batch_size=batch_size, lr=lr, rng=client_rng(seed, r, str(c)),
-                                 mu=strategy.mu, control=pair, optimizer=strategy.client)
-            if result.control is not None:
-                kept[c]["control"] = result.control
-            mine = {k: v for k, v in kept[c].items() if k != "control"}
+                                 optimizer=client, carry=carry)
+            kept[c].update(result.kept)
+            mine = {k: v for k, v in kept[c].items() if k.startswith(LOCAL)}
             tag = {CLIENT_ID: np.asarray(client_tag(str(c)), dtype=np.uint64)}
             packet, rejected = client_side(stages, states, {**result.packet, **mine, **tag})
             if packet is None:
@@ -377,12 +383,9 @@ def strategy_checks(strategy: Strategy, *, model: models.Model | None = None,
             _fail("a strategy needs a non-empty name")
         if Strategy(**strategy._asdict()) != strategy:
             _fail("a strategy must be rebuilt from its fields alone")
-        if not (isinstance(strategy.mu, float) and np.isfinite(strategy.mu) and strategy.mu >= 0):
-            _fail(f"mu must be a finite float >= 0, got {strategy.mu!r}")
-        if not isinstance(strategy.scaffold, bool):
-            _fail(f"scaffold must be a bool, got {strategy.scaffold!r}")
-        if strategy.scaffold and strategy.client is not None:
-            _fail("SCAFFOLD's control variates assume the default sgd client")
+        if not (isinstance(strategy.client_transforms, tuple)
+                and all(isinstance(t, Optimizer) for t in strategy.client_transforms)):
+            _fail("client_transforms must be a tuple of Optimizer transforms")
 
     def server_optimizer() -> None:
         _check_an_optimizer(strategy.server, "server")
@@ -451,8 +454,8 @@ def check_strategy(strategy: Strategy, **options: Any) -> None:
     """Check that ``strategy`` is a federated algorithm as plain data that runs.
 
     Named checks (see :func:`strategy_checks` for ``options``): ``plain_data`` (a
-    :class:`~fedpipe.tasks.aggregate.Strategy` rebuilt from its fields; ``mu``, ``scaffold``
-    valid together), ``server_optimizer`` and ``client_optimizer`` (pass
+    :class:`~fedpipe.tasks.aggregate.Strategy` rebuilt from its fields; its
+    ``client_transforms`` a tuple of Optimizer transforms), ``server_optimizer`` and ``client_optimizer`` (pass
     :func:`~fedpipe.tasks.checks.check_optimizer`, rebuilt at other rates from their spec when
     they have one), ``local_epochs`` (None or an int >= 1), ``stages`` (a valid chain whose
     every stage passes :func:`check_stage`), ``rebuildable`` (the strategy rebuilt from its

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .models import Model
-from .optimizers import Optimizer
+from .optimizers import CLIENT, REPORT, Optimizer
 
 Packet = dict[str, np.ndarray]
 
@@ -27,16 +27,18 @@ class LocalResult(NamedTuple):
     ----------
     packet : dict of str to ndarray
         What enters the aggregation chain: ``delta`` (trained minus received params), ``n`` (rows,
-        0-d) and, with SCAFFOLD, ``control`` (change of the client's control variate).
+        0-d) and what the client transforms report (SCAFFOLD's ``control``: the change of the
+        client's control variate).
     metrics : dict of str to float
         ``train_loss`` (mean data loss over the batches seen), ``n``, ``steps``.
-    control : ndarray or None
-        The client's new SCAFFOLD control variate ``c_i`` (kept on its worker), else None.
+    kept : dict of str to ndarray
+        The client transforms' state the client keeps until its next round (its worker holds
+        it): the optimizer state's ``client/`` entries, e.g. SCAFFOLD's ``client/control``.
     """
 
     packet: Packet
     metrics: dict[str, float]
-    control: np.ndarray | None
+    kept: dict[str, np.ndarray]
 
 
 def client_rng(seed: int, round_: int, client: str) -> np.random.Generator:
@@ -53,8 +55,8 @@ def round_lr(lr: float | Callable[[int], float], round_: int) -> float:
 
 def local_train(model: Model, params: np.ndarray, X: np.ndarray, y: np.ndarray, *,
                 epochs: int, batch_size: int, lr: float, rng: np.random.Generator,
-                mu: float = 0.0, control: tuple[np.ndarray, np.ndarray] | None = None,
-                optimizer: Optimizer | None = None) -> LocalResult:
+                optimizer: Optimizer | None = None,
+                carry: dict[str, np.ndarray] | None = None) -> LocalResult:
     """E epochs of mini-batch steps of ``optimizer`` from the global params on one client's rows.
 
     Parameters
@@ -69,18 +71,17 @@ def local_train(model: Model, params: np.ndarray, X: np.ndarray, y: np.ndarray, 
         Local epochs and mini-batch size (a batch at least ``len(y)`` is full-batch GD, rows in
         stored order).
     lr : float
-        Client step size for this round (see :func:`round_lr`) of the default ``sgd``; SCAFFOLD
-        also divides by it.
+        Client step size for this round (see :func:`round_lr`) of the default ``sgd``.
     rng : numpy.random.Generator
         Source of the batch order (see :func:`client_rng`).
-    mu : float
-        FedProx proximal weight: adds ``mu * (w - params)`` to every gradient.
-    control : (ndarray, ndarray), optional
-        SCAFFOLD ``(c, c_i)``: server and client control variates; adds ``c - c_i`` to every
-        gradient and returns the new ``c_i`` (option II of the paper, which assumes SGD).
     optimizer : Optimizer, optional
-        The client's local optimizer, its state started from ``init`` every round (a client's
-        optimizer state does not outlive the round); default ``sgd(lr)``.
+        The client's local optimizer with its client transforms chained before it (FedProx's
+        :func:`~fedpipe.tasks.optimizers.add_proximal`, SCAFFOLD's
+        :func:`~fedpipe.tasks.optimizers.control_variates`); its state starts from ``init``
+        every round. Default ``sgd(lr)``.
+    carry : dict of str to ndarray, optional
+        Entries set into the optimizer's state after ``init``: the client's kept ``client/``
+        state and the ``server/`` values the server sent this round.
 
     Returns
     -------
@@ -89,14 +90,17 @@ def local_train(model: Model, params: np.ndarray, X: np.ndarray, y: np.ndarray, 
     References
     ----------
     McMahan et al., "Communication-Efficient Learning of Deep Networks from Decentralized Data",
-    AISTATS 2017 (ClientUpdate). Li et al., "Federated Optimization in Heterogeneous Networks",
-    MLSys 2020 (FedProx). Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for
-    Federated Learning", ICML 2020 (Algorithm 1, option II).
+    AISTATS 2017 (ClientUpdate).
     """
     n = len(y)
     w = np.array(params, dtype=np.float64, copy=True)
-    correction = None if control is None else control[0] - control[1]
     opt_state = None if optimizer is None else optimizer.init(w)
+    if carry:
+        unknown = set(carry) - set(opt_state or ())
+        if unknown:
+            raise ValueError(f"carry has {sorted(unknown)}, which the client optimizer's state "
+                             "does not hold")
+        opt_state.update(carry)
     steps, loss_sum, seen = 0, 0.0, 0
     for _ in range(epochs):
         # Full-batch GD keeps stored row order so it equals data-parallel gradient descent.
@@ -106,23 +110,15 @@ def local_train(model: Model, params: np.ndarray, X: np.ndarray, y: np.ndarray, 
             batch_loss, grad_sum, nb = model.loss_and_grad(w, Xe[start:start + batch_size],
                                                            ye[start:start + batch_size])
             grad = grad_sum / nb + model.penalty(w)[1]
-            if mu:
-                grad += mu * (w - params)
-            if correction is not None:
-                grad += correction
             if optimizer is None:  # sgd(lr), the same bits without its ~4 us a step
                 w -= lr * grad
             else:
                 updates, opt_state = optimizer.update(grad, opt_state, w)
                 w += updates
             steps, loss_sum, seen = steps + 1, loss_sum + batch_loss, seen + nb
-    delta = w - params
-    packet: Packet = {"delta": delta, "n": np.asarray(float(n))}
-    new_control = None
-    if control is not None:
-        # c_i+ = c_i - c + (x - y_i) / (K * lr): the client's drift estimate of this round.
-        new_control = control[1] - control[0] - delta / (max(steps, 1) * lr)
-        packet["control"] = new_control - control[1]
+    packet: Packet = {"delta": w - params, "n": np.asarray(float(n))}
+    state = opt_state or {}
+    packet |= {k.removeprefix(REPORT): v for k, v in state.items() if k.startswith(REPORT)}
+    kept = {k: v for k, v in state.items() if k.startswith(CLIENT)}
     metrics = {"train_loss": loss_sum / max(seen, 1), "n": float(n), "steps": float(steps)}
-    return LocalResult(packet, metrics, new_control)
-
+    return LocalResult(packet, metrics, kept)

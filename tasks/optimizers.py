@@ -269,6 +269,78 @@ def scale_by_yogi(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-3,
 
 
 # ---------------------------------------------------------------------------------------------
+# client transforms: a federated client's own terms, chained before its optimizer. Their state
+# may hold three kinds of key besides their own: CLIENT keys stay with the client between rounds
+# (on its worker: a client's optimizer state otherwise starts fresh each round), SERVER keys are
+# set from what the server sends each round, REPORT keys go back with the update.
+
+CLIENT = "client/"
+SERVER = "server/"
+REPORT = "report/"
+
+
+def add_proximal(mu: float) -> Optimizer:
+    """FedProx's proximal term: ``g + mu * (params - anchor)``, the anchor the round's start.
+
+    A client's optimizer is initialised from the global parameters it receives each round, so
+    ``init`` keeps them as the anchor of ``mu/2 ||w - w_global||^2``.
+
+    References
+    ----------
+    Li et al., "Federated Optimization in Heterogeneous Networks", MLSys 2020.
+    """
+    if not mu >= 0:
+        raise ValueError(f"mu must be >= 0, got {mu}")
+    mu = float(mu)
+
+    def init(params: np.ndarray) -> State:
+        return {"proximal/anchor": np.array(params, dtype=np.float64, copy=True),
+                "step": np.asarray(0, dtype=np.int64)}
+
+    def update(grads, state, params=None):
+        if params is None:
+            raise ValueError("add_proximal needs params in update()")
+        g = np.asarray(grads, dtype=np.float64)
+        if mu:
+            g = g + mu * (np.asarray(params, dtype=np.float64) - state["proximal/anchor"])
+        return g, {"proximal/anchor": state["proximal/anchor"], "step": _step(state)}
+
+    return Optimizer(init, update, {"kind": "add_proximal", "mu": mu})
+
+
+def control_variates() -> Optimizer:
+    """SCAFFOLD's drift correction: ``g + c - c_i``, and the client's next ``c_i``.
+
+    ``c`` is the server's control variate (``server/control``) and ``c_i`` the client's own
+    (``client/control``, kept on its worker). The new ``c_i`` is the mean of the gradients the
+    client saw this round: with plain sgd at a constant rate that is the paper's option II,
+    ``c_i - c + (x - y_i) / (K lr)``, and with any other client optimizer it is still the
+    client's own gradient estimate. ``report/control`` is the change ``c_i+ - c_i`` the server
+    averages into ``c``.
+
+    References
+    ----------
+    Karimireddy et al., "SCAFFOLD: Stochastic Controlled Averaging for Federated Learning",
+    ICML 2020 (Algorithm 1, option II).
+    """
+    init = _zeros_state("server/control", "client/control", "scaffold/start", "report/control")
+
+    def update(grads, state, params=None):
+        g = np.asarray(grads, dtype=np.float64)
+        k = int(state["step"])
+        # client/control is c_i when the round starts and the running mean of g after: the
+        # round's correction uses the c_i it started with.
+        start = state["client/control"] if k == 0 else state["scaffold/start"]
+        seen = state["client/control"]
+        mean = g.copy() if k == 0 else seen + (g - seen) / (k + 1)
+        return g + state["server/control"] - start, {
+            "server/control": state["server/control"], "client/control": mean,
+            "scaffold/start": start, "report/control": mean - start, "step": _step(state)}
+
+    return Optimizer(init, update, {"kind": "control_variates"})
+
+
+# ---------------------------------------------------------------------------------------------
 # optimizers
 
 
@@ -395,7 +467,8 @@ TRANSFORMS: dict[str, Callable[..., Optimizer]] = {
     "scale_by_learning_rate": scale_by_learning_rate,
     "add_decayed_weights": add_decayed_weights, "clip_by_global_norm": clip_by_global_norm,
     "trace": trace, "scale_by_rss": scale_by_rss, "scale_by_rms": scale_by_rms,
-    "scale_by_adam": scale_by_adam, "scale_by_yogi": scale_by_yogi}
+    "scale_by_adam": scale_by_adam, "scale_by_yogi": scale_by_yogi,
+    "add_proximal": add_proximal, "control_variates": control_variates}
 
 
 def describe(optimizer: Optimizer) -> dict[str, Any] | None:

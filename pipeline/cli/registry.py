@@ -346,9 +346,6 @@ def make_strategy(name: str, server_lr: float | None, mu: float | None,
     if client_optimizer not in CLIENT_OPTIMIZERS:
         raise ValidationError(f"unknown --client-optimizer {client_optimizer!r}; choose from "
                               f"{', '.join(CLIENT_OPTIMIZERS)}")
-    if strategy.scaffold:
-        raise ValidationError(f"--client-optimizer {client_optimizer}: scaffold's control "
-                              "variates assume the clients' sgd")
     return strategy._replace(client=OPTIMIZERS[client_optimizer](lr))
 
 

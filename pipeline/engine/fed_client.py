@@ -17,7 +17,7 @@ from typing import NamedTuple
 import cloudpickle
 import numpy as np
 from fedpipe.engine import placement
-from fedpipe.tasks import aggregate, local, reduce
+from fedpipe.tasks import aggregate, local, optimizers, reduce
 from fedpipe.tasks.aggregate import Stage
 from fedpipe.tasks.models import Model
 from fedpipe.tasks.optimizers import Optimizer
@@ -36,8 +36,7 @@ class ClientSpec(NamedTuple):
     epochs: int
     batch_size: int
     lr: float | Callable[[int], float]
-    mu: float
-    scaffold: bool
+    client_transforms: tuple[Optimizer, ...]  # the strategy's, chained before its client
     stages: tuple[Stage, ...]
     token: str
     client_optimizer: Optimizer | None = None  # None: sgd at lr (the strategy's ``client``)
@@ -95,19 +94,18 @@ def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int
                                                    seed=spec.seed, run=spec.token,
                                                    version=spec.version)
     cache = placement.worker_cache()
-    pair = None
-    if spec.scaffold:
-        c_i = cache.state.get((spec.token, client), {}).get("control", np.zeros_like(params))
-        pair = (control, c_i)
     # lr is None when the strategy's client optimizer carries its own rate
     lr = 0.0 if spec.lr is None else local.round_lr(spec.lr, round_)
-    result = local.local_train(
-        spec.model, params, X, y, epochs=spec.epochs, batch_size=spec.batch_size,
-        lr=lr, mu=spec.mu, control=pair,
-        rng=local.client_rng(spec.seed, round_, client), optimizer=spec.client_optimizer)
     mine = dict(cache.state.get((spec.token, client), {}))
-    if result.control is not None:
-        mine["control"] = result.control
+    # The client transforms' kept state (SCAFFOLD's c_i) and the server's control variate
+    carry = {k: v for k, v in mine.items() if k.startswith(optimizers.CLIENT)}
+    if control is not None:
+        carry[f"{optimizers.SERVER}control"] = control
+    result = local.local_train(
+        spec.model, params, X, y, epochs=spec.epochs, batch_size=spec.batch_size, lr=lr,
+        rng=local.client_rng(spec.seed, round_, client), carry=carry,
+        optimizer=aggregate.client_optimizer(spec.client_transforms, spec.client_optimizer, lr))
+    mine |= result.kept
     # The client's own stage state (top-k's residual) and its tag ride along under LOCAL keys
     # and are taken out again before anything leaves the worker.
     local_in = {k: v for k, v in mine.items() if k.startswith(aggregate.LOCAL)}

@@ -230,7 +230,7 @@ def _round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]
     params, opt_state = aggregate.server_step(server_optimizer, state.params,
                                               state.opt_state, total["delta"])
     control = state.control
-    if spec.scaffold:
+    if control is not None:  # the clients' control_variates transform reports its changes
         control = aggregate.scaffold_control(control, total["control"], len(clients))
     new_state = ServerState(params, opt_state, stage_states, control, r + 1, state.seed)
     record = {"round": r, "sampled": len(sampled), "aggregated": accepted,

@@ -312,7 +312,7 @@ def _finish(spec: ClientSpec, state: ServerState, server_optimizer, clients, sam
     params, opt_state = aggregate.server_step(server_optimizer, state.params, state.opt_state,
                                               total["delta"])
     control = state.control
-    if spec.scaffold:
+    if control is not None:  # the clients' control_variates transform reports its changes
         control = aggregate.scaffold_control(control, total["control"], len(clients))
     new_state = ServerState(params, opt_state, stage_states, control, state.round + 1,
                             state.seed)

@@ -28,7 +28,8 @@ def initial_state(model: Model, strategy: Strategy, stages: Sequence[Stage],
                    seed: int) -> ServerState:
     """Round-0 state: the model's initial params, fresh optimizer and stage states."""
     params = model.init(seed)
-    control = np.zeros_like(params) if strategy.scaffold else None
+    control = (np.zeros_like(params) if aggregate.server_control(strategy.client_transforms)
+               else None)
     return ServerState(params, strategy.server.init(params),
                        aggregate.init_states(stages, model.n_params), control, 0, int(seed))
 

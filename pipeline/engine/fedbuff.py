@@ -69,7 +69,8 @@ class AsyncState(NamedTuple):
 def check_chain(chain: Sequence[Stage], strategy: Strategy) -> None:
     """Refuse, in one line naming the flag, what the async loop does not support."""
     kinds = {(s.spec or {}).get("kind") for s in chain}
-    refused = [(strategy.scaffold, "--strategy scaffold: its control variates assume rounds"),
+    refused = [(aggregate.server_control(strategy.client_transforms),
+                "--strategy scaffold: its control variates assume rounds"),
                (any(hasattr(s.before_sum, "secagg") for s in chain),
                 "--secure-aggregation: its masks need a round's fixed set of clients"),
                (bool(kinds & {"gaussian_noise", "dp_mean"}),

@@ -183,7 +183,7 @@ def federate(store_url: str, model: Model, *, rounds: int, strategy: Strategy | 
     dp = _privacy(chain, len(clients), sampling_, delta, target_epsilon)
     spec = ClientSpec(str(store_url), partition, placement.rows_version(info, partition),
                       float(test_fraction), int(seed), model, int(local_epochs),
-                      int(batch_size), lr, strategy.mu, strategy.scaffold, chain,
+                      int(batch_size), lr, strategy.client_transforms, chain,
                       uuid.uuid4().hex[:12], strategy.client)
     round_fn = round_for(chain, len(clients), sampling_)
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None
@@ -310,9 +310,6 @@ def _from_strategy(strategy: Strategy, local_epochs: int | None,
         keyword = {"client": "lr"}.get(given[0], given[0])
         raise ValidationError(f"strategy {strategy.name!r} sets {given[0]}: drop {keyword}= "
                               "(or build the strategy without it)")
-    if strategy.client is not None and strategy.scaffold:
-        raise ValidationError("scaffold's control variates assume the clients' plain sgd: "
-                              "give no client optimizer")
     if strategy.local_epochs is not None:
         local_epochs = strategy.local_epochs
     return (DEFAULT_LOCAL_EPOCHS if local_epochs is None else local_epochs,

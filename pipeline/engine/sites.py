@@ -344,7 +344,7 @@ def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds:
     url = _plan_url(plan)
     version = hashlib.sha256(url.encode()).hexdigest()[:20]
     spec = ClientSpec(url, "sites", version, float(test_fraction), int(seed), model,
-                      int(local_epochs), int(batch_size), lr, strategy.mu, strategy.scaffold,
+                      int(local_epochs), int(batch_size), lr, strategy.client_transforms,
                       chain, uuid.uuid4().hex[:12], strategy.client)
     round_fn = fed.round_for(chain, len(clients), sampling_)
     run_dir = rundir.prepare(out, resume, overwrite) if out is not None else None

@@ -153,7 +153,6 @@ CASES: list[tuple[list[str], str]] = [
     ([*FED, "--mu", "-1"], "--mu"),
     ([*FED, "--mu", "0.1"], "--mu"),  # fedavg has no mu: refused, not dropped
     ([*FED, "--client-optimizer", "lbfgs"], "--client-optimizer"),
-    ([*FED, "--strategy", "scaffold", "--client-optimizer", "adam"], "--client-optimizer"),
     ([*FED, "--client-optimizer", "adam", "--lr-schedule", "cosine"], "--lr-schedule"),
     ([*FED, "--server-lr", "-1"], "--server-lr"),
     ([*FED, "--server-lr", "inf"], "--server-lr"),

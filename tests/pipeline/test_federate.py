@@ -13,7 +13,7 @@ from fedpipe.data import index, store
 from fedpipe.engine import placement
 from fedpipe.engine.federate import federate
 from fedpipe.errors import TrainingError, ValidationError
-from fedpipe.tasks import aggregate, models, reduce
+from fedpipe.tasks import aggregate, models, optimizers, reduce
 from test_federate_support import partitioned_store
 
 SOURCE = "synthetic:classification?n_samples=800&n_features=5&n_classes=3&seed=1"
@@ -86,6 +86,19 @@ def test_resume_ends_bit_identical(fed_store, dask_client, tmp_path, strategy):
     lines = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["round"] for line in lines] == [0, 1, 2, 3]
     assert json.loads(lines[-1])["test_loss"] == whole.metrics[-1]["test_loss"]
+
+
+def test_client_transforms_go_with_any_client_optimizer(fed_store, dask_client):
+    # FedProx's and SCAFFOLD's terms are transforms chained before the client's optimizer,
+    # so an adam client takes them too (SCAFFOLD used to refuse anything but sgd).
+    adam = optimizers.adam(0.02)
+    kwargs = dict(rounds=3, local_epochs=1, batch_size=16, dask_client=dask_client, seed=3)
+    plain = federate(fed_store, _model(), strategy=aggregate.fedavg()._replace(client=adam),
+                     **kwargs)
+    for strategy in (aggregate.fedprox(0.5), aggregate.scaffold()):
+        run = federate(fed_store, _model(), strategy=strategy._replace(client=adam), **kwargs)
+        assert run.metrics[-1]["train_loss"] < run.metrics[0]["train_loss"]
+        assert not np.array_equal(run.params, plain.params)  # the client term acted
 
 
 def _client_test_rows(url: str, client: str) -> tuple[np.ndarray, np.ndarray]:

@@ -137,7 +137,10 @@ def test_adaptive_servers_are_the_optimizers_on_minus_delta(strategy, optimizer)
 
 
 def test_strategy_options():
-    assert aggregate.fedprox(0.3).mu == 0.3 and aggregate.scaffold().scaffold
+    prox, = aggregate.fedprox(0.3).client_transforms
+    assert optimizers.describe(prox) == {"kind": "add_proximal", "mu": 0.3}
+    assert aggregate.server_control(aggregate.scaffold().client_transforms)
+    assert not aggregate.server_control(aggregate.fedprox(0.3).client_transforms)
     with pytest.raises(ValueError):
         aggregate.fedprox(-1.0)
 

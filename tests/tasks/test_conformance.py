@@ -165,8 +165,9 @@ _ascent = optimizers.Optimizer(lambda p: {"step": np.asarray(0)},
 
 @pytest.mark.parametrize("broken, check", [
     (fp.strategies.fedavg()._replace(local_epochs=0), "local_epochs"),
-    (fp.strategies.fedavg()._replace(mu=-1.0), "plain_data"),
-    (fp.strategies.scaffold()._replace(client=optimizers.adam(0.1)), "plain_data"),
+    (fp.strategies.fedavg()._replace(client_transforms=[optimizers.add_proximal(0.1)]),
+     "plain_data"),
+    (fp.strategies.scaffold()._replace(client_transforms=("control_variates",)), "plain_data"),
     (fp.strategies.fedavg()._replace(server=_forgetful_sgd(1.0)), "server_optimizer"),
     (fp.strategies.fedavg()._replace(stages=(stages.validate(), _counting(after=_float_round))),
      "stages"),

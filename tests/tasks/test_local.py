@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from fedpipe.tasks import models, reduce
+from fedpipe.tasks import models, optimizers, reduce
 from fedpipe.tasks.local import client_rng, local_train, round_lr
 
 
@@ -27,7 +27,7 @@ def test_full_batch_step_is_one_gradient_descent_step(data):
     _, g, n = model.loss_and_grad(p, X, y)
     expected = -0.1 * (g / n + model.penalty(p)[1])
     np.testing.assert_allclose(out.packet["delta"], expected, rtol=1e-12, atol=1e-15)
-    assert out.packet["n"] == 120 and out.metrics["steps"] == 1 and out.control is None
+    assert out.packet["n"] == 120 and out.metrics["steps"] == 1 and out.kept == {}
 
 
 def test_steps_per_epoch_and_loss_decreases(data):
@@ -55,8 +55,31 @@ def test_fedprox_pulls_towards_the_global_params(data):
     X, y = data
     model = models.logistic(4)
     free = _train(model, model.init(0), X, y, epochs=3)
-    prox = _train(model, model.init(0), X, y, epochs=3, mu=5.0)
+    proximal = optimizers.chain(optimizers.add_proximal(5.0), optimizers.sgd(0.1))
+    prox = _train(model, model.init(0), X, y, epochs=3, optimizer=proximal)
     assert np.linalg.norm(prox.packet["delta"]) < np.linalg.norm(free.packet["delta"])
+
+
+def test_the_proximal_transform_is_fedprox_bit_for_bit(data):
+    # The client transform gives the bits of the hand-written FedProx step it replaced.
+    X, y = data
+    model, mu, lr = models.logistic(4, l2=0.1), 0.3, 0.1
+    p = model.init(0) + 0.05
+    out = _train(model, p, X, y, epochs=2, batch_size=len(y),
+                 optimizer=optimizers.chain(optimizers.add_proximal(mu), optimizers.sgd(lr)))
+    w = p.copy()
+    for _ in range(2):
+        _, g, n = model.loss_and_grad(w, X, y)
+        grad = g / n + model.penalty(w)[1]
+        grad += mu * (w - p)
+        w -= lr * grad
+    np.testing.assert_array_equal(out.packet["delta"], w - p)
+
+
+def _scaffold(model, p, X, y, c, ci, **kw):
+    client = optimizers.chain(optimizers.control_variates(), optimizers.sgd(0.1))
+    return _train(model, p, X, y, optimizer=client,
+                  carry={"server/control": c, "client/control": ci}, **kw)
 
 
 def test_scaffold_control_variate_option_two(data):
@@ -64,11 +87,24 @@ def test_scaffold_control_variate_option_two(data):
     model = models.logistic(4)
     p = model.init(0)
     c, ci = np.full(p.size, 0.01), np.full(p.size, -0.02)
-    out = _train(model, p, X, y, control=(c, ci), batch_size=len(y))
+    out = _scaffold(model, p, X, y, c, ci, batch_size=len(y))
     # One full-batch step: y = x - lr (g + c - ci), so c_i+ = ci - c + (x - y) / lr = g.
     _, g, n = model.loss_and_grad(p, X, y)
-    np.testing.assert_allclose(out.control, g / n, rtol=1e-10, atol=1e-14)
-    np.testing.assert_allclose(out.packet["control"], out.control - ci)
+    np.testing.assert_allclose(out.kept["client/control"], g / n, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(out.packet["control"], out.kept["client/control"] - ci)
+    # Many mini-batch steps: still the paper's c_i - c + (x - y) / (K lr), K the steps taken.
+    many = _scaffold(model, p, X, y, c, ci, epochs=2, batch_size=16)
+    steps = many.metrics["steps"]
+    option_two = ci - c - many.packet["delta"] / (steps * 0.1)
+    np.testing.assert_allclose(many.kept["client/control"], option_two, rtol=1e-9, atol=1e-12)
+
+
+def test_carry_must_name_the_client_optimizers_state(data):
+    X, y = data
+    model = models.logistic(4)
+    with pytest.raises(ValueError, match="client/control"):
+        _train(model, model.init(0), X, y, optimizer=optimizers.sgd(0.1),
+               carry={"client/control": np.zeros(5)})
 
 
 @pytest.mark.parametrize("model", [models.logistic(4), models.linear(4)], ids=["binary", "linear"])
