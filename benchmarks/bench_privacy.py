@@ -129,6 +129,47 @@ def overhead(quick: bool) -> dict:
             "dp_overhead_of_round": (private - plain) / (train + plain)}
 
 
+def dp_round(quick: bool, rounds: int = 20) -> dict:
+    """A federated round with central DP (clip + noise) against the plain one, in the engine.
+
+    ``fedpipe federate --dp central --clip 1 --noise-multiplier 1`` at its defaults (worker
+    processes, evaluation every round) on digits over 100 Dirichlet(0.5) clients, the plain
+    chain and the DP chain run twice each in turn (A B A B) on one cluster, so a drift in the
+    machine's load falls on both; round 0 is left out.
+    """
+    import statistics
+    import tempfile
+
+    import fedpipe as fp
+    from fedpipe.cli.registry import make_chain
+    from fedpipe.engine import placement
+
+    clients = 20 if quick else 100
+    model = models.mlp(64, 10, hidden=(64,), task="multiclass")
+    chains = {"plain": aggregate.default_chain(),
+              "dp": make_chain(dp="central", clip=1.0, noise_multiplier=1.0, aggregator="mean",
+                               compress=None, clients_per_round=clients, seed=0)}
+    seconds: dict[str, list[float]] = {name: [] for name in chains}
+    with tempfile.TemporaryDirectory() as tmp:
+        url = f"{tmp}/digits.zarr"
+        fp.ingest("sklearn:digits", url, standardize=True, progress=False)
+        fp.partition(url, clients=clients, scheme="dirichlet", alpha=0.5, name="bench")
+        rows = {c: m["n_rows"] for c, m in fp.read_info(url).partitions["bench"]["clients"].items()}
+        with placement.simulation_cluster(placement.assign_clients(rows, 2)) as dc:
+            for name in ("plain", "dp", "plain", "dp"):
+                # Wall time between two rounds' records, what a user waits: it includes what
+                # the driver does after a round (the accountant's ε), which a record's
+                # "seconds" leaves out.
+                stamps: list[float] = []
+                fp.federate(url, model, rounds=rounds, stages=chains[name], lr=0.05,
+                            batch_size=10, dask_client=dc, partition="bench",
+                            on_record=lambda record, stamps=stamps: stamps.append(time.perf_counter()))
+                seconds[name] += [b - a for a, b in zip(stamps[1:], stamps[2:], strict=False)]
+    plain, private = (statistics.median(seconds[n]) for n in ("plain", "dp"))
+    return {"clients": clients, "rounds": rounds, "n_params": model.n_params,
+            "plain_round_s": plain, "dp_round_s": private, "dp_over_plain": private / plain}
+
+
 def robust_rules(quick: bool) -> dict:
     k, d = (200, 2000) if quick else (1000, 10_000)
     x = np.random.default_rng(0).normal(size=(k, d))
@@ -144,33 +185,49 @@ def robust_rules(quick: bool) -> dict:
             **growth, **{f"{n}_over_mean": t / mean for n, t in timed.items()}}
 
 
-def robust_round(quick: bool, rounds: int = 3) -> dict:
-    import statistics
+def robust_round(quick: bool, rounds: int = 4) -> dict:
+    """Seconds per round of each rule against the mean's, at the defaults first.
+
+    Defaults: worker processes (``fedpipe.local-processes``) and evaluation every round, what
+    ``fedpipe federate --aggregator RULE`` does; beside them the setting measured before,
+    in-process workers evaluated once at the end, which leaves the aggregation alone in the
+    round. Round 0 (cold reads) is left out of each median.
+    """
     import tempfile
 
-    from fedpipe.cli.registry import AGGREGATORS
     from fedpipe.data import store
-    from fedpipe.engine import placement
-    from fedpipe.engine.federate import federate
 
     from benchmarks.bench_secagg import _store
 
     clients, params = (200, 2_000) if quick else (1_000, 10_000)
     n_features = params // 10 - 1  # softmax: (features + 1) x 10 classes
-    out: dict = {"clients": clients, "params": params}
+    out: dict = {"clients": clients, "params": params, "rounds": rounds}
     with tempfile.TemporaryDirectory() as tmp:
         url = _store(tmp, clients, n_features)
         info = store.read_info(url)
         rows = {c: m["n_rows"] for c, m in info.partitions["bench"]["clients"].items()}
         model = models.softmax(n_features, 10)
-        with placement.simulation_cluster(placement.assign_clients(rows, 2), processes=False,
-                                          dashboard_address=":0") as dc:
-            for rule in ("mean", "median", "trimmed-mean", "krum"):
-                chain = (aggregate.validate(), AGGREGATORS[rule]())
-                run = federate(url, model, rounds=rounds, batch_size=32, lr=0.1, stages=chain,
-                               dask_client=dc, eval_every=rounds)
-                out[f"{rule}_round_s"] = statistics.median(r["seconds"]
-                                                           for r in run.metrics[1:])
+        out["defaults"] = _rule_rounds(url, rows, model, rounds, processes=None, eval_every=1)
+        out["threads_eval_once"] = _rule_rounds(url, rows, model, rounds, processes=False,
+                                                eval_every=rounds)
+    return out
+
+
+def _rule_rounds(url, rows, model, rounds: int, *, processes, eval_every: int) -> dict:
+    import statistics
+
+    from fedpipe.cli.registry import AGGREGATORS
+    from fedpipe.engine import placement
+    from fedpipe.engine.federate import federate
+
+    out: dict = {}
+    with placement.simulation_cluster(placement.assign_clients(rows, 2), processes=processes,
+                                      dashboard_address=":0") as dc:
+        for rule in ("mean", "median", "trimmed-mean", "krum"):
+            chain = (aggregate.validate(), AGGREGATORS[rule]())
+            run = federate(url, model, rounds=rounds, batch_size=32, lr=0.1, stages=chain,
+                           dask_client=dc, eval_every=eval_every)
+            out[f"{rule}_round_s"] = statistics.median(r["seconds"] for r in run.metrics[1:])
     for rule in ("median", "trimmed-mean", "krum"):
         out[f"{rule}_over_mean"] = out[f"{rule}_round_s"] / out["mean_round_s"]
     return out
@@ -212,7 +269,7 @@ def attack_table(quick: bool) -> dict:
     return table
 
 
-SECTIONS = {"overhead": overhead, "robust": robust_rules, "robust_round": robust_round,
+SECTIONS = {"overhead": overhead, "dp_round": dp_round, "robust": robust_rules, "robust_round": robust_round,
             "compression": compression, "attacks": attack_table}
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from typing import NamedTuple
 
 import dp_accounting as dpa
@@ -83,6 +84,37 @@ def epsilon(event: dpa.DpEvent, rounds: int, delta: float, accountant: str = "rd
     return float(acc.compose(event, int(rounds)).get_epsilon(delta))
 
 
+def gaussian_epsilon(noise_multiplier: float, rounds: int, delta: float) -> float:
+    """ε of ``rounds`` Gaussian mechanisms of ``noise_multiplier`` (sensitivity 1) at ``delta``.
+
+    Their composition is exactly one Gaussian mechanism of ``noise_multiplier / sqrt(rounds)``
+    (the privacy loss of each is normal; Dong, Roth & Su 2019), whose δ(ε) dp-accounting's
+    ``GaussianPrivacyLoss`` gives in closed form: ε is its root. The same ε as composing the PLD
+    ``rounds`` times (to 1e-8 relative, ``tests/pipeline/test_privacy_accountant.py``) in ~3 ms
+    instead of 0.2-6 s, which a run paid every round to report its ε.
+
+    References
+    ----------
+    Balle & Wang, "Improving the Gaussian Mechanism for Differential Privacy: Analytical
+    Calibration and Optimal Denoising", ICML 2018.
+    """
+    from dp_accounting.pld import privacy_loss_mechanism
+    from scipy.optimize import brentq
+
+    loss = privacy_loss_mechanism.GaussianPrivacyLoss(
+        noise_multiplier / math.sqrt(rounds), sensitivity=1.0)
+
+    def excess(eps: float) -> float:
+        return loss.get_delta_for_epsilon(eps) - delta
+
+    if excess(0.0) <= 0:
+        return 0.0
+    high = 1.0
+    while excess(high) > 0:
+        high *= 2.0
+    return float(brentq(excess, 0.0, high, xtol=1e-12, rtol=1e-12))
+
+
 class Accountant:
     """ε spent after ``t`` rounds of one run's mechanism (cached: asked for every round)."""
 
@@ -98,6 +130,8 @@ class Accountant:
         if self.name == "rdp":  # RDP composes linearly: one round's curve, scaled
             orders, curve = self._rdp_curve()
             return float(rdp.compute_epsilon(orders, rounds * curve, self.setup.delta)[0])
+        if isinstance(self.event, dpa.GaussianDpEvent):
+            return gaussian_epsilon(self.event.noise_multiplier, rounds, self.setup.delta)
         return epsilon(self.event, rounds, self.setup.delta, self.name)
 
     @functools.cache  # noqa: B019

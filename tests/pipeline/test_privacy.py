@@ -56,6 +56,19 @@ def test_pld_agrees_with_prv_accountant():
     assert low - 0.01 <= ours <= high + 0.01
 
 
+@pytest.mark.parametrize("mode, z, per_round, rounds", [
+    ("central", 1.0, 100, 1), ("central", 1.0, 100, 100), ("central", 0.7, 100, 50),
+    ("local", 2.0, 10, 1000), ("local", 5.0, 10, 3)])
+def test_gaussian_epsilon_is_the_composed_pld_in_closed_form(mode, z, per_round, rounds):
+    # Every client every round (central) and local DP compose Gaussian mechanisms: the
+    # accountant's closed form must give what composing dp-accounting's PLD gives.
+    setup = privacy.DpSetup(mode, z, 100, per_round, 1e-5)
+    acc = privacy.Accountant(setup)
+    assert acc.name == "pld"
+    composed = privacy.epsilon(acc.event, rounds, 1e-5, "pld")
+    assert acc.epsilon(rounds) == pytest.approx(composed, rel=1e-7)
+
+
 def test_calibrate_spends_at_most_the_target():
     setup = privacy.DpSetup("central", 1.0, 100, 10, 1e-5)
     z = privacy.calibrate(setup, 20, 4.0)
