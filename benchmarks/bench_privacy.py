@@ -185,7 +185,7 @@ def robust_rules(quick: bool) -> dict:
             **growth, **{f"{n}_over_mean": t / mean for n, t in timed.items()}}
 
 
-def robust_round(quick: bool, rounds: int = 4) -> dict:
+def robust_round(quick: bool, rounds: int = 8) -> dict:
     """Seconds per round of each rule against the mean's, at the defaults first.
 
     Defaults: worker processes (``fedpipe.local-processes``) and evaluation every round, what
@@ -210,19 +210,27 @@ def robust_round(quick: bool, rounds: int = 4) -> dict:
         out["defaults"] = _rule_rounds(url, rows, model, rounds, processes=None, eval_every=1)
         out["threads_eval_once"] = _rule_rounds(url, rows, model, rounds, processes=False,
                                                 eval_every=rounds)
+        # Before the rules ran by column blocks on the workers: every row to the driver.
+        out["defaults_rows_to_driver"] = _rule_rounds(url, rows, model, rounds, processes=None,
+                                                      eval_every=1, by_columns=False)
     return out
 
 
-def _rule_rounds(url, rows, model, rounds: int, *, processes, eval_every: int) -> dict:
+def _rule_rounds(url, rows, model, rounds: int, *, processes, eval_every: int,
+                 by_columns: bool = True) -> dict:
+    import contextlib
     import statistics
+    from unittest import mock
 
     from fedpipe.cli.registry import AGGREGATORS
-    from fedpipe.engine import placement
+    from fedpipe.engine import fed_round, placement
     from fedpipe.engine.federate import federate
 
     out: dict = {}
-    with placement.simulation_cluster(placement.assign_clients(rows, 2), processes=processes,
-                                      dashboard_address=":0") as dc:
+    off = (mock.patch.object(fed_round, "_columns", lambda spec, leaves: None) if not by_columns
+           else contextlib.nullcontext())
+    with off, placement.simulation_cluster(placement.assign_clients(rows, 2),
+                                           processes=processes, dashboard_address=":0") as dc:
         for rule in ("mean", "median", "trimmed-mean", "krum"):
             chain = (aggregate.validate(), AGGREGATORS[rule]())
             run = federate(url, model, rounds=rounds, batch_size=32, lr=0.1, stages=chain,

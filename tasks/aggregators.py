@@ -14,6 +14,7 @@ of the ``K`` updates that arrived.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -23,6 +24,10 @@ from . import robust
 from .aggregate import GATHER, Packet, Stage, StageSpec, StageState, weighted_mean
 
 ROWS = f"{GATHER}delta"
+# A coordinate-wise rule's result computed by column blocks where the rows are (the workers),
+# and how many rows it saw: what the server part takes instead of the rows themselves.
+BY_COLUMNS = "columns/delta"
+ROW_COUNT = "columns/rows"
 
 
 def mean(name: str = "weighted_mean") -> Stage:
@@ -32,7 +37,8 @@ def mean(name: str = "weighted_mean") -> Stage:
 
 
 def _gathering(name: str, rule: Callable[[np.ndarray, StageState], tuple[np.ndarray, StageState]],
-               spec: dict, init: Callable[[int], StageState] | None = None) -> Stage:
+               spec: dict, init: Callable[[int], StageState] | None = None,
+               by_columns: Callable[[np.ndarray], np.ndarray] | None = None) -> Stage:
     def before_sum(packet: Packet, state: StageState) -> Packet:
         packet = dict(packet)
         packet[ROWS] = packet.pop("delta")[None, :]
@@ -40,12 +46,66 @@ def _gathering(name: str, rule: Callable[[np.ndarray, StageState], tuple[np.ndar
 
     def after_sum(total: Packet, state: StageState):
         total = dict(total)
+        if BY_COLUMNS in total:  # reduced by column blocks on the workers: the same bits
+            total["delta"] = total.pop(BY_COLUMNS)
+            return total, state, {"gathered": float(total.pop(ROW_COUNT))}
         rows = total.pop(ROWS)
         total["delta"], state = rule(rows, state)
         return total, state, {"gathered": float(rows.shape[0])}
 
+    if by_columns is not None:
+        # A coordinate-wise rule, stateless: the engine may apply it to column blocks of the
+        # rows where they are and send the server only the result (see column_block).
+        after_sum.by_columns = by_columns
     return Stage(name, init or (lambda n: {}), before_sum, after_sum, reduction="gather",
                  spec=StageSpec(spec))
+
+
+def column_rule(stages) -> Callable[[np.ndarray], np.ndarray] | None:
+    """The chain's coordinate-wise gathering rule, if its aggregator has one (median, trimmed
+    mean): what may run on column blocks of the rows instead of on the stacked rows."""
+    rules = [getattr(s.after_sum, "by_columns", None) for s in stages if s.reduction == "gather"]
+    return rules[0] if rules and rules[0] is not None else None
+
+
+def column_bounds(n_params: int, blocks: int) -> list[tuple[int, int]]:
+    """``blocks`` contiguous column ranges covering ``n_params`` (sizes differ by at most 1)."""
+    edges = np.linspace(0, n_params, blocks + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def column_block(packet: Packet | None, j: int, blocks: int, n_params: int) -> np.ndarray:
+    """Columns ``j`` of ``blocks`` of a summed packet's stacked rows (none: zero rows).
+
+    A view: the block that stays on its worker is not copied (one that travels is, once).
+    """
+    lo, hi = column_bounds(n_params, blocks)[j]
+    if packet is None or ROWS not in packet:
+        return np.empty((0, hi - lo))
+    return packet[ROWS][:, lo:hi]
+
+
+def without_rows(packet: Packet | None) -> Packet | None:
+    """A summed packet with its stacked rows replaced by their count (``ROW_COUNT``)."""
+    if packet is None:
+        return None
+    rest = {k: v for k, v in packet.items() if k != ROWS}
+    rest[ROW_COUNT] = np.asarray(float(len(packet[ROWS])) if ROWS in packet else 0.0)
+    return rest
+
+
+def rule_on_blocks(rule: Callable[[np.ndarray], np.ndarray], *blocks: np.ndarray) -> np.ndarray:
+    """``rule`` on one column block of every part's rows, stacked in the parts' order.
+
+    A coordinate-wise rule gives each column the bits it gives on the whole matrix.
+    """
+    rows = np.concatenate(blocks, axis=0)  # a new array: the rule may reorder it in place
+    return rule(rows) if len(rows) else np.empty(0)  # every update rejected: nothing to add
+
+
+def join_columns(packet: Packet, results: list[np.ndarray]) -> Packet:
+    """``packet`` (from :func:`without_rows`, summed) with the column blocks' results joined."""
+    return {**packet, BY_COLUMNS: np.concatenate(results)}
 
 
 def _count(fraction: float, k: int) -> int:
@@ -59,7 +119,8 @@ def _check_fraction(fraction: float, below: float) -> None:
 
 def median(name: str = "median") -> Stage:
     """Coordinate-wise median (Yin et al., ICML 2018); robust while attackers are < K/2."""
-    return _gathering(name, lambda x, s: (robust.coordinate_median(x), s), {"kind": "median"})
+    return _gathering(name, lambda x, s: (robust.coordinate_median(x), s), {"kind": "median"},
+                      by_columns=functools.partial(robust.coordinate_median, overwrite=True))
 
 
 def trimmed_mean(fraction: float = 0.1, name: str = "trimmed_mean") -> Stage:
@@ -70,8 +131,12 @@ def trimmed_mean(fraction: float = 0.1, name: str = "trimmed_mean") -> Stage:
     Yin et al., "Byzantine-Robust Distributed Learning", ICML 2018.
     """
     _check_fraction(fraction, 0.5)
-    return _gathering(name, lambda x, s: (robust.trimmed_mean(x, _count(fraction, len(x))), s),
-                      {"kind": "trimmed_mean", "fraction": float(fraction)})
+    def rule(x: np.ndarray, overwrite: bool = False) -> np.ndarray:
+        return robust.trimmed_mean(x, _count(fraction, len(x)), overwrite)
+
+    return _gathering(name, lambda x, s: (rule(x), s),
+                      {"kind": "trimmed_mean", "fraction": float(fraction)},
+                      by_columns=functools.partial(rule, overwrite=True))
 
 
 def krum(fraction: float = 0.2, name: str = "krum") -> Stage:

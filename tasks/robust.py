@@ -55,19 +55,21 @@ def _by_coordinate_blocks(rule: Callable[[np.ndarray], np.ndarray], x: np.ndarra
     return out
 
 
-def coordinate_median(updates: np.ndarray) -> np.ndarray:
-    """Coordinate-wise median.
+def coordinate_median(updates: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """Coordinate-wise median; ``overwrite`` lets it reorder ``updates`` in place (no copy).
 
     References
     ----------
     Yin, Chen, Ramchandran & Bartlett, "Byzantine-Robust Distributed Learning: Towards Optimal
     Statistical Rates", ICML 2018.
     """
-    return _by_coordinate_blocks(lambda block: np.median(block, axis=0), _stack(updates))
+    return _by_coordinate_blocks(
+        lambda block: np.median(block, axis=0, overwrite_input=overwrite), _stack(updates))
 
 
-def trimmed_mean(updates: np.ndarray, f: int) -> np.ndarray:
-    """Coordinate-wise mean after dropping the ``f`` largest and ``f`` smallest values.
+def trimmed_mean(updates: np.ndarray, f: int, overwrite: bool = False) -> np.ndarray:
+    """Coordinate-wise mean after dropping the ``f`` largest and ``f`` smallest values;
+    ``overwrite`` lets it reorder ``updates`` in place (no copy).
 
     References
     ----------
@@ -82,6 +84,9 @@ def trimmed_mean(updates: np.ndarray, f: int) -> np.ndarray:
 
     def rule(block: np.ndarray) -> np.ndarray:
         # partition puts the f smallest first and the f largest last, in O(K d)
+        if overwrite:  # the same selection, in place
+            block.partition((f - 1, k - f), axis=0)
+            return block[f:k - f].mean(axis=0)
         return np.partition(block, (f - 1, k - f), axis=0)[f:k - f].mean(axis=0)
 
     return _by_coordinate_blocks(rule, x)

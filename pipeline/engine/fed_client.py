@@ -17,7 +17,7 @@ from typing import NamedTuple
 import cloudpickle
 import numpy as np
 from fedpipe.engine import placement
-from fedpipe.tasks import aggregate, local, optimizers, reduce
+from fedpipe.tasks import aggregate, aggregators, local, optimizers, reduce
 from fedpipe.tasks.aggregate import Stage
 from fedpipe.tasks.models import Model
 from fedpipe.tasks.optimizers import Optimizer
@@ -194,3 +194,28 @@ def put_client_state(token: str, states: dict[str, dict[str, np.ndarray]]) -> in
     for client, state in states.items():
         cache.state[(token, client)] = state
     return len(states)
+
+
+# A coordinate-wise robust rule (median, trimmed mean) by column blocks where the rows are: the
+# pieces of a leaf's report, for the tasks of fed_round._column_sum. A leaf is a train_group
+# report or a round_group one ({"eval": ..., "train": ...}).
+
+
+def _train_report(report: dict) -> dict | None:
+    return report["train"] if "train" in report and "clients" not in report else report
+
+
+def rows_block(report: dict, j: int, blocks: int, n_params: int):
+    """Column block ``j`` of the leaf's stacked training rows."""
+    train = _train_report(report)
+    return aggregators.column_block(None if train is None else train["packet"], j, blocks,
+                                    n_params)
+
+
+def without_rows(report: dict) -> dict:
+    """The leaf's report with its training rows replaced by their count (what the driver gets)."""
+    train = _train_report(report)
+    if train is None:
+        return report
+    slim = {**train, "packet": aggregators.without_rows(train["packet"])}
+    return {**report, "train": slim} if train is not report else slim

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -26,11 +27,13 @@ from fedpipe.engine.fed_client import (
     eval_group,
     pack_spec,
     round_group,
+    rows_block,
     train_group,
+    without_rows,
 )
 from fedpipe.engine.graph import GATHER_AT_MOST, fetch_sum
 from fedpipe.errors import TrainingError
-from fedpipe.tasks import aggregate, reduce, sampling
+from fedpipe.tasks import aggregate, aggregators, reduce, sampling
 
 log = logging.getLogger("fedpipe")
 
@@ -102,8 +105,26 @@ def _submit_train(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequen
     return _Leaves(futures, [m for _, _, m, _ in work])
 
 
+class _Columns(NamedTuple):
+    """A coordinate-wise gathering rule to run by column blocks where each leaf's rows are."""
+
+    rule: Any
+    n_params: int
+    pins: dict[Any, dict[str, float]]  # leaf key -> resources of its worker
+
+
+def _columns(spec: ClientSpec, leaves: _Leaves) -> _Columns | None:
+    rule = aggregators.column_rule(spec.stages)
+    if rule is None or len(leaves.futures) < 2:
+        return None
+    return _Columns(rule, spec.model.n_params, {
+        f.key: placement.resources_of(list(clients)[:1])
+        for f, clients in zip(leaves.futures, leaves.clients, strict=True)})
+
+
 def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: int,
-             what: str, add=aggregate.add_reports) -> tuple[dict | None, dict[str, str]]:
+             what: str, add=aggregate.add_reports,
+             columns: _Columns | None = None) -> tuple[dict | None, dict[str, str]]:
     """Sum the leaves that finish by the deadline; name the clients of the others.
 
     The sum over all leaves is asked for at once, so a round where every client makes it
@@ -111,7 +132,7 @@ def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: in
     """
     start = time.monotonic()
     with contextlib.suppress(Exception):  # late (TimeoutError) or a failed leaf: sorted out below
-        return _sum_leaves(dask_client, leaves.futures, deadline, what, add), {}
+        return _sum_leaves(dask_client, leaves.futures, deadline, what, add, columns), {}
     remaining = None if deadline is None else max(0.0, deadline - (time.monotonic() - start))
     with contextlib.suppress(TimeoutError):
         wait(leaves.futures, timeout=remaining)
@@ -137,13 +158,44 @@ def _collect(dask_client: Client, leaves: _Leaves, deadline: float | None, r: in
                     _short(dropped))
     if not done:
         return None, dropped
-    return _sum_leaves(dask_client, done, None, what, add), dropped
+    return _sum_leaves(dask_client, done, None, what, add, columns), dropped
 
 
 def _sum_leaves(dask_client: Client, futures: Sequence[Future], timeout: float | None,
-                what: str, add=aggregate.add_reports) -> dict:
-    """The leaves' merged report, by the one reduction of :func:`fedpipe.engine.graph.fetch_sum`."""
+                what: str, add=aggregate.add_reports, columns: _Columns | None = None) -> dict:
+    """The leaves' merged report, by the one reduction of :func:`fedpipe.engine.graph.fetch_sum`
+    (or, for a coordinate-wise robust rule over several leaves, :func:`_column_sum`)."""
+    if columns is not None and len(futures) >= 2:
+        return _column_sum(dask_client, futures, timeout, what, add, columns)
     return fetch_sum(dask_client, futures, add, timeout, f"sum-{what}")
+
+
+def _column_sum(dask_client: Client, futures: Sequence[Future], timeout: float | None,
+                what: str, add, columns: _Columns) -> dict:
+    """The leaves' merged report with the rule applied by column blocks on the workers.
+
+    Block ``j`` of every leaf's stacked rows goes to leaf ``j``'s worker, which applies the rule
+    to them (in leaf order, as the stacked rows would be): the driver fetches each leaf's report
+    without its rows and one result per block, instead of every row (80 MB a round at 1,000
+    clients x 10,000 parameters) and the rule's work on its own. Same bits: the rule is
+    coordinate-wise.
+    """
+    n, tag = len(futures), uuid.uuid4().hex[:12]
+    pins = [columns.pins.get(f.key) or None for f in futures]
+    takes = [[dask_client.submit(rows_block, f, j, n, columns.n_params, resources=pin,
+                                 key=(f"take-{what}-{tag}", i, j)) for j in range(n)]
+             for i, (f, pin) in enumerate(zip(futures, pins, strict=True))]
+    rests = [dask_client.submit(without_rows, f, resources=pin, key=(f"rest-{what}-{tag}", i))
+             for i, (f, pin) in enumerate(zip(futures, pins, strict=True))]
+    blocks = [dask_client.submit(aggregators.rule_on_blocks, columns.rule,
+                                 *(row[j] for row in takes), resources=pins[j],
+                                 key=(f"columns-{what}-{tag}", j)) for j in range(n)]
+    parts = resilience.fetch(dask_client, rests + blocks, timeout)
+    report = add(*parts[:n])
+    train = report.get("train", report) if "clients" not in report else report
+    if train is not None and train["packet"] is not None:
+        train["packet"] = aggregators.join_columns(train["packet"], parts[n:])
+    return report
 
 
 def _error_name(fut: Future) -> str:
@@ -209,7 +261,8 @@ def _round(dask_client: Client, spec: ClientSpec, groups: Sequence[Sequence[str]
         else:
             leaves = _submit_train(dask_client, spec, groups, set(sampled), state, params_f,
                                    attempt, batch_clients)
-            report, dropped = _collect(dask_client, leaves, sampling_.deadline, r, "train")
+            report, dropped = _collect(dask_client, leaves, sampling_.deadline, r, "train",
+                                       columns=_columns(spec, leaves))
         records = report["clients"] if report else {}
         rejected = {c: rec["rejected"] for c, rec in records.items() if "rejected" in rec}
         accepted = len(records) - len(rejected)
@@ -258,7 +311,8 @@ def _evaluate_and_train(dask_client: Client, spec: ClientSpec, groups: Sequence[
                           state.params, r, state.stage_states, state.control),
         placement.pin_group(g)) for j, g in enumerate(groups)}
     leaves = _Leaves(placement.submit_pinned(dask_client, calls), [list(g) for g in groups])
-    both, dropped = _collect(dask_client, leaves, deadline, r, "round", add=add_round_parts)
+    both, dropped = _collect(dask_client, leaves, deadline, r, "round", add=add_round_parts,
+                             columns=_columns(spec, leaves))
     both = both or {"train": None, "eval": None}
     train_dropped = {c: why for c, why in dropped.items() if c in sampled}
     return both["train"], train_dropped, _evaluation(spec, both["eval"], dropped)

@@ -204,6 +204,31 @@ def test_diverging_loss_stops_naming_the_round_and_clients(fed_store, dask_clien
                  dask_client=dask_client, diverge_factor=1.5)
 
 
+@pytest.mark.parametrize("rule", [aggregators.median(), aggregators.trimmed_mean(0.25)],
+                         ids=["median", "trimmed-mean"])
+@pytest.mark.parametrize("eval_every", [1, 3], ids=["fused-eval", "train-only"])
+def test_coordinate_rules_run_by_column_blocks_on_the_workers_bit_identical(
+        fed_store, dask_client, monkeypatch, rule, eval_every):
+    # The driver gets one result per column block, not every client's row; the bits are those
+    # of the rule on the stacked rows (the path taken when the blocks are turned off).
+    from fedpipe.engine import fed_round
+
+    calls = []
+    real = fed_round._column_sum
+    monkeypatch.setattr(fed_round, "_column_sum",
+                        lambda *a, **k: calls.append(a[3]) or real(*a, **k))
+    kwargs = dict(rounds=3, lr=0.1, stages=(stages.validate(), rule), eval_every=eval_every,
+                  dask_client=dask_client)
+    blocks = federate(fed_store, _model(), **kwargs)
+    assert calls and set(calls) <= {"round", "train"}
+    monkeypatch.setattr(fed_round, "_columns", lambda spec, leaves: None)
+    whole = federate(fed_store, _model(), **kwargs)
+    np.testing.assert_array_equal(blocks.params, whole.params)
+    assert [r["aggregation"] for r in blocks.metrics] == [r["aggregation"] for r in whole.metrics]
+    assert [r.get("test_loss") for r in blocks.metrics] == [r.get("test_loss")
+                                                            for r in whole.metrics]
+
+
 def test_robust_aggregator_and_compression_in_a_real_run(fed_store, dask_client):
     chain = (stages.validate(), stages.int8(seed=1), aggregators.trimmed_mean(0.25))
     records: list[dict] = []

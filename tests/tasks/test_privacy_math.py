@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from fedpipe.tasks import aggregators, attacks, compress, privacy, robust
+from fedpipe.tasks import aggregate, aggregators, attacks, compress, privacy, robust
 from fedpipe.tasks.aggregate import (
     add_packets,
     check_chain,
@@ -269,3 +269,25 @@ def test_simulated_attack_stage_feeds_the_inner_aggregator():
     clean = attacks.simulated_attack(aggregators.mean(), "none", fraction=0.5)
     total, _, _ = _run((validate(), clean), X_BYZFL.tolist(), ns=[1, 1, 2])
     np.testing.assert_allclose(total["delta"], [4.75, 5.75, 6.75])  # the row-weighted mean
+
+
+@pytest.mark.parametrize("stage", [aggregators.median(), aggregators.trimmed_mean(0.2)],
+                         ids=["median", "trimmed-mean"])
+def test_a_coordinate_rule_by_column_blocks_is_the_rule_on_the_rows(stage):
+    # What the engine does with the rows of 3 workers (one of them with none): column block j
+    # of every part, stacked in part order, the rule on it; the joined blocks must be the bits
+    # of the rule on the stacked rows.
+    rng = np.random.default_rng(4)
+    parts = [{aggregators.ROWS: rng.normal(size=(k, 103)), "n": np.asarray(float(k))}
+             for k in (7, 0, 12)]
+    parts[1] = {"n": np.asarray(0.0)}  # a worker whose clients were all rejected
+    rule = aggregators.column_rule((aggregate.validate(), stage))
+    results = [aggregators.rule_on_blocks(rule, *(aggregators.column_block(p, j, 3, 103)
+                                                   for p in parts)) for j in range(3)]
+    slim = aggregate.add_packets(*(aggregators.without_rows(p) for p in parts))
+    by_blocks, _, seen = stage.after_sum(aggregators.join_columns(slim, results), {})
+    stacked = np.concatenate([parts[0][aggregators.ROWS], parts[2][aggregators.ROWS]])
+    whole, _, counted = stage.after_sum({aggregators.ROWS: stacked, "n": slim["n"]}, {})
+    np.testing.assert_array_equal(by_blocks["delta"], whole["delta"])
+    assert seen == counted == {"gathered": 19.0}
+    assert aggregators.column_rule((aggregators.krum(0.2),)) is None  # needs whole rows
