@@ -23,6 +23,10 @@ from fedpipe.tasks.models import Model
 from fedpipe.tasks.optimizers import Optimizer
 from fedpipe.tasks.privacy import CLIENT_ID, client_tag
 
+# ClientSpec.partition of a run on site-local stores (engine/sites.py): there each worker is
+# another party's machine, so nothing of one client's may be sent to another's worker.
+SITES = "sites"
+
 
 class ClientSpec(NamedTuple):
     """Everything a worker needs to train or evaluate its clients (the same every round)."""

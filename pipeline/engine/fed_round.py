@@ -21,6 +21,7 @@ from distributed import Client, Future, wait
 from fedpipe import poison, resilience
 from fedpipe.engine import placement
 from fedpipe.engine.fed_client import (
+    SITES,
     ClientSpec,
     Members,
     add_round_parts,
@@ -115,7 +116,9 @@ class _Columns(NamedTuple):
 
 def _columns(spec: ClientSpec, leaves: _Leaves) -> _Columns | None:
     rule = aggregators.column_rule(spec.stages)
-    if rule is None or len(leaves.futures) < 2:
+    # Site-local workers belong to different parties: one client's update columns must not
+    # go to another's worker, so there the rows go to the driver (the server) as before.
+    if rule is None or len(leaves.futures) < 2 or spec.partition == SITES:
         return None
     return _Columns(rule, spec.model.n_params, {
         f.key: placement.resources_of(list(clients)[:1])

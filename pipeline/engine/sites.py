@@ -29,7 +29,7 @@ from fedpipe.data.stats import HIST_BINS, stats_to_json, tree_reduce
 from fedpipe.data.store import StoreInfo
 from fedpipe.engine import fed_state, placement
 from fedpipe.engine import federate as fed
-from fedpipe.engine.fed_client import ClientSpec
+from fedpipe.engine.fed_client import SITES, ClientSpec
 from fedpipe.errors import TrainingError, ValidationError
 from fedpipe.model import saved as saved_model
 from fedpipe.tasks import aggregate
@@ -271,7 +271,7 @@ def prepare_sites(dask_client: Client, *, impute: str = "mean", standardize: boo
                                  **({"median_passes": int(median_passes)}
                                     if impute == "median" else {})},
                      # the sites are the run's partition: what the chain's options count
-                     partitions={"sites": {"clients": {c: {"n_rows": n} for c, n in rows.items()}}},
+                     partitions={SITES: {"clients": {c: {"n_rows": n} for c, n in rows.items()}}},
                      stats=stats_json, columns=schema.get("columns"),
                      categorical=categories,
                      input_dtypes=dict(schema.get("input_dtypes") or {}),
@@ -343,7 +343,7 @@ def federate_sites(plan: SitePlan, model: Model, *, dask_client: Client, rounds:
     dp = fed._privacy(chain, len(clients), sampling_, delta, target_epsilon)
     url = _plan_url(plan)
     version = hashlib.sha256(url.encode()).hexdigest()[:20]
-    spec = ClientSpec(url, "sites", version, float(test_fraction), int(seed), model,
+    spec = ClientSpec(url, SITES, version, float(test_fraction), int(seed), model,
                       int(local_epochs), int(batch_size), lr, strategy.client_transforms,
                       chain, uuid.uuid4().hex[:12], strategy.client)
     round_fn = fed.round_for(chain, len(clients), sampling_)

@@ -141,7 +141,13 @@ def test_a_site_local_run_resumes_bit_identical(stores):
     ["--aggregator", "median"],
     ["--secure-aggregation"],
 ])
-def test_site_local_runs_take_the_simulations_stages(stores, flags, capsys):
+def test_site_local_runs_take_the_simulations_stages(stores, flags, capsys, monkeypatch):
+    from fedpipe.engine import fed_round
+
+    def never(*args, **kwargs):  # one site's update columns must not go to another's worker
+        raise AssertionError("a robust rule ran by column blocks across sites")
+
+    monkeypatch.setattr(fed_round, "_column_sum", never)
     workers = [([str(i)], url) for i, url in enumerate(stores["sites"])]
     with sites.site_cluster(workers, processes=False) as dc:
         argv = ["federate", "--sites", "--scheduler", dc.scheduler.address, "--model",
