@@ -15,7 +15,14 @@ from typing import Any, NamedTuple
 import numpy as np
 from distributed import Client, Future
 from fedpipe import cluster, resilience
-from fedpipe.data.store import ChunkRef, StoreInfo, chunk_refs, read_chunk, split_rows
+from fedpipe.data.store import (
+    ChunkRef,
+    StoreInfo,
+    chunk_refs,
+    read_chunk,
+    read_chunks,
+    split_rows,
+)
 from fedpipe.tasks import reduce
 from fedpipe.tasks.models import Model
 
@@ -127,10 +134,11 @@ def read_block(url: str, refs: list[ChunkRef], test_fraction: float, seed: int,
     met a worker's death ~2x longer), and each side holds its own rows only, as before.
     The rows of each side are those of ``read_chunk(split=...)``, bit for bit.
     """
+    chunks = read_chunks(url, refs, info=info)
     if test_fraction == 0:  # as effective_split: every row is a training row, no mask drawn
-        return tuple(read_chunk(url, ref, split="all", info=info) for ref in refs), ()
-    sides = [split_rows(*read_chunk(url, ref, split="all", info=info), ref,
-                        test_fraction=test_fraction, seed=seed) for ref in refs]
+        return tuple(chunks), ()
+    sides = [split_rows(X, y, ref, test_fraction=test_fraction, seed=seed)
+             for (X, y), ref in zip(chunks, refs, strict=True)]
     return tuple(train for train, _ in sides), tuple(test for _, test in sides)
 
 
