@@ -3,7 +3,7 @@
 Run ``make chaos`` or ``python -m benchmarks.chaos [--quick] [--only train|federate]
 [--rounds N] [--deadline S] [--out FILE]`` from the repository root; prints one JSON object.
 
-* ``train``: 100 full-batch iterations on a 2-worker LocalCluster (nanny-managed processes),
+* ``train``: 200 full-batch iterations on a 2-worker LocalCluster (nanny-managed processes),
   one worker SIGKILLed by PID every ~10 iterations (a kill waits until the worker killed before
   is back, so the cluster never has none). Reports whether the parameters are
   bit-identical to a fault-free run on the same cluster, how many ``KilledWorker`` errors
@@ -114,6 +114,11 @@ def _train_figures(clean, faulty, kills, killed_worker_errors, iterations) -> di
         "detection_s": {"max": max(detected), "median": statistics.median(detected)},
         "kill_iteration_ratio": {"max": max(hit), "median": statistics.median(hit)},
         "next_iteration_ratio": {"max": max(after), "median": statistics.median(after)},
+        # each kill's figures, in order: a median over a handful of kills hides which one
+        # was slow and why (e.g. the worker that held every chunk, or a fresh worker's first
+        # tasks)
+        "per_kill": [{"iteration": k["iteration"] + 1, "kill": round(h, 2), "next": round(a, 2)}
+                     for k, h, a in zip(kills, hit, after, strict=True)],
     }
 
 
@@ -161,6 +166,10 @@ def _kill(pid: int) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 iterations, 5 rounds")
+    # 200: a kill waits until the worker killed before is back, so 100 iterations met only 5
+    # kills, too few for a steady median
+    parser.add_argument("--iterations", type=int, default=200,
+                        help="full-batch iterations of the train part (default 200)")
     parser.add_argument("--rounds", type=int, default=50, help="federated rounds (default 50)")
     # the first round of a cold cluster reads and caches every client's rows: on a loaded
     # 2-core machine that alone took 16 s
@@ -168,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--only", choices=("train", "federate"), help="run one part")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args(argv)
-    iterations, rounds = (20, 5) if args.quick else (100, args.rounds)
+    iterations, rounds = (20, 5) if args.quick else (args.iterations, args.rounds)
     with tempfile.TemporaryDirectory() as tmp:
         store = make_store(os.path.join(tmp, "chaos.zarr"))
         result = {}

@@ -31,6 +31,9 @@ _SINGLE_THREADED_BLAS = {
 }
 
 
+PRELOAD = "fedpipe.preload"
+
+
 def local_processes() -> bool:
     """Whether the clusters fedpipe starts itself run their workers as processes (default).
 
@@ -102,10 +105,14 @@ def connect(
     cluster_kwargs["worker_dashboard_address"] = loopback_address(
         cluster_kwargs.get("worker_dashboard_address", ":0"))
     cluster_kwargs.setdefault("env", dict(_SINGLE_THREADED_BLAS))
+    # A worker (and one its nanny restarts) imports fedpipe's task modules before it takes
+    # work, not during the first task it is given (see fedpipe.preload).
+    cluster_kwargs.setdefault("preload", [PRELOAD])
     cluster_kwargs.setdefault("silence_logs", worker_log_level())
     settings = {"distributed.scheduler.work-stealing": False}
     if cluster_kwargs.get("processes") is False:
         cluster_kwargs.pop("env")  # threads share the driver's environment; Worker has no env
+        cluster_kwargs.pop("preload")  # threads share the driver's imports too
         # In-process workers' profiler calls sys._current_frames() every 10 ms, which can
         # deadlock CPython 3.11 with the GIL held (seen as a hung test; tests/conftest.py).
         settings["distributed.worker.profile.enabled"] = False

@@ -293,26 +293,55 @@ def _cached_block(group: zarr.Group, info: StoreInfo, path: str, index: int) -> 
 def read_block(group: zarr.Group, info: StoreInfo, prefix: str, index: int,
                names: tuple[str, ...] = ("X", "y")) -> tuple[np.ndarray, ...]:
     """Stored row chunk ``index`` of the arrays ``names`` under ``prefix``, each checked."""
+    keys = [chunk_key(prefix, name, index) for name in names]
+    # Every call into zarr is a round trip to its event loop thread: check all keys in one.
+    found = sync(_exist(group.store, keys))
+    for name, key, ok in zip(names, keys, found, strict=True):
+        if key not in info.manifest.get(array_path(prefix, name), []) or not ok:
+            raise StoreError(f"chunk {index} of {array_path(prefix, name)} is missing in {info.url}")
     out = []
     for name in names:
-        key = chunk_key(prefix, name, index)
-        listed = info.manifest.get(array_path(prefix, name), [])
-        if key not in listed or not sync(group.store.exists(key)):
-            raise StoreError(f"chunk {index} of {array_path(prefix, name)} is missing in {info.url}")
-        array = group[array_path(prefix, name)]
         try:
-            block = array.blocks[index]  # every feature chunk of the row chunk
+            out.append(_array(group, array_path(prefix, name)).blocks[index])  # every feature chunk
         except Exception as exc:  # zarr/numcodecs raise plain ValueError/RuntimeError on bad bytes
             raise StoreError(
                 f"chunk {index} of {array_path(prefix, name)} in {info.url} is corrupt ({exc})"
             ) from exc
-        out.append(block)
+    if names[:2] == ("X", "y"):
+        check_digest(info, prefix, index, *out[:2])
+    return tuple(out)
+
+
+def check_digest(info: StoreInfo, prefix: str, index: int, X: np.ndarray, y: np.ndarray) -> None:
+    """Raise :class:`StoreError` unless chunk ``index`` reads as the bytes the store recorded."""
     expected = info.chunk_digests.get(array_path(prefix, "X"), [])
-    if names[:2] == ("X", "y") and index < len(expected) and chunk_digest(*out[:2]) != expected[index]:
+    if index < len(expected) and chunk_digest(X, y) != expected[index]:
         raise StoreError(f"chunk {index} of {array_path(prefix, 'X')} in {info.url} is not the "
                          "chunk written there (its digest differs from the store's metadata: "
                          "replaced or rewritten after ingest)")
-    return tuple(out)
+
+
+# Arrays opened from a group, per process: opening one reads and parses its zarr.json, a
+# quarter of the time of reading a 10,000 x 20 chunk. Keyed by the group object (held here,
+# so its id is not reused): a group from _opened stands for one version of the store, and a
+# partition's arrays are under a generation folder that is written once, so an array's
+# metadata never changes under a key; chunk files are still looked up on every read.
+_ARRAYS: OrderedDict[tuple[int, str], tuple[zarr.Group, zarr.Array]] = OrderedDict()
+ARRAY_CACHE = 32
+
+
+def _array(group: zarr.Group, path: str) -> zarr.Array:
+    key = (id(group), path)
+    with _BLOCKS_LOCK:
+        if key in _ARRAYS:
+            _ARRAYS.move_to_end(key)
+            return _ARRAYS[key][1]
+    array = group[path]
+    with _BLOCKS_LOCK:
+        _ARRAYS[key] = (group, array)
+        while len(_ARRAYS) > ARRAY_CACHE:
+            _ARRAYS.popitem(last=False)
+    return array
 
 
 def chunk_digest(X: np.ndarray | None, y: np.ndarray, x_crc: int | None = None) -> str:
@@ -343,7 +372,7 @@ def read_rows(group: zarr.Group, info: StoreInfo, chunks: range,
                 raise StoreError(f"chunk {i} of {name} is missing in {info.url}")
     lo, hi = chunks.start * info.chunk_rows, min(chunks.stop * info.chunk_rows, info.n_rows)
     try:
-        return tuple(group[name][lo:hi] for name in names)
+        return tuple(_array(group, name)[lo:hi] for name in names)
     except Exception:
         for i in chunks:  # find the chunk that does not decode, and say which
             read_block(group, info, "", i, names)
@@ -448,6 +477,28 @@ def read_chunk(
         return X, y
     train, test = split_rows(X, y, ref, test_fraction=test_fraction, seed=seed)
     return test if split == "test" else train
+
+
+def read_chunks(url: str, refs: list[ChunkRef], *,
+                info: StoreInfo) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``read_chunk(url, ref, split="all", info=info)`` of each of ``refs``, the same bits.
+
+    Consecutive top-level chunks (a block of ``fit``) are read by one zarr call, which
+    decodes them concurrently and saves a round trip per chunk: reading 8 chunks of
+    10,000 x 20 took 40% less time than 8 calls (15% on one core). Each chunk is still
+    checked against its digest. Meanwhile the block is held twice (as read, and as the
+    chunks' preprocessed or split copies).
+    """
+    first = refs[0].index if refs else 0
+    if any(ref.prefix or ref.index != first + i for i, ref in enumerate(refs)) or len(refs) < 2:
+        return [read_chunk(url, ref, split="all", info=info) for ref in refs]
+    X, y = read_rows(_opened(url, info.content_hash), info, range(first, first + len(refs)))
+    out = []
+    for i, ref in enumerate(refs):
+        rows = slice(i * info.chunk_rows, (i + 1) * info.chunk_rows)
+        check_digest(info, "", ref.index, X[rows], y[rows])
+        out.append((apply_preprocess(X[rows], info), y[rows]))
+    return out
 
 
 def split_rows(X: np.ndarray, y: np.ndarray, ref: ChunkRef, *, test_fraction: float,

@@ -17,7 +17,7 @@ import numpy as np
 from distributed import span
 from fedpipe.data.store import split_row_counts
 from fedpipe.engine.graph import tree_sum
-from fedpipe.engine.train_data import send_params, stream_chunk
+from fedpipe.engine.train_data import SIDES, on_side, send_params, stream_chunk
 from fedpipe.engine.train_pass import Engine, Pass, full_pass
 from fedpipe.engine.train_records import (
     check_finite,
@@ -77,8 +77,9 @@ def batch_gradient(engine: Engine, params: np.ndarray, pieces: list[Piece]):
     sent = send_params(dc, params)
     if data.mode == "memory":
         per_block = len(data.blocks[0])  # chunk c is item c % per_block of block c // per_block
-        leaves = [dc.submit(reduce.block_batch_loss_and_grad, engine.model_future, sent,
-                            data.train[c // per_block], c % per_block, rows, key=(token, j))
+        leaves = [dc.submit(on_side, reduce.block_batch_loss_and_grad, SIDES["train"],
+                            engine.model_future, sent, data.loaded[c // per_block],
+                            c % per_block, rows, key=(token, j))
                   for j, (c, rows) in enumerate(pieces)]
     else:
         leaves = [dc.submit(stream_chunk, reduce.batch_loss_and_grad, engine.model_future, sent,

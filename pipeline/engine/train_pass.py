@@ -24,7 +24,15 @@ from distributed.scheduler import KilledWorker
 from fedpipe import poison, resilience
 from fedpipe.data.store import StoreInfo
 from fedpipe.engine.graph import tree_sum
-from fedpipe.engine.train_data import Data, choose_cache, load_data, send_params, stream_block
+from fedpipe.engine.train_data import (
+    SIDES,
+    Data,
+    choose_cache,
+    load_data,
+    on_side,
+    send_params,
+    stream_block,
+)
 from fedpipe.tasks import reduce
 from fedpipe.tasks.models import Model
 
@@ -66,7 +74,7 @@ def open_engine(dask_client: Client, url: str, info: StoreInfo, model: Model, se
     data = load_data(dask_client, url, info, mode, test_fraction, seed, chunks_per_task)
     # Wait for the loads here so that iteration times measure training, not reading.
     start = time.perf_counter()
-    wait([*(data.train or []), *(data.test or [])])
+    wait(data.loaded or [])
     log.info("data ready in %.2f s", time.perf_counter() - start)
     try:
         yield Engine(dask_client, model, model_future, data, fan_in, run_dir, on_record)
@@ -75,7 +83,7 @@ def open_engine(dask_client: Client, url: str, info: StoreInfo, model: Model, se
                                  poison.failed_blocks(dask_client, exc)) from exc
     finally:
         # Release the cached chunks now rather than whenever the futures are collected.
-        dask_client.cancel([f for f in (data.train or []) + (data.test or [])] + [model_future])
+        dask_client.cancel([*(data.loaded or []), model_future])
 
 
 def block_tasks(engine: Engine, split: str, func: Callable, params: Any,
@@ -90,9 +98,8 @@ def block_tasks(engine: Engine, split: str, func: Callable, params: Any,
     data, dc, token = engine.data, engine.dask_client, uuid.uuid4().hex
     which = range(len(data.blocks)) if only is None else only
     if data.mode == "memory":
-        blocks = data.train if split == "train" else data.test
-        return [dc.submit(func, engine.model_future, params, blocks[b],
-                          key=(f"{group}-{token}", b)) for b in which]
+        return [dc.submit(on_side, func, SIDES[split], engine.model_future, params,
+                          data.loaded[b], key=(f"{group}-{token}", b)) for b in which]
     return [
         dc.submit(stream_block, func, engine.model_future, params, data.url, data.blocks[b],
                   split, data.test_fraction, data.seed, data.info, key=(f"{group}-{token}", b),
