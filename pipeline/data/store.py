@@ -302,7 +302,8 @@ def read_block(group: zarr.Group, info: StoreInfo, prefix: str, index: int,
     out = []
     for name in names:
         try:
-            out.append(_array(group, array_path(prefix, name)).blocks[index])  # every feature chunk
+            # .blocks: every feature chunk of the row chunk
+            out.append(_array(group, array_path(prefix, name), _layout(info)).blocks[index])
         except Exception as exc:  # zarr/numcodecs raise plain ValueError/RuntimeError on bad bytes
             raise StoreError(
                 f"chunk {index} of {array_path(prefix, name)} in {info.url} is corrupt ({exc})"
@@ -330,8 +331,16 @@ _ARRAYS: OrderedDict[tuple[int, str], tuple[zarr.Group, zarr.Array]] = OrderedDi
 ARRAY_CACHE = 32
 
 
-def _array(group: zarr.Group, path: str) -> zarr.Array:
-    key = (id(group), path)
+def _layout(info: StoreInfo) -> tuple:
+    """What ``info`` says the arrays are: part of the key of an opened array (see _array)."""
+    return info.content_hash, info.chunk_rows, info.n_rows, info.n_features, str(info.dtype)
+
+
+def _array(group: zarr.Group, path: str, layout: tuple) -> zarr.Array:
+    # A store ingested again under the same URL with the same data in other chunks keeps its
+    # content hash, hence its cached group: keyed without the layout, the old array (old chunk
+    # shape) was read and every chunk looked corrupt.
+    key = (id(group), path, layout)
     with _BLOCKS_LOCK:
         if key in _ARRAYS:
             _ARRAYS.move_to_end(key)
@@ -372,7 +381,7 @@ def read_rows(group: zarr.Group, info: StoreInfo, chunks: range,
                 raise StoreError(f"chunk {i} of {name} is missing in {info.url}")
     lo, hi = chunks.start * info.chunk_rows, min(chunks.stop * info.chunk_rows, info.n_rows)
     try:
-        return tuple(_array(group, name)[lo:hi] for name in names)
+        return tuple(_array(group, name, _layout(info))[lo:hi] for name in names)
     except Exception:
         for i in chunks:  # find the chunk that does not decode, and say which
             read_block(group, info, "", i, names)

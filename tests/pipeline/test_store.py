@@ -149,3 +149,13 @@ def test_standardize_and_impute_are_applied_when_reading(tmp_path):
     std = np.nanstd(X, axis=0)
     expected = (np.where(np.isnan(X), mean, X) - mean) / std
     np.testing.assert_allclose(full, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_a_store_ingested_again_in_other_chunks_reads_right(tmp_path):
+    # Same URL, same data, other chunk rows: the same content hash, so the process's opened
+    # group is reused; the arrays it opened before must not be (they had the old chunk shape).
+    path = str(tmp_path / "wine.zarr")
+    for rows in (32, 64):
+        info = ingest("sklearn:wine", path, chunk_rows=rows, overwrite=True, progress=False)
+        X, y = read_chunk(path, chunk_refs(info)[0], split="all", info=info)
+        assert X.shape == (rows, 13) and len(y) == rows
