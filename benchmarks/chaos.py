@@ -5,7 +5,8 @@ Run ``make chaos`` or ``python -m benchmarks.chaos [--quick] [--only train|feder
 
 * ``train``: 200 full-batch iterations on a 2-worker LocalCluster (nanny-managed processes),
   one worker SIGKILLed by PID every ~10 iterations (a kill waits until the worker killed before
-  is back, so the cluster never has none). Reports whether the parameters are
+  is back and ``SETTLE`` iterations have run since: one fault at a time, on a recovered
+  cluster, never on none). Reports whether the parameters are
   bit-identical to a fault-free run on the same cluster, how many ``KilledWorker`` errors
   reached the driver, the time until the scheduler noticed each kill, and the kill iteration's
   and the next iteration's time as ratios to the median fault-free iteration.
@@ -34,6 +35,7 @@ from distributed import Client
 
 N_ROWS, N_FEATURES, CHUNK_ROWS = 200_000, 20, 10_000
 SEED = 0
+SETTLE = 10  # iterations a restarted worker has before the next kill
 
 
 def make_store(path: str) -> str:
@@ -71,15 +73,21 @@ def train_chaos(store: str, iterations: int, every: int) -> dict:
     with cluster.connect(workers=2, threads=1) as dc:
         clean = fit(store, model, optimizer, iterations=iterations, dask_client=dc, seed=SEED)
         kills: list[dict] = []
+        whole = {"since": 0}  # the iteration from which both workers are running again
 
         def kill_one(record: dict) -> None:
             it = record["iteration"]
             due = (len(kills) + 1) * every  # the next kill; deferred while one is not back
             alive = sorted(worker_pids(dc).items())
-            if due <= it < iterations and len(alive) == 2:
+            if len(alive) < 2:
+                whole["since"] = it + 1
+            # One fault at a time: a kill comes once the cluster has recovered from the last
+            # (the worker is back and SETTLE iterations have run since), not mid-recovery.
+            if due <= it < iterations and len(alive) == 2 and it - whole["since"] >= SETTLE:
                 address, pid = alive[len(kills) % 2]
                 kills.append({"iteration": it, "address": address, "at": time.perf_counter()})
                 os.kill(pid, signal.SIGKILL)
+                whole["since"] = it + 1
 
         stop = threading.Event()
         watcher = threading.Thread(target=watch_removals, args=(dc, kills, stop), daemon=True)

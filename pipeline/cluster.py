@@ -109,7 +109,12 @@ def connect(
     # work, not during the first task it is given (see fedpipe.preload).
     cluster_kwargs.setdefault("preload", [PRELOAD])
     cluster_kwargs.setdefault("silence_logs", worker_log_level())
-    settings = {"distributed.scheduler.work-stealing": False}
+    settings: dict = {"distributed.scheduler.work-stealing": False}
+    if cluster_kwargs.get("processes", True):
+        # A second copy of fit's loaded blocks, so a killed worker costs no re-read
+        # (fedpipe.resilience.KeepLoadedTwice, which drops other keys' extra copies as Dask does).
+        settings["distributed.scheduler.active-memory-manager.policies"] = [
+            {"class": "fedpipe.resilience.KeepLoadedTwice"}]
     if cluster_kwargs.get("processes") is False:
         cluster_kwargs.pop("env")  # threads share the driver's environment; Worker has no env
         cluster_kwargs.pop("preload")  # threads share the driver's imports too

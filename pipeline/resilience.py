@@ -36,6 +36,7 @@ from typing import Any
 import dask
 from dask.utils import parse_timedelta
 from distributed import Client, Future, wait
+from distributed.active_memory_manager import ReduceReplicas, Suggestion
 from distributed.diagnostics.plugin import SchedulerPlugin
 from fedpipe import poison
 
@@ -100,6 +101,7 @@ def _set(worker_ttl: float | None, no_workers_timeout: float | None,
     if allowed_failures is not None:
         dask_scheduler.allowed_failures = allowed_failures
     dask_scheduler.add_plugin(ForgetDeadHomes(), idempotent=True)  # once per scheduler
+    dask_scheduler.add_plugin(CopyToJoiningWorkers(), idempotent=True)
     dask_scheduler.worker_ttl = worker_ttl
     dask_scheduler.no_workers_timeout = no_workers_timeout
     old = dask_scheduler.periodic_callbacks.pop("worker-ttl", None)
@@ -160,3 +162,61 @@ def recomputable(dask_client: Client, value: Any, key: str) -> Future:
 
 def _identity(value: Any) -> Any:
     return value
+
+
+LOADED_PREFIX = "load-"  # keys of fit's loaded blocks (train_data.load_data)
+# The copies of loaded blocks may take at most this share of the cluster's memory: one copy is
+# allowed half of it (train_data.MEMORY_SHARE), so a second one fits when the rows take a quarter.
+TWO_COPIES_SHARE = 0.5
+JOIN_DELAY = 0.1  # seconds from a worker's registration to the copies sent to it
+
+
+class KeepLoadedTwice(ReduceReplicas):
+    """Dask's ``ReduceReplicas`` for every key but fit's loaded blocks, which it keeps on two
+    workers while both copies fit in :data:`TWO_COPIES_SHARE` of the cluster's memory.
+
+    A worker killed mid-run used to take its blocks with it: the survivor read them back from
+    the store, and the iteration that met the kill took ~5x the median one (benchmarks/chaos.py;
+    issue 17 asks for 3x). With a second copy the survivor only computes, and the Active
+    Memory Manager, which runs this policy every interval, copies the blocks again onto the
+    worker the nanny restarts. The clusters :func:`fedpipe.cluster.connect` starts use it in
+    place of ``ReduceReplicas``; on a cluster of your own add it to
+    ``distributed.scheduler.active-memory-manager.policies``.
+    """
+
+    def run(self):
+        for suggestion in super().run():
+            if not _loaded(suggestion.ts):
+                yield suggestion
+        scheduler = self.manager.scheduler
+        loaded = [ts for ts in scheduler.tasks.values() if _loaded(ts) and ts.who_has]
+        limit = sum(ws.memory_limit or 0 for ws in scheduler.workers.values())
+        copies = 2 * sum(ts.nbytes for ts in loaded)
+        if len(scheduler.workers) < 2 or (limit and copies > TWO_COPIES_SHARE * limit):
+            return
+        for ts in loaded:
+            if len(ts.who_has) < 2 and ts not in self.manager.pending:
+                yield Suggestion("replicate", ts)
+
+
+class CopyToJoiningWorkers(SchedulerPlugin):
+    """On the scheduler: when a worker joins, run the Active Memory Manager at once if its
+    policies keep second copies (:class:`KeepLoadedTwice`), rather than at its next interval.
+
+    A worker the nanny restarted came back ~2 s after a kill and got its copies up to 2 s
+    later, too late for a kill that followed soon (benchmarks/chaos.py kills every ~1.6 s).
+    """
+
+    name = "fedpipe-copy-to-joining-workers"
+
+    def add_worker(self, scheduler: Any = None, worker: str | None = None) -> None:
+        amm = scheduler.extensions.get("amm")
+        if amm is not None and any(isinstance(p, KeepLoadedTwice) for p in amm.policies):
+            # Not at once: the AMM copies only to running workers, and the joining worker is
+            # counted as one just after this hook.
+            scheduler.loop.call_later(JOIN_DELAY, amm.run_once)
+
+
+def _loaded(ts) -> bool:
+    key = ts.key[0] if isinstance(ts.key, tuple) else ts.key
+    return isinstance(key, str) and key.startswith(LOADED_PREFIX)
