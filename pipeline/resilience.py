@@ -188,15 +188,43 @@ class KeepLoadedTwice(ReduceReplicas):
         for suggestion in super().run():
             if not _loaded(suggestion.ts):
                 yield suggestion
-        scheduler = self.manager.scheduler
-        loaded = [ts for ts in scheduler.tasks.values() if _loaded(ts) and ts.who_has]
-        limit = sum(ws.memory_limit or 0 for ws in scheduler.workers.values())
-        copies = 2 * sum(ts.nbytes for ts in loaded)
-        if len(scheduler.workers) < 2 or (limit and copies > TWO_COPIES_SHARE * limit):
-            return
-        for ts in loaded:
-            if len(ts.who_has) < 2 and ts not in self.manager.pending:
+        for ts in _one_copy(self.manager.scheduler):
+            if ts not in self.manager.pending:
                 yield Suggestion("replicate", ts)
+
+
+def _one_copy(scheduler) -> list:
+    """The loaded blocks with one copy, when a second of each fits (else none)."""
+    loaded = [ts for ts in scheduler.tasks.values() if _loaded(ts) and ts.who_has]
+    limit = sum(ws.memory_limit or 0 for ws in scheduler.workers.values())
+    copies = 2 * sum(ts.nbytes for ts in loaded)
+    if len(scheduler.workers) < 2 or (limit and copies > TWO_COPIES_SHARE * limit):
+        return []
+    return [ts for ts in loaded if len(ts.who_has) < 2]
+
+
+def _copies_due(dask_scheduler: Any = None) -> int:
+    """On the scheduler: loaded blocks still waiting for their second copy (0 when the AMM
+    does not keep two, or they would not fit)."""
+    amm = dask_scheduler.extensions.get("amm")
+    if amm is None or not any(isinstance(p, KeepLoadedTwice) for p in amm.policies):
+        return 0
+    return len(_one_copy(dask_scheduler))
+
+
+def wait_for_copies(dask_client: Client, timeout: float = 10.0) -> None:
+    """Ask the Active Memory Manager for the second copies now and wait until they are made.
+
+    A fit starts once its blocks have both copies, so even a worker lost in its first
+    iterations costs no re-read (on a cluster without :class:`KeepLoadedTwice` this returns
+    at once). The copies travel in memory: tens of milliseconds for tens of megabytes.
+    """
+    end = time.monotonic() + timeout
+    # An AMM switched off, or a scheduler that refuses run_on_scheduler: nothing to wait for.
+    with contextlib.suppress(Exception):
+        dask_client.amm.run_once()
+        while dask_client.run_on_scheduler(_copies_due) and time.monotonic() < end:
+            time.sleep(0.02)
 
 
 class CopyToJoiningWorkers(SchedulerPlugin):

@@ -14,7 +14,7 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -75,13 +75,9 @@ def open_engine(dask_client: Client, url: str, info: StoreInfo, model: Model, se
     # Wait for the loads here so that iteration times measure training, not reading.
     start = time.perf_counter()
     wait(data.loaded or [])
+    if data.loaded:  # a second copy of every block first, where the cluster keeps two
+        resilience.wait_for_copies(dask_client)
     log.info("data ready in %.2f s", time.perf_counter() - start)
-    if data.loaded:
-        # Ask the Active Memory Manager now rather than at its next interval, so a cluster
-        # whose policy keeps a second copy of the blocks (fedpipe.resilience.KeepLoadedTwice)
-        # has it before the first iteration; on any other cluster this only drops extra copies.
-        with suppress(Exception):  # the AMM is off on that cluster: nothing to do
-            dask_client.amm.run_once()
     try:
         yield Engine(dask_client, model, model_future, data, fan_in, run_dir, on_record)
     except KilledWorker as exc:  # a task that kills every worker running it: name its chunks
