@@ -20,6 +20,10 @@ a task that holds it (:func:`recomputable`), not by ``scatter``: scattered data 
 worker cannot be recovered (``FutureCancelledError ... already forgotten``), a task's result is
 computed again.
 
+Copies: fit's loaded blocks are kept on two workers where they fit (:class:`KeepLoadedTwice`,
+the Active Memory Manager policy of the clusters fedpipe starts), so a lost worker costs no
+re-read; :class:`CopyToJoiningWorkers` restores the copies as soon as a worker joins.
+
 One Dask gap is closed here: a task whose preferred worker died while no worker was running
 (``allow_other_workers=True``, train's block homes) waits in ``no-worker`` even after others
 join, because Dask's rescheduling ignores loose restrictions. :class:`ForgetDeadHomes` drops
