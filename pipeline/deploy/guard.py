@@ -24,8 +24,8 @@ A refused request is logged on the member with the name it came with. The names 
 :mod:`fedpipe.deploy.tls` writes: ``fedpipe-driver`` (``deploy render --tls``) and
 ``fedpipe-client`` (``tls.generate_roles``) for the driver, ``fedpipe-scheduler`` for the
 scheduler; Dask config ``fedpipe.guard.drivers`` / ``fedpipe.guard.schedulers`` replace them.
-A member that does not speak TLS refuses to start with the guard: without certificates there
-is no name to check.
+A member started with the guard but without TLS refuses every request (Dask starts it even
+when its preload fails): without certificates there is no name to check.
 """
 
 from __future__ import annotations
