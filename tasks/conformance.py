@@ -54,7 +54,7 @@ from .checks import (
     _roundtrip,
     check_optimizer,
 )
-from .local import client_rng, local_train
+from .local import carry_of, client_rng, local_train
 from .optimizers import Optimizer
 from .privacy import CLIENT_ID, client_tag
 
@@ -317,12 +317,9 @@ def simulate(strategy: Strategy, model: models.Model, data: Sequence[tuple[np.nd
     for r in range(rounds):
         sent = []
         for c, (X, y) in enumerate(data):
-            carry = {k: v for k, v in kept[c].items() if k.startswith(optimizers.CLIENT)}
-            if control is not None:
-                carry[f"{optimizers.SERVER}control"] = control
             result = local_train(model, params, X, y, epochs=strategy.local_epochs or 1,
                                  batch_size=batch_size, lr=lr, rng=client_rng(seed, r, str(c)),
-                                 optimizer=client, carry=carry)
+                                 optimizer=client, carry=carry_of(kept[c], control))
             kept[c].update(result.kept)
             mine = {k: v for k, v in kept[c].items() if k.startswith(LOCAL)}
             tag = {CLIENT_ID: np.asarray(client_tag(str(c)), dtype=np.uint64)}

@@ -15,7 +15,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .models import Model
-from .optimizers import CLIENT, REPORT, Optimizer
+from .optimizers import CLIENT, REPORT, SERVER, Optimizer
 
 Packet = dict[str, np.ndarray]
 
@@ -51,6 +51,16 @@ def client_rng(seed: int, round_: int, client: str) -> np.random.Generator:
 def round_lr(lr: float | Callable[[int], float], round_: int) -> float:
     """The client learning rate of a round: a constant or a schedule evaluated at the round."""
     return float(lr(round_)) if callable(lr) else float(lr)
+
+
+def carry_of(kept: dict[str, np.ndarray], control: np.ndarray | None) -> dict[str, np.ndarray]:
+    """What :func:`local_train` sets into a client's optimizer state for a round: the client
+    transforms' state the client kept (``client/`` keys of ``kept``) and the server's control
+    variate when the run has one (SCAFFOLD's ``server/control``)."""
+    carry = {k: v for k, v in kept.items() if k.startswith(CLIENT)}
+    if control is not None:
+        carry[f"{SERVER}control"] = control
+    return carry
 
 
 def local_train(model: Model, params: np.ndarray, X: np.ndarray, y: np.ndarray, *,

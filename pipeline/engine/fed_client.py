@@ -17,7 +17,7 @@ from typing import NamedTuple
 import cloudpickle
 import numpy as np
 from fedpipe.engine import placement
-from fedpipe.tasks import aggregate, aggregators, local, optimizers, reduce
+from fedpipe.tasks import aggregate, aggregators, local, reduce
 from fedpipe.tasks.aggregate import Stage
 from fedpipe.tasks.models import Model
 from fedpipe.tasks.optimizers import Optimizer
@@ -101,13 +101,9 @@ def _train_client(spec: ClientSpec, client: str, params: np.ndarray, round_: int
     # lr is None when the strategy's client optimizer carries its own rate
     lr = 0.0 if spec.lr is None else local.round_lr(spec.lr, round_)
     mine = dict(cache.state.get((spec.token, client), {}))
-    # The client transforms' kept state (SCAFFOLD's c_i) and the server's control variate
-    carry = {k: v for k, v in mine.items() if k.startswith(optimizers.CLIENT)}
-    if control is not None:
-        carry[f"{optimizers.SERVER}control"] = control
     result = local.local_train(
         spec.model, params, X, y, epochs=spec.epochs, batch_size=spec.batch_size, lr=lr,
-        rng=local.client_rng(spec.seed, round_, client), carry=carry,
+        rng=local.client_rng(spec.seed, round_, client), carry=local.carry_of(mine, control),
         optimizer=aggregate.client_optimizer(spec.client_transforms, spec.client_optimizer, lr))
     mine |= result.kept
     # The client's own stage state (top-k's residual) and its tag ride along under LOCAL keys
@@ -205,20 +201,22 @@ def put_client_state(token: str, states: dict[str, dict[str, np.ndarray]]) -> in
 # report or a round_group one ({"eval": ..., "train": ...}).
 
 
-def _train_report(report: dict) -> dict | None:
+def train_report(report: dict) -> dict | None:
+    """The training part of a leaf's (or a merged) report: a round_group report's ``"train"``,
+    a train_group report itself."""
     return report["train"] if "train" in report and "clients" not in report else report
 
 
 def rows_block(report: dict, j: int, blocks: int, n_params: int):
     """Column block ``j`` of the leaf's stacked training rows."""
-    train = _train_report(report)
+    train = train_report(report)
     return aggregators.column_block(None if train is None else train["packet"], j, blocks,
                                     n_params)
 
 
 def without_rows(report: dict) -> dict:
     """The leaf's report with its training rows replaced by their count (what the driver gets)."""
-    train = _train_report(report)
+    train = train_report(report)
     if train is None:
         return report
     slim = {**train, "packet": aggregators.without_rows(train["packet"])}

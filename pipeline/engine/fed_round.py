@@ -30,6 +30,7 @@ from fedpipe.engine.fed_client import (
     round_group,
     rows_block,
     train_group,
+    train_report,
     without_rows,
 )
 from fedpipe.engine.graph import GATHER_AT_MOST, fetch_sum
@@ -195,7 +196,7 @@ def _column_sum(dask_client: Client, futures: Sequence[Future], timeout: float |
                                  key=(f"columns-{what}-{tag}", j)) for j in range(n)]
     parts = resilience.fetch(dask_client, rests + blocks, timeout)
     report = add(*parts[:n])
-    train = report.get("train", report) if "clients" not in report else report
+    train = train_report(report)
     if train is not None and train["packet"] is not None:
         train["packet"] = aggregators.join_columns(train["packet"], parts[n:])
     return report
