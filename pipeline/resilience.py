@@ -210,10 +210,15 @@ def _one_copy(scheduler) -> list:
 def _copies_due(dask_scheduler: Any = None) -> int:
     """On the scheduler: loaded blocks still waiting for their second copy (0 when the AMM
     does not keep two, or they would not fit)."""
-    amm = dask_scheduler.extensions.get("amm")
-    if amm is None or not any(isinstance(p, KeepLoadedTwice) for p in amm.policies):
+    if not _keeps_two(dask_scheduler):
         return 0
     return len(_one_copy(dask_scheduler))
+
+
+def _keeps_two(scheduler) -> bool:
+    """Whether the scheduler's Active Memory Manager runs :class:`KeepLoadedTwice`."""
+    amm = scheduler.extensions.get("amm")
+    return amm is not None and any(isinstance(p, KeepLoadedTwice) for p in amm.policies)
 
 
 def wait_for_copies(dask_client: Client, timeout: float = 10.0) -> None:
@@ -242,11 +247,10 @@ class CopyToJoiningWorkers(SchedulerPlugin):
     name = "fedpipe-copy-to-joining-workers"
 
     def add_worker(self, scheduler: Any = None, worker: str | None = None) -> None:
-        amm = scheduler.extensions.get("amm")
-        if amm is not None and any(isinstance(p, KeepLoadedTwice) for p in amm.policies):
+        if _keeps_two(scheduler):
             # Not at once: the AMM copies only to running workers, and the joining worker is
             # counted as one just after this hook.
-            scheduler.loop.call_later(JOIN_DELAY, amm.run_once)
+            scheduler.loop.call_later(JOIN_DELAY, scheduler.extensions["amm"].run_once)
 
 
 def _loaded(ts) -> bool:

@@ -324,10 +324,10 @@ def check_digest(info: StoreInfo, prefix: str, index: int, X: np.ndarray, y: np.
 
 # Arrays opened from a group, per process: opening one reads and parses its zarr.json, a
 # quarter of the time of reading a 10,000 x 20 chunk. Keyed by the group object (held here,
-# so its id is not reused): a group from _opened stands for one version of the store, and a
-# partition's arrays are under a generation folder that is written once, so an array's
-# metadata never changes under a key; chunk files are still looked up on every read.
-_ARRAYS: OrderedDict[tuple[int, str], tuple[zarr.Group, zarr.Array]] = OrderedDict()
+# so its id is not reused), the path and the layout the metadata states (see _array); a
+# partition's arrays are under a generation folder that is written once. Chunk files are
+# still looked up on every read.
+_ARRAYS: OrderedDict[tuple[int, str, tuple], tuple[zarr.Group, zarr.Array]] = OrderedDict()
 ARRAY_CACHE = 32
 
 
@@ -405,8 +405,8 @@ def client_range(info: StoreInfo, prefix: str) -> tuple[str, int, int]:
 @functools.lru_cache(maxsize=8)
 def _opened(url: str, content_hash: str) -> zarr.Group:
     # Opening parses the root metadata (every partition's manifest): once per worker process
-    # and store version, not once per chunk. Child arrays and chunk files are still looked up
-    # fresh on every read, so a rewritten partition is seen.
+    # and store version, not once per chunk. Chunk files are still looked up on every read;
+    # opened arrays are kept by _array, keyed by their layout too.
     return open_group(url)
 
 
